@@ -1,0 +1,297 @@
+//! Stage 3, analyse: which samples a PromQL expression can touch.
+//!
+//! Input: the parsed expression and its evaluation span (`start..=end`, equal for an
+//! instant query). Output: a [`QueryShape`] with the oldest and newest sample
+//! timestamps any selector can read, resolving range selectors, subqueries (nested),
+//! offsets and `@` modifiers. Routing, policy and the cache key all share it. Pure.
+
+use std::time::{Duration, SystemTime};
+
+use promql_parser::parser::{AtModifier, Expr, Offset, VectorSelector};
+
+use crate::request::Millis;
+
+/// Prometheus' default `--query.lookback-delta`: how far back an instant selector
+/// looks for the latest sample.
+pub const DEFAULT_LOOKBACK_DELTA: Duration = Duration::from_secs(300);
+
+/// What an expression reads, as time bounds over the samples it can touch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueryShape {
+    /// Oldest sample timestamp any selector can touch; `None` when the expression
+    /// reads no series at all (`1+1`, `vector(1)`, `time()`).
+    pub oldest: Option<Millis>,
+    /// Newest sample timestamp any selector can touch.
+    pub newest: Option<Millis>,
+    /// The selector that reaches furthest back, as written, with its enclosing
+    /// function (`rate(orders_total[30d])`), for messages that explain a decision.
+    pub furthest: Option<String>,
+    /// `@ start()` or `@ end()` appear: every step depends on the whole range, so
+    /// the range must not be split.
+    pub uses_range_bounds: bool,
+    /// Number of series selectors, a first proxy for cost.
+    pub selectors: usize,
+}
+
+impl QueryShape {
+    /// The span of sample time touched, for metadata calls that name it directly.
+    pub fn from_span(start: Option<Millis>, end: Option<Millis>) -> Self {
+        QueryShape {
+            oldest: Some(start.unwrap_or(Millis::MIN)),
+            newest: Some(end.unwrap_or(Millis::MAX)),
+            ..QueryShape::default()
+        }
+    }
+}
+
+/// Analyse `expr` evaluated over `start..=end`.
+pub fn analyse(expr: &Expr, start: Millis, end: Millis, lookback_delta: Duration) -> QueryShape {
+    let mut walker = Walker {
+        query: (start, end),
+        lookback: millis(lookback_delta),
+        shape: QueryShape::default(),
+    };
+    walker.walk(expr, (start, end), None);
+    walker.shape
+}
+
+struct Walker {
+    /// The top-level evaluation span: `@ start()` and `@ end()` always refer to it,
+    /// even inside subqueries.
+    query: (Millis, Millis),
+    lookback: i64,
+    shape: QueryShape,
+}
+
+impl Walker {
+    /// Visit `expr` evaluated at steps within `eval`; `call` is the enclosing
+    /// function, named in the `furthest` description.
+    fn walk(&mut self, expr: &Expr, eval: (Millis, Millis), call: Option<&str>) {
+        match expr {
+            Expr::VectorSelector(vs) => {
+                let (s, e) = self.shift(eval, vs.at.as_ref(), vs.offset.as_ref());
+                self.touch(s.saturating_sub(self.lookback), e, || {
+                    describe(vs, call, None)
+                });
+            }
+            Expr::MatrixSelector(ms) => {
+                let (s, e) = self.shift(eval, ms.vs.at.as_ref(), ms.vs.offset.as_ref());
+                let range = millis(ms.range);
+                self.touch(s.saturating_sub(range), e, || {
+                    describe(&ms.vs, call, Some(ms.range))
+                });
+            }
+            Expr::Subquery(sq) => {
+                let (s, e) = self.shift(eval, sq.at.as_ref(), sq.offset.as_ref());
+                // The inner expression is evaluated at steps covering (t - range, t]
+                // for every outer step t.
+                self.walk(&sq.expr, (s.saturating_sub(millis(sq.range)), e), call);
+            }
+            Expr::Call(c) => {
+                for arg in &c.args.args {
+                    self.walk(arg, eval, Some(c.func.name));
+                }
+            }
+            Expr::Aggregate(a) => {
+                if let Some(param) = &a.param {
+                    self.walk(param, eval, call);
+                }
+                self.walk(&a.expr, eval, call);
+            }
+            Expr::Binary(b) => {
+                self.walk(&b.lhs, eval, call);
+                self.walk(&b.rhs, eval, call);
+            }
+            Expr::Unary(u) => self.walk(&u.expr, eval, call),
+            Expr::Paren(p) => self.walk(&p.expr, eval, call),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+        }
+    }
+
+    /// Apply `@` then `offset` to an evaluation span.
+    fn shift(
+        &mut self,
+        eval: (Millis, Millis),
+        at: Option<&AtModifier>,
+        offset: Option<&Offset>,
+    ) -> (Millis, Millis) {
+        let (s, e) = match at {
+            None => eval,
+            Some(AtModifier::Start) => {
+                self.shape.uses_range_bounds = true;
+                (self.query.0, self.query.0)
+            }
+            Some(AtModifier::End) => {
+                self.shape.uses_range_bounds = true;
+                (self.query.1, self.query.1)
+            }
+            Some(AtModifier::At(t)) => {
+                let t = system_time_millis(*t);
+                (t, t)
+            }
+        };
+        let shift = match offset {
+            None => 0,
+            Some(Offset::Pos(d)) => millis(*d),
+            Some(Offset::Neg(d)) => -millis(*d),
+        };
+        (s.saturating_sub(shift), e.saturating_sub(shift))
+    }
+
+    fn touch(&mut self, oldest: Millis, newest: Millis, describe: impl FnOnce() -> String) {
+        self.shape.selectors += 1;
+        if self.shape.oldest.is_none_or(|o| oldest < o) {
+            self.shape.oldest = Some(oldest);
+            self.shape.furthest = Some(describe());
+        }
+        if self.shape.newest.is_none_or(|n| newest > n) {
+            self.shape.newest = Some(newest);
+        }
+    }
+}
+
+fn describe(vs: &VectorSelector, call: Option<&str>, range: Option<Duration>) -> String {
+    let bare = VectorSelector {
+        offset: None,
+        at: None,
+        ..vs.clone()
+    };
+    let mut text = match range {
+        Some(r) => format!("{bare}[{}]", promql_parser::util::display_duration(&r)),
+        None => bare.to_string(),
+    };
+    if let Some(at) = &vs.at {
+        text.push_str(&format!(" {at}"));
+    }
+    if let Some(offset) = &vs.offset {
+        text.push_str(&format!(" offset {offset}"));
+    }
+    match call {
+        Some(f) => format!("{f}({text})"),
+        None => text,
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// `@` timestamps may lie before the epoch.
+fn system_time_millis(t: SystemTime) -> Millis {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => millis(d),
+        Err(before) => -millis(before.duration()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+    const H: i64 = 60 * MIN;
+    const D: i64 = 24 * H;
+    /// A fixed "end of panel" instant, 2024-11-11T12:00:00Z.
+    const T: i64 = 1_731_326_400_000;
+
+    fn shape(q: &str, start: i64, end: i64) -> QueryShape {
+        let expr = promql_parser::parser::parse(q).unwrap();
+        analyse(&expr, start, end, DEFAULT_LOOKBACK_DELTA)
+    }
+
+    /// (query, start, end, expected oldest, expected newest)
+    #[test]
+    fn oldest_and_newest_samples() {
+        let cases: &[(&str, i64, i64, i64, i64)] = &[
+            ("up", T - H, T, T - H - 5 * MIN, T),
+            ("rate(x[5m])", T - H, T, T - H - 5 * MIN, T),
+            ("rate(x[30d])", T - H, T, T - H - 30 * D, T),
+            ("x offset 1y", T, T, T - 365 * D - 5 * MIN, T - 365 * D),
+            ("x offset -1h", T - H, T, T - H + H - 5 * MIN, T + H),
+            (
+                "rate(x[5m] offset 1d)",
+                T - H,
+                T,
+                T - H - D - 5 * MIN,
+                T - D,
+            ),
+            (
+                "max_over_time(rate(x[5m])[1d:5m])",
+                T - H,
+                T,
+                T - H - D - 5 * MIN,
+                T,
+            ),
+            (
+                "max_over_time(rate(x[5m])[1d:5m] offset 1w)",
+                T - H,
+                T,
+                T - H - 7 * D - D - 5 * MIN,
+                T - 7 * D,
+            ),
+            (
+                "avg_over_time(max_over_time(x[1h])[1d:1h])[7d:1d]",
+                T,
+                T,
+                T - 7 * D - D - H,
+                T,
+            ),
+            ("x @ 1000", T - H, T, 1_000_000 - 5 * MIN, 1_000_000),
+            ("x @ start()", T - H, T, T - H - 5 * MIN, T - H),
+            ("rate(x[1h] @ end())", T - D, T, T - H, T),
+            ("x @ -10", T, T, -10_000 - 5 * MIN, -10_000),
+            (
+                "rate(a[5m]) / rate(b[1h] offset 1d)",
+                T - H,
+                T,
+                T - H - D - H,
+                T,
+            ),
+            ("absent_over_time(x[90d])", T, T, T - 90 * D, T),
+            ("predict_linear(x[6h], 3600)", T - H, T, T - H - 6 * H, T),
+            ("topk(5, rate(x[2h]))", T, T, T - 2 * H, T),
+            (
+                "quantile_over_time(0.9, x[1h:1m] @ 1731240000)",
+                T,
+                T,
+                1_731_240_000_000 - H - 5 * MIN,
+                1_731_240_000_000,
+            ),
+        ];
+        for &(q, start, end, oldest, newest) in cases {
+            let s = shape(q, start, end);
+            assert_eq!(s.oldest, Some(oldest), "oldest of {q}");
+            assert_eq!(s.newest, Some(newest), "newest of {q}");
+        }
+    }
+
+    #[test]
+    fn queries_without_selectors_touch_nothing() {
+        for q in ["1+1", "vector(1)", "time()", "scalar(vector(2)) * 3"] {
+            let s = shape(q, 4000, 4000);
+            assert_eq!(s.oldest, None, "{q}");
+            assert_eq!(s.selectors, 0, "{q}");
+        }
+    }
+
+    #[test]
+    fn furthest_names_the_selector_and_its_function() {
+        let s = shape(
+            "sum(rate(orders_total[5m])) / sum(rate(orders_total[30d] offset 1d))",
+            T - H,
+            T,
+        );
+        assert_eq!(
+            s.furthest.as_deref(),
+            Some("rate(orders_total[30d] offset 1d)")
+        );
+        assert_eq!(s.selectors, 2);
+    }
+
+    #[test]
+    fn range_bound_modifiers_are_flagged() {
+        assert!(shape("x @ end()", T - H, T).uses_range_bounds);
+        assert!(shape("max_over_time(x[1h:] @ start())", T - H, T).uses_range_bounds);
+        assert!(!shape("x @ 100", T - H, T).uses_range_bounds);
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP surface: routes, shared state and edge layers.
+//!
+//! promguard's own endpoints (`/metrics`, `/-/healthy`, `/-/ready`, `/-/status`)
+//! are answered here; every other path goes to [`pipeline::handle`], wrapped with
+//! the per-request log line and request metrics.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::identity::Identifier;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Incoming, RequestCtx};
+use crate::request::Millis;
+use crate::routing::{BackendId, RoutingTable};
+use crate::upstream::Upstream;
+
+/// Everything the handlers share, built once at startup.
+pub struct AppState {
+    pub identifier: Identifier,
+    pub recent: Upstream,
+    pub long_term: Option<Upstream>,
+    pub routing: RoutingTable,
+    pub metrics: Metrics,
+    pub max_request_body: usize,
+    pub lookback_delta: Duration,
+}
+
+impl AppState {
+    /// Build the state from a validated configuration.
+    ///
+    /// # Errors
+    ///
+    /// When an HTTP client cannot be built.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, reqwest::Error> {
+        let long_term = config
+            .backends
+            .long_term
+            .as_ref()
+            .map(|b| Upstream::new(BackendId::LongTerm, b))
+            .transpose()?;
+        Ok(AppState {
+            identifier: Identifier::new(&config.identity),
+            recent: Upstream::new(BackendId::Recent, &config.backends.recent)?,
+            routing: RoutingTable {
+                recent_window: config.backends.recent.window.0,
+                has_long_term: long_term.is_some(),
+            },
+            long_term,
+            metrics,
+            max_request_body: usize::try_from(config.max_request_body.0).unwrap_or(usize::MAX),
+            lookback_delta: config.lookback_delta.0,
+        })
+    }
+
+    /// The upstream for a routing decision. Routing only picks `LongTerm` when one
+    /// is configured; falling back to `recent` keeps that invariant local.
+    pub fn upstream(&self, id: BackendId) -> &Upstream {
+        match id {
+            BackendId::LongTerm => self.long_term.as_ref().unwrap_or(&self.recent),
+            BackendId::Recent => &self.recent,
+        }
+    }
+
+    fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
+        std::iter::once(&self.recent).chain(self.long_term.as_ref())
+    }
+}
+
+/// The whole HTTP application.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/-/healthy", get(healthy))
+        .route("/-/ready", get(ready))
+        .route("/-/status", get(status))
+        .fallback(api)
+        .with_state(state)
+}
+
+fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Every Prometheus API request: run the pipeline, then log and count the outcome.
+async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let (parts, body) = request.into_parts();
+    let incoming = Incoming {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts.headers,
+        body,
+        client,
+    };
+    let path = incoming.path.clone();
+    let mut ctx = RequestCtx::new(now_millis());
+    let result = pipeline::handle(&state, &mut ctx, incoming).await;
+    let (response, failure) = match result {
+        Ok(response) => (response, None),
+        Err(e) => {
+            let origin = e.origin().as_str();
+            let message = e.to_string();
+            (e.into_response(), Some((origin, message)))
+        }
+    };
+    let status = response.status().as_u16();
+    let endpoint = ctx.request.as_ref().map_or("none", |r| r.endpoint.as_str());
+    let backend = ctx.backend.map_or("none", BackendId::as_str);
+    let elapsed = ctx.started.elapsed();
+    state
+        .metrics
+        .observe_request(endpoint, status, backend, elapsed);
+    let caller = ctx.caller.as_ref();
+    tracing::info!(
+        user = caller.map_or("", |c| &*c.user),
+        source = caller.map_or("", |c| c.source.as_str()),
+        client = %client,
+        org = caller.and_then(|c| c.org.as_deref()),
+        dashboard = caller.and_then(|c| c.dashboard.as_deref()),
+        panel = caller.and_then(|c| c.panel.as_deref()),
+        path,
+        endpoint,
+        backend,
+        status,
+        ms = elapsed.as_secs_f64() * 1000.0,
+        error_origin = failure.as_ref().map(|f| f.0),
+        error = failure.as_ref().map(|f| f.1.as_str()),
+        "request"
+    );
+    response
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthy() -> &'static str {
+    "promguard is healthy.\n"
+}
+
+/// Ready when every configured backend answers its health path.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let probes = state
+        .upstreams()
+        .map(|u| async move { (u.id, u.probe().await) });
+    let results = futures_util::future::join_all(probes).await;
+    let all_ok = results.iter().all(|(_, r)| r.is_ok());
+    let backends: serde_json::Map<_, _> = results
+        .into_iter()
+        .map(|(id, r)| {
+            let value = match r {
+                Ok(()) => json!({"ready": true}),
+                Err(reason) => json!({"ready": false, "error": reason}),
+            };
+            (id.as_str().to_string(), value)
+        })
+        .collect();
+    let (code, body) = if all_ok {
+        (
+            StatusCode::OK,
+            json!({"status": "ready", "backends": backends}),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({
+                "status": "error",
+                "errorType": "unavailable",
+                "error": "a backend is not ready",
+                "backends": backends,
+            }),
+        )
+    };
+    (code, Json(body)).into_response()
+}
+
+/// JSON status: version, backends and exact latency percentiles per endpoint.
+async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let backends: Vec<_> = state
+        .upstreams()
+        .map(|u| json!({"name": u.id.as_str(), "url": u.base_url()}))
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backends": backends,
+        "recent_window_seconds": state.routing.recent_window.as_secs(),
+        "latency": state.metrics.latency_report(),
+    }))
+}

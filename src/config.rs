@@ -1,0 +1,459 @@
+//! Server configuration: one YAML file, overridable by command-line flags.
+//!
+//! Loads and validates `promguard.yaml` (see `promguard.example.yaml` at the repo
+//! root for every field). Errors name the field and, where the YAML parser knows it,
+//! the line. Secrets may be given inline or as `{env: VAR}`. Reads files and the
+//! environment; nothing else.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Largest accepted request body; Grafana's POSTed queries are a few KiB.
+    #[serde(default = "default_max_request_body")]
+    pub max_request_body: ByteSize,
+    /// How long a SIGTERM waits for in-flight requests before exiting anyway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+    /// The backends' `--query.lookback-delta`; instant selectors read this far back.
+    #[serde(default = "default_lookback_delta")]
+    pub lookback_delta: HumanDuration,
+    pub backends: Backends,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backends {
+    /// Prometheus with the most recent data at full resolution.
+    pub recent: BackendConfig,
+    /// Long-term store for everything older than `recent.window`.
+    pub long_term: Option<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Base URL; a path prefix (Mimir's `/prometheus`) is kept.
+    pub url: Url,
+    /// How far back this backend holds data. Only meaningful for `recent`: queries
+    /// reaching further go to `long_term`.
+    #[serde(default = "default_recent_window")]
+    pub window: HumanDuration,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Upper bound on one upstream call; a client's `timeout` parameter can only lower it.
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// Responses larger than this (after decompression) are refused with a clear
+    /// error instead of exhausting memory.
+    #[serde(default = "default_max_response")]
+    pub max_response: ByteSize,
+    /// Idle pooled connections kept per backend.
+    #[serde(default = "default_max_idle_connections")]
+    pub max_idle_connections: usize,
+    /// Path probed by `/-/ready`; must answer 2xx when the backend can serve queries.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+impl BackendConfig {
+    /// A backend at `url` with every other setting at its default.
+    pub fn new(url: Url) -> Self {
+        BackendConfig {
+            url,
+            window: default_recent_window(),
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+            max_response: default_max_response(),
+            max_idle_connections: default_max_idle_connections(),
+            health_path: default_health_path(),
+        }
+    }
+}
+
+/// Who may claim to be whom.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// How a request proves it came through the trusted Grafana; only then is its
+    /// `X-Grafana-User` header believed.
+    pub grafana: Option<GrafanaTrust>,
+    /// Basic-auth users other than Grafana itself: name → password.
+    #[serde(default)]
+    pub users: BTreeMap<String, Secret>,
+    /// Bearer tokens for scripts and alerting: user name → token.
+    #[serde(default)]
+    pub bearer_tokens: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrafanaTrust {
+    /// A custom header set on the Grafana datasource, and its secret value.
+    pub secret_header: Option<String>,
+    pub secret: Option<Secret>,
+    /// Or the datasource's basic-auth credentials.
+    pub basic_auth: Option<BasicAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// A secret from the file itself or from an environment variable, resolved at load.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Inline(String),
+            Env { env: String },
+        }
+        match Raw::deserialize(d)? {
+            Raw::Inline(s) if s.is_empty() => Err(serde::de::Error::custom("secret is empty")),
+            Raw::Inline(s) => Ok(Secret(s)),
+            Raw::Env { env } => match std::env::var(&env) {
+                Ok(v) if !v.is_empty() => Ok(Secret(v)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "environment variable {env} is not set or empty"
+                ))),
+            },
+        }
+    }
+}
+
+/// A duration written the Prometheus way (`30s`, `2d`, `1h30m`) or as seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor {
+            expecting: "a duration such as 30s, 2d or 1h30m, or seconds",
+            from_int: |s| Ok(HumanDuration(Duration::from_secs(s))),
+            from_str: parse_human_duration,
+        })
+    }
+}
+
+/// Accepts an unsigned integer or a string; a visitor rather than an untagged enum
+/// so that errors keep the field path and line.
+struct ScalarVisitor<T> {
+    expecting: &'static str,
+    from_int: fn(u64) -> Result<T, String>,
+    from_str: fn(&str) -> Result<T, String>,
+}
+
+impl<T> serde::de::Visitor<'_> for ScalarVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        (self.from_int)(v).map_err(E::custom)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.from_str)(v).map_err(E::custom)
+    }
+}
+
+/// Parse `30s`, `2d`, `1h30m` (Prometheus duration syntax).
+///
+/// # Errors
+///
+/// A message naming the value when it is not a positive duration.
+pub fn parse_human_duration(text: &str) -> Result<HumanDuration, String> {
+    promql_parser::util::parse_duration(text)
+        .map(HumanDuration)
+        .map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// A byte count written as an integer or with a binary unit (`512MiB`, `1GiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor {
+            expecting: "a size in bytes, or with a unit such as 512MiB",
+            from_int: |b| Ok(ByteSize(b)),
+            from_str: parse_byte_size,
+        })
+    }
+}
+
+fn parse_byte_size(text: &str) -> Result<ByteSize, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &text[digits.len()..];
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("invalid size {text:?}: use B, KiB, MiB or GiB")),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .map(ByteSize)
+        .ok_or_else(|| format!("invalid size {text:?}"))
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9091))
+}
+fn default_max_request_body() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_lookback_delta() -> HumanDuration {
+    HumanDuration(crate::analysis::DEFAULT_LOOKBACK_DELTA)
+}
+/// Prometheus' default retention.
+fn default_recent_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15 * 24 * 3600))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+/// Prometheus' default `--query.timeout`.
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_max_response() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_max_idle_connections() -> usize {
+    64
+}
+fn default_health_path() -> String {
+    "/-/ready".into()
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// A configuration with only the recent backend set, for running without a file.
+    pub fn with_recent(url: Url) -> Self {
+        Config {
+            listen: default_listen(),
+            log_format: LogFormat::default(),
+            max_request_body: default_max_request_body(),
+            shutdown_grace: default_shutdown_grace(),
+            lookback_delta: default_lookback_delta(),
+            backends: Backends {
+                recent: BackendConfig::new(url),
+                long_term: None,
+            },
+            identity: IdentityConfig::default(),
+        }
+    }
+
+    /// Read and validate a YAML file.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, the field and (for syntax and type errors)
+    /// the line and column.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: display,
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse YAML text; the error message carries field path and line.
+    ///
+    /// # Errors
+    ///
+    /// The YAML parser's message, e.g. `backends.recent: missing field `url` at line 3 column 5`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Check relations between fields that YAML types cannot express.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let backends = std::iter::once(("backends.recent", &self.backends.recent)).chain(
+            self.backends
+                .long_term
+                .iter()
+                .map(|b| ("backends.long_term", b)),
+        );
+        for (field, backend) in backends {
+            if !matches!(backend.url.scheme(), "http" | "https") {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("url {} must be http or https", backend.url),
+                });
+            }
+            if !backend.health_path.starts_with('/') {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "health_path must start with /".into(),
+                });
+            }
+        }
+        if let Some(grafana) = &self.identity.grafana {
+            let header = grafana.secret_header.is_some() && grafana.secret.is_some();
+            if grafana.secret_header.is_some() != grafana.secret.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "identity.grafana",
+                    message: "secret_header and secret go together".into(),
+                });
+            }
+            if !header && grafana.basic_auth.is_none() {
+                return Err(ConfigError::Invalid {
+                    field: "identity.grafana",
+                    message: "set secret_header + secret, or basic_auth, or remove the section"
+                        .into(),
+                });
+            }
+            if let Some(h) = &grafana.secret_header
+                && axum::http::HeaderName::from_bytes(h.as_bytes()).is_err()
+            {
+                return Err(ConfigError::Invalid {
+                    field: "identity.grafana.secret_header",
+                    message: format!("{h:?} is not a valid header name"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_at_the_repo_root_is_valid() {
+        // SAFETY: tests in this module are the only readers of this variable.
+        unsafe { std::env::set_var("PROMGUARD_GRAFANA_SECRET", "s3cret") };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("promguard.example.yaml");
+        let config = Config::load(&path).unwrap();
+        assert!(config.backends.long_term.is_some());
+        assert_eq!(
+            config.backends.recent.window,
+            HumanDuration(Duration::from_secs(2 * 24 * 3600))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let err = Config::parse("backends:\n  recent:\n    window: 2d\n").unwrap_err();
+        assert!(err.contains("backends.recent"), "{err}");
+        assert!(err.contains("url"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+
+        let err =
+            Config::parse("backends:\n  recent:\n    url: http://p:9090\n    timeout: soon\n")
+                .unwrap_err();
+        assert!(err.contains("backends.recent.timeout"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+
+        let err = Config::parse("listen: 1.2.3.4:5\nbackend: {}\n").unwrap_err();
+        assert!(err.contains("unknown field `backend`"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_units() {
+        assert_eq!(parse_byte_size("512MiB"), Ok(ByteSize(512 << 20)));
+        assert_eq!(parse_byte_size("1024"), Ok(ByteSize(1024)));
+        assert!(parse_byte_size("12MB").is_err());
+        assert_eq!(
+            parse_human_duration("1h30m"),
+            Ok(HumanDuration(Duration::from_secs(5400)))
+        );
+        assert!(parse_human_duration("0").is_err());
+    }
+
+    #[test]
+    fn grafana_trust_needs_a_proof() {
+        let mut config = Config::with_recent("http://127.0.0.1:9090".parse().unwrap());
+        config.identity.grafana = Some(GrafanaTrust {
+            secret_header: Some("X-Secret".into()),
+            secret: None,
+            basic_auth: None,
+        });
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                field: "identity.grafana",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+}

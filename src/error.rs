@@ -1,0 +1,164 @@
+//! The one table that turns a failed stage into an HTTP response.
+//!
+//! Every stage returns its own small error enum; [`ProxyError`] collects them and
+//! [`IntoResponse`] maps each to a status code and a Prometheus-style JSON body
+//! (`{"status":"error","errorType":…,"error":…}`) so Grafana shows the message.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::identity::IdentityError;
+use crate::request::RequestError;
+use crate::upstream::UpstreamError;
+
+/// Where a failure came from, for logs and the `origin` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The caller sent something we refuse or cannot understand.
+    Client,
+    /// A backend failed, was slow, or answered nonsense.
+    Upstream,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Upstream => "upstream",
+        }
+    }
+}
+
+/// Any reason the pipeline answers a request itself instead of with backend data.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    pub fn origin(&self) -> Origin {
+        match self {
+            ProxyError::Identity(_) | ProxyError::Request(_) => Origin::Client,
+            ProxyError::Upstream(e) if e.is_client_fault() => Origin::Client,
+            ProxyError::Upstream(_) => Origin::Upstream,
+        }
+    }
+
+    /// Status code and Prometheus `errorType` for this error.
+    fn classify(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::Identity(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ProxyError::Request(e) => match e {
+                RequestError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+                RequestError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+                RequestError::MethodNotAllowed { .. } => {
+                    (StatusCode::METHOD_NOT_ALLOWED, "bad_data")
+                }
+                _ => (StatusCode::BAD_REQUEST, "bad_data"),
+            },
+            ProxyError::Upstream(e) => match e {
+                UpstreamError::Unavailable { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                }
+                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                UpstreamError::TooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
+                UpstreamError::InvalidResponse { .. } | UpstreamError::Transport { .. } => {
+                    (StatusCode::BAD_GATEWAY, "unavailable")
+                }
+            },
+        }
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let (status, error_type) = self.classify();
+        let mut response = error_response(status, error_type, &self.to_string());
+        if matches!(self, ProxyError::Identity(_)) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"promguard\""),
+            );
+        }
+        response
+    }
+}
+
+/// A Prometheus API error body with the given status.
+pub fn error_response(status: StatusCode, error_type: &str, message: &str) -> Response {
+    /// Field order as Prometheus writes it, so the body reads the same.
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        status: &'static str,
+        #[serde(rename = "errorType")]
+        error_type: &'a str,
+        error: &'a str,
+    }
+    let body = ErrorBody {
+        status: "error",
+        error_type,
+        error: message,
+    };
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: Response) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_errors_are_bad_data_with_the_message() {
+        let err = ProxyError::from(RequestError::InvalidParam {
+            param: "step",
+            reason: "zero or negative".into(),
+        });
+        assert_eq!(err.origin(), Origin::Client);
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = body_json(response).await;
+        assert_eq!(body["status"], "error");
+        assert_eq!(body["errorType"], "bad_data");
+        assert!(body["error"].as_str().unwrap().contains("\"step\""));
+    }
+
+    #[tokio::test]
+    async fn upstream_timeouts_name_the_backend() {
+        let err = ProxyError::from(UpstreamError::Timeout {
+            backend: "long_term",
+            after_ms: 1500,
+        });
+        assert_eq!(err.origin(), Origin::Upstream);
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = body_json(response).await;
+        assert_eq!(body["errorType"], "timeout");
+        assert!(body["error"].as_str().unwrap().contains("long_term"));
+    }
+
+    #[tokio::test]
+    async fn identity_errors_ask_for_credentials() {
+        let response = ProxyError::from(IdentityError::BadCredentials).into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+}

@@ -1,0 +1,325 @@
+//! Stage 1, identify: who is asking.
+//!
+//! Input: request headers and the client address. Output: a [`Caller`] (user, how
+//! we know it, org, dashboard, panel). `X-Grafana-User` is believed only from a
+//! request that proves it came through the trusted Grafana. Pure except for a
+//! one-time warning log.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::http::{HeaderMap, HeaderName, header};
+use base64::Engine;
+use subtle::ConstantTimeEq;
+
+use crate::config::IdentityConfig;
+
+/// How the user name was established. Feeds metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `X-Grafana-User` from a request proven to come via the trusted Grafana.
+    GrafanaUser,
+    /// The trusted Grafana, without a user header (`send_user_header` off).
+    Grafana,
+    BasicAuth,
+    Bearer,
+    Anonymous,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::GrafanaUser => "grafana_user",
+            Source::Grafana => "grafana",
+            Source::BasicAuth => "basic_auth",
+            Source::Bearer => "bearer",
+            Source::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// The identity every later stage sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The budget key for limits: a login, a configured user, or `anonymous@<ip>`.
+    pub user: Arc<str>,
+    pub source: Source,
+    pub client: IpAddr,
+    pub org: Option<String>,
+    pub dashboard: Option<String>,
+    pub panel: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("invalid credentials")]
+    BadCredentials,
+    #[error("unknown bearer token")]
+    UnknownToken,
+}
+
+/// Credentials from the configuration, prepared for lookups.
+#[derive(Debug, Default)]
+pub struct Identifier {
+    grafana_header: Option<(HeaderName, Vec<u8>)>,
+    grafana_basic: Option<(String, Vec<u8>)>,
+    users: HashMap<String, Vec<u8>>,
+    tokens: Vec<(Vec<u8>, Arc<str>)>,
+    /// The untrusted `X-Grafana-User` warning is logged once per process; every
+    /// occurrence is still counted in metrics by the caller.
+    warned_untrusted: AtomicBool,
+}
+
+const GRAFANA_USER: &str = "x-grafana-user";
+const GRAFANA_ORG: &str = "x-grafana-org-id";
+const DASHBOARD_UID: &str = "x-dashboard-uid";
+const PANEL_ID: &str = "x-panel-id";
+
+/// The outcome of [`Identifier::identify`]: the caller, and whether an untrusted
+/// `X-Grafana-User` header was ignored.
+#[derive(Debug)]
+pub struct Identified {
+    pub caller: Caller,
+    pub ignored_user_header: bool,
+}
+
+impl Identifier {
+    /// Prepare the configured credentials. Header names were checked by config validation.
+    pub fn new(config: &IdentityConfig) -> Self {
+        let grafana = config.grafana.as_ref();
+        Identifier {
+            grafana_header: grafana.and_then(|g| {
+                let name = HeaderName::from_bytes(g.secret_header.as_ref()?.as_bytes()).ok()?;
+                Some((name, g.secret.as_ref()?.0.clone().into_bytes()))
+            }),
+            grafana_basic: grafana.and_then(|g| {
+                g.basic_auth
+                    .as_ref()
+                    .map(|b| (b.username.clone(), b.password.0.clone().into_bytes()))
+            }),
+            users: config
+                .users
+                .iter()
+                .map(|(name, pw)| (name.clone(), pw.0.clone().into_bytes()))
+                .collect(),
+            tokens: config
+                .bearer_tokens
+                .iter()
+                .map(|(user, token)| (token.0.clone().into_bytes(), Arc::from(user.as_str())))
+                .collect(),
+            warned_untrusted: AtomicBool::new(false),
+        }
+    }
+
+    /// Establish who sent a request.
+    ///
+    /// # Errors
+    ///
+    /// [`IdentityError`] when the request presents credentials that do not match:
+    /// a wrong password is refused rather than silently treated as anonymous.
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+    ) -> Result<Identified, IdentityError> {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        let basic = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_basic);
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+
+        let via_grafana = self.grafana_header.as_ref().is_some_and(|(name, secret)| {
+            headers
+                .get(name)
+                .is_some_and(|v| bool::from(v.as_bytes().ct_eq(secret)))
+        }) || matches!((&self.grafana_basic, &basic), (Some((u, p)), Some((bu, bp)))
+            if u == bu && bool::from(bp.as_bytes().ct_eq(p)));
+
+        let grafana_user = text(GRAFANA_USER);
+        let mut ignored_user_header = false;
+        let (user, source): (Arc<str>, Source) = if via_grafana {
+            match &grafana_user {
+                Some(login) => (Arc::from(login.as_str()), Source::GrafanaUser),
+                None => (Arc::from("grafana"), Source::Grafana),
+            }
+        } else {
+            if grafana_user.is_some() {
+                ignored_user_header = true;
+                if !self.warned_untrusted.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        %client,
+                        "ignoring X-Grafana-User from a request that does not prove it came \
+                         through the trusted Grafana (configure identity.grafana); \
+                         further occurrences are only counted in \
+                         promguard_identity_untrusted_user_header_total"
+                    );
+                }
+            }
+            if let Some((name, password)) = &basic {
+                let known = self
+                    .users
+                    .get(name)
+                    .is_some_and(|pw| bool::from(password.as_bytes().ct_eq(pw)));
+                if !known {
+                    return Err(IdentityError::BadCredentials);
+                }
+                (Arc::from(name.as_str()), Source::BasicAuth)
+            } else if let Some(token) = bearer {
+                let user = self
+                    .tokens
+                    .iter()
+                    .find(|(t, _)| bool::from(token.as_bytes().ct_eq(t)))
+                    .map(|(_, user)| user.clone())
+                    .ok_or(IdentityError::UnknownToken)?;
+                (user, Source::Bearer)
+            } else {
+                (Arc::from(format!("anonymous@{client}")), Source::Anonymous)
+            }
+        };
+        Ok(Identified {
+            caller: Caller {
+                user,
+                source,
+                client,
+                org: text(GRAFANA_ORG),
+                dashboard: text(DASHBOARD_UID),
+                panel: text(PANEL_ID),
+            },
+            ignored_user_header,
+        })
+    }
+}
+
+fn parse_basic(value: &str) -> Option<(String, String)> {
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BasicAuth, GrafanaTrust, Secret};
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7));
+
+    fn identifier() -> Identifier {
+        let config = IdentityConfig {
+            grafana: Some(GrafanaTrust {
+                secret_header: Some("X-Promguard-Secret".into()),
+                secret: Some(Secret("s3cret".into())),
+                basic_auth: Some(BasicAuth {
+                    username: "grafana".into(),
+                    password: Secret("gpass".into()),
+                }),
+            }),
+            users: [("alice".to_string(), Secret("apass".into()))].into(),
+            bearer_tokens: [("alerting".to_string(), Secret("tok-123".into()))].into(),
+        };
+        Identifier::new(&config)
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn basic(user: &str, pw: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    }
+
+    fn who(pairs: &[(&'static str, &str)]) -> Result<Identified, IdentityError> {
+        identifier().identify(&headers(pairs), CLIENT)
+    }
+
+    #[test]
+    fn grafana_user_is_believed_only_with_proof() {
+        let trusted = who(&[
+            ("x-grafana-user", "bob"),
+            ("x-promguard-secret", "s3cret"),
+            ("x-dashboard-uid", "orders"),
+            ("x-panel-id", "4"),
+            ("x-grafana-org-id", "1"),
+        ])
+        .unwrap();
+        assert_eq!(&*trusted.caller.user, "bob");
+        assert_eq!(trusted.caller.source, Source::GrafanaUser);
+        assert_eq!(trusted.caller.dashboard.as_deref(), Some("orders"));
+        assert_eq!(trusted.caller.panel.as_deref(), Some("4"));
+        assert_eq!(trusted.caller.org.as_deref(), Some("1"));
+        assert!(!trusted.ignored_user_header);
+
+        let via_basic = who(&[
+            ("x-grafana-user", "bob"),
+            ("authorization", &basic("grafana", "gpass")),
+        ])
+        .unwrap();
+        assert_eq!(&*via_basic.caller.user, "bob");
+
+        let spoofed = who(&[("x-grafana-user", "bob"), ("x-promguard-secret", "guess")]).unwrap();
+        assert_eq!(&*spoofed.caller.user, "anonymous@10.0.0.7");
+        assert_eq!(spoofed.caller.source, Source::Anonymous);
+        assert!(spoofed.ignored_user_header);
+    }
+
+    #[test]
+    fn grafana_without_user_header_is_one_shared_identity() {
+        let id = who(&[("x-promguard-secret", "s3cret")]).unwrap();
+        assert_eq!(&*id.caller.user, "grafana");
+        assert_eq!(id.caller.source, Source::Grafana);
+    }
+
+    #[test]
+    fn basic_and_bearer_users() {
+        let alice = who(&[("authorization", &basic("alice", "apass"))]).unwrap();
+        assert_eq!(&*alice.caller.user, "alice");
+        assert_eq!(alice.caller.source, Source::BasicAuth);
+        assert_eq!(
+            who(&[("authorization", &basic("alice", "wrong"))]).unwrap_err(),
+            IdentityError::BadCredentials
+        );
+        assert_eq!(
+            who(&[("authorization", &basic("mallory", "x"))]).unwrap_err(),
+            IdentityError::BadCredentials
+        );
+        let bot = who(&[("authorization", "Bearer tok-123")]).unwrap();
+        assert_eq!(&*bot.caller.user, "alerting");
+        assert_eq!(bot.caller.source, Source::Bearer);
+        assert_eq!(
+            who(&[("authorization", "Bearer nope")]).unwrap_err(),
+            IdentityError::UnknownToken
+        );
+    }
+
+    #[test]
+    fn without_configuration_everyone_is_anonymous_by_address() {
+        let id = Identifier::default()
+            .identify(&headers(&[("x-grafana-user", "root")]), CLIENT)
+            .unwrap();
+        assert_eq!(&*id.caller.user, "anonymous@10.0.0.7");
+    }
+}

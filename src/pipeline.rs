@@ -1,0 +1,169 @@
+//! The request pipeline: every stage, in order, for one Prometheus API request.
+//!
+//! identify → parse → analyse → route → forward. Each stage is a call into its own
+//! module; this file only orders them and carries the per-request [`RequestCtx`].
+//! Early exits are errors that `error.rs` turns into Prometheus-style responses.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::analysis::{self, QueryShape};
+use crate::app::AppState;
+use crate::error::ProxyError;
+use crate::identity::Caller;
+use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
+use crate::routing::{self, BackendId};
+
+/// Everything known about one request as it moves through the stages.
+pub struct RequestCtx {
+    pub started: Instant,
+    /// "Now" for this request, fixed once so every stage agrees on it.
+    pub now: Millis,
+    pub caller: Option<Caller>,
+    pub request: Option<ApiRequest>,
+    pub backend: Option<BackendId>,
+}
+
+impl RequestCtx {
+    pub fn new(now: Millis) -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            now,
+            caller: None,
+            request: None,
+            backend: None,
+        }
+    }
+}
+
+/// The raw pieces of an HTTP request the pipeline reads.
+pub struct Incoming {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Body,
+    pub client: IpAddr,
+}
+
+/// Run one request through every stage.
+///
+/// # Errors
+///
+/// The first stage that refuses or fails; the caller maps it to a response.
+pub async fn handle(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    incoming: Incoming,
+) -> Result<Response, ProxyError> {
+    let Incoming {
+        method,
+        path,
+        query,
+        headers,
+        body,
+        client,
+    } = incoming;
+
+    // identify: who is asking
+    let identified = state.identifier.identify(&headers, client)?;
+    if identified.ignored_user_header {
+        state.metrics.untrusted_user_header.inc();
+    }
+    ctx.caller = Some(identified.caller);
+
+    // parse: a typed request, or a local 4xx
+    let params = read_params(
+        &method,
+        query.as_deref(),
+        &headers,
+        body,
+        state.max_request_body,
+    )
+    .await?;
+    let req = request::parse(&method, &path, params, ctx.now)?;
+
+    // analyse: which samples it touches
+    let shape = shape_of(&req, state);
+
+    // route: recent Prometheus or the long-term store
+    let backend = routing::route(&state.routing, req.endpoint, &shape, ctx.now);
+    ctx.backend = Some(backend);
+
+    // forward: one bounded, cancellable upstream call
+    let upstream = state.upstream(backend);
+    let answer = upstream.forward(&req, &req.params, &state.metrics).await?;
+    ctx.request = Some(req);
+
+    let mut response = (answer.status, answer.body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        "x-promguard-backend",
+        HeaderValue::from_static(backend.as_str()),
+    );
+    Ok(response)
+}
+
+fn shape_of(req: &ApiRequest, state: &AppState) -> QueryShape {
+    match &req.kind {
+        RequestKind::Instant { query, time } => {
+            analysis::analyse(&query.expr, *time, *time, state.lookback_delta)
+        }
+        RequestKind::Range {
+            query, start, end, ..
+        } => analysis::analyse(&query.expr, *start, *end, state.lookback_delta),
+        RequestKind::Metadata { start, end, .. } | RequestKind::Exemplars { start, end, .. } => {
+            QueryShape::from_span(*start, *end)
+        }
+        RequestKind::Static => QueryShape::default(),
+    }
+}
+
+/// Decode the URL query and, for form POSTs, the body. Body values come first, as
+/// in Prometheus (Go's `ParseForm`), so they win when a name appears in both.
+async fn read_params(
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<(String, String)>, RequestError> {
+    let mut params = Vec::new();
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if *method == Method::POST && is_form {
+        let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            if is_length_limit(&e) {
+                RequestError::BodyTooLarge { limit }
+            } else {
+                RequestError::Body(e.to_string())
+            }
+        })?;
+        params.extend(url::form_urlencoded::parse(&body).into_owned());
+    }
+    if let Some(q) = query {
+        params.extend(url::form_urlencoded::parse(q.as_bytes()).into_owned());
+    }
+    Ok(params)
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

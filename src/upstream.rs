@@ -1,0 +1,311 @@
+//! Stage 9, forward: one call to one backend, done carefully.
+//!
+//! Input: the typed request and the chosen backend. Output: the backend's status and
+//! body, bounded in size and checked to be a Prometheus API envelope, or an
+//! [`UpstreamError`] naming the backend. Pooled clients, connect and request
+//! timeouts, gzip; dropping the future (client gone) closes the upstream connection.
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use prometheus::IntGauge;
+use serde::Deserialize;
+use url::Url;
+
+use crate::config::BackendConfig;
+use crate::metrics::Metrics;
+use crate::request::{ApiRequest, Endpoint};
+use crate::routing::BackendId;
+
+/// Extra time granted past a client's own `timeout` so the backend's timeout error,
+/// which says what timed out, arrives before ours.
+const CLIENT_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
+/// Readiness probes must answer quickly; a backend that takes longer is not ready.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("backend {backend} ({url}) is unavailable: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("backend {backend} did not answer within {after_ms} ms")]
+    Timeout {
+        backend: &'static str,
+        after_ms: u128,
+    },
+    #[error(
+        "the answer from backend {backend} exceeds the {limit}-byte response limit; \
+         narrow the time range, raise the step, or aggregate more (sum by ...)"
+    )]
+    TooLarge { backend: &'static str, limit: u64 },
+    #[error("backend {backend} answered HTTP {status} with an invalid body: {reason}")]
+    InvalidResponse {
+        backend: &'static str,
+        status: u16,
+        reason: String,
+    },
+    #[error("backend {backend} failed mid-response: {reason}")]
+    Transport {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// The metric label for this failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Unavailable { .. } => "connect",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::TooLarge { .. } => "too_large",
+            UpstreamError::InvalidResponse { .. } => "invalid_response",
+            UpstreamError::Transport { .. } => "transport",
+        }
+    }
+
+    /// A response too large for the limit is the query's fault, not the backend's.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(self, UpstreamError::TooLarge { .. })
+    }
+}
+
+/// What a backend answered: a Prometheus API envelope, success or error.
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// One configured backend with its own connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub id: BackendId,
+    base: Url,
+    client: reqwest::Client,
+    timeout: Duration,
+    max_response: u64,
+    health_path: String,
+}
+
+/// The minimum every Prometheus API answer has; anything else is garbage.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    status: &'a str,
+}
+
+impl Upstream {
+    /// Build the pooled client for one backend.
+    ///
+    /// # Errors
+    ///
+    /// When the TLS backend cannot be initialised.
+    pub fn new(id: BackendId, config: &BackendConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout.0)
+            .pool_max_idle_per_host(config.max_idle_connections)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .user_agent(concat!("promguard/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            id,
+            base: config.url.clone(),
+            client,
+            timeout: config.timeout.0,
+            max_response: config.max_response.0,
+            health_path: config.health_path.clone(),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base.as_str().trim_end_matches('/'), path)
+    }
+
+    /// Send `req` with `params` (the caller's, possibly adjusted by earlier stages).
+    ///
+    /// # Errors
+    ///
+    /// [`UpstreamError`] for every way a backend can fail; never panics on its answer.
+    pub async fn forward(
+        &self,
+        req: &ApiRequest,
+        params: &[(String, String)],
+        metrics: &Metrics,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let backend = self.id.as_str();
+        let endpoint = req.endpoint.as_str();
+        let gauge = metrics
+            .upstream_in_flight
+            .with_label_values(&[backend, endpoint]);
+        let _in_flight = InFlight::enter(gauge);
+        let started = Instant::now();
+        let timeout = match req.timeout {
+            Some(client) => self.timeout.min(client + CLIENT_TIMEOUT_GRACE),
+            None => self.timeout,
+        };
+        let result = self.call(req.endpoint, &req.path, params, timeout).await;
+        metrics.observe_upstream(self.id, req.endpoint, started.elapsed());
+        if let Err(e) = &result {
+            metrics
+                .upstream_errors
+                .with_label_values(&[backend, e.kind()])
+                .inc();
+        }
+        result
+    }
+
+    async fn call(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        params: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let url = self.url(path);
+        // POST keeps long PromQL out of URLs (and proxy logs); Prometheus and its
+        // compatible stores accept forms on exactly these endpoints.
+        let builder = if matches!(
+            endpoint,
+            Endpoint::Query
+                | Endpoint::QueryRange
+                | Endpoint::Series
+                | Endpoint::Labels
+                | Endpoint::QueryExemplars
+        ) {
+            self.client.post(&url).form(params)
+        } else {
+            self.client.get(&url).query(params)
+        };
+        let response = builder
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.send_error(&e, timeout))?;
+        let status = response.status();
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_response)
+        {
+            return Err(self.too_large());
+        }
+        let mut body = BytesMut::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.send_error(&e, timeout))?;
+            if (body.len() + chunk.len()) as u64 > self.max_response {
+                return Err(self.too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let body = body.freeze();
+        let reason = match serde_json::from_slice::<Envelope>(&body) {
+            Ok(Envelope {
+                status: "success" | "error",
+            }) => return Ok(UpstreamResponse { status, body }),
+            Ok(Envelope { status: other }) => format!("unknown status {other:?}"),
+            Err(e) => format!("{e}; body starts with {:?}", snippet(&body)),
+        };
+        Err(UpstreamError::InvalidResponse {
+            backend: self.id.as_str(),
+            status: status.as_u16(),
+            reason,
+        })
+    }
+
+    fn send_error(&self, e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+        let backend = self.id.as_str();
+        if e.is_connect() {
+            UpstreamError::Unavailable {
+                backend,
+                url: self.base.to_string(),
+                reason: error_chain(e),
+            }
+        } else if e.is_timeout() {
+            UpstreamError::Timeout {
+                backend,
+                after_ms: timeout.as_millis(),
+            }
+        } else {
+            UpstreamError::Transport {
+                backend,
+                reason: error_chain(e),
+            }
+        }
+    }
+
+    fn too_large(&self) -> UpstreamError {
+        UpstreamError::TooLarge {
+            backend: self.id.as_str(),
+            limit: self.max_response,
+        }
+    }
+
+    /// Check the backend answers its health path with 2xx.
+    ///
+    /// # Errors
+    ///
+    /// A human-readable reason, shown on `/-/ready`.
+    pub async fn probe(&self) -> Result<(), String> {
+        let response = self
+            .client
+            .get(self.url(&self.health_path))
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} answered HTTP {}",
+                self.health_path,
+                response.status()
+            ))
+        }
+    }
+}
+
+/// Keeps the in-flight gauge raised while an upstream call runs, including when the
+/// call's future is dropped because the client went away.
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn enter(gauge: IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// reqwest's top-level message is often just "error sending request"; the cause
+/// ("connection refused") is what an SRE needs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn snippet(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(64)]).into_owned()
+}
