@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::identity::Identifier;
 use crate::metrics::Metrics;
@@ -26,6 +27,7 @@ use crate::upstream::Upstream;
 /// Everything the handlers share, built once at startup.
 pub struct AppState {
     pub identifier: Identifier,
+    pub cache: Arc<Cache>,
     pub recent: Upstream,
     pub long_term: Option<Upstream>,
     pub routing: RoutingTable,
@@ -49,6 +51,7 @@ impl AppState {
             .transpose()?;
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
+            cache: Arc::new(Cache::new(config.cache.clone(), &metrics)),
             recent: Upstream::new(BackendId::Recent, &config.backends.recent)?,
             routing: RoutingTable {
                 recent_window: config.backends.recent.window.0,
@@ -133,6 +136,7 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
         client = %client,
         org = caller.and_then(|c| c.org.as_deref()),
         dashboard = caller.and_then(|c| c.dashboard.as_deref()),
+        cache = ctx.cache.map(|c| c.as_str()),
         panel = caller.and_then(|c| c.panel.as_deref()),
         path,
         endpoint,
@@ -147,6 +151,15 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let (entries, bytes) = state.cache.usage();
+    state
+        .metrics
+        .cache_entries
+        .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .cache_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

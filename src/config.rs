@@ -34,6 +34,41 @@ pub struct Config {
     pub backends: Backends,
     #[serde(default)]
     pub identity: IdentityConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The shared result cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Bound on cached answers and extents (payload plus bookkeeping).
+    pub max_bytes: ByteSize,
+    /// Samples arrive late: points newer than this are never kept in extents.
+    pub fresh_window: HumanDuration,
+    /// How long an answer that includes such recent points is served as a hit.
+    pub fresh_ttl: HumanDuration,
+    /// How long immutable extents and answers over old data are kept.
+    pub extent_ttl: HumanDuration,
+    /// How long metadata answers (labels, series, metadata, rules, build info) are kept.
+    pub metadata_ttl: HumanDuration,
+    /// When the backend fails, answers up to this old are served with a warning.
+    pub stale_max_age: HumanDuration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes: ByteSize(512 << 20),
+            fresh_window: HumanDuration(Duration::from_secs(300)),
+            fresh_ttl: HumanDuration(Duration::from_secs(10)),
+            extent_ttl: HumanDuration(Duration::from_secs(6 * 3600)),
+            metadata_ttl: HumanDuration(Duration::from_secs(60)),
+            stale_max_age: HumanDuration(Duration::from_secs(15 * 60)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -303,6 +338,7 @@ impl Config {
                 long_term: None,
             },
             identity: IdentityConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 

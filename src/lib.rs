@@ -7,7 +7,8 @@
 //! 2. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
 //! 3. [`analysis`]: which samples the PromQL touches (oldest, newest)
 //! 4. [`routing`]: recent Prometheus or the long-term store, by the oldest sample
-//! 5. [`upstream`]: one bounded, cancellable call to the chosen backend
+//! 5. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
+//! 6. [`upstream`]: one bounded, cancellable call to the chosen backend
 //!
 //! Around them: [`app`] (HTTP surface and own endpoints), [`error`] (the one table
 //! from failures to Prometheus-style responses), [`metrics`] (self-metrics),
@@ -15,6 +16,7 @@
 
 pub mod analysis;
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod identity;

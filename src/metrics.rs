@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use serde::Serialize;
 
@@ -37,6 +37,16 @@ pub struct Metrics {
     /// Requests whose `X-Grafana-User` was ignored because they did not prove they
     /// came through the trusted Grafana.
     pub untrusted_user_header: IntCounter,
+    /// Cache lookups by endpoint and outcome (hit, miss, partial, stale, bypass).
+    pub cache_lookups: IntCounterVec,
+    /// Requests that waited on an identical request's upstream call instead of making their own.
+    pub cache_coalesced: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub cache_evictions: IntCounterVec,
+    /// Range-query points fetched from backends, against points served to clients.
+    pub cache_points_fetched: IntCounter,
+    pub cache_points_served: IntCounter,
     latency: LatencyRecorders,
 }
 
@@ -91,6 +101,41 @@ impl Metrics {
             "Requests whose X-Grafana-User header was ignored as unproven.",
         )
         .expect("valid metric");
+        let cache_lookups = IntCounterVec::new(
+            Opts::new("cache_lookups_total", "Cache lookups by outcome."),
+            &["endpoint", "outcome"],
+        )
+        .expect("valid metric");
+        let cache_coalesced = IntCounterVec::new(
+            Opts::new(
+                "cache_coalesced_waiters_total",
+                "Requests served by another identical request's upstream call.",
+            ),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        let cache_entries =
+            IntGauge::new("cache_entries", "Answers and extents held.").expect("valid metric");
+        let cache_bytes = IntGauge::new(
+            "cache_bytes",
+            "Bytes held by the cache (payload plus bookkeeping).",
+        )
+        .expect("valid metric");
+        let cache_evictions = IntCounterVec::new(
+            Opts::new("cache_evictions_total", "Entries removed by size or age."),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let cache_points_fetched = IntCounter::new(
+            "cache_points_fetched_total",
+            "Range-query points fetched from backends.",
+        )
+        .expect("valid metric");
+        let cache_points_served = IntCounter::new(
+            "cache_points_served_total",
+            "Range-query points served to clients.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()),
@@ -98,6 +143,13 @@ impl Metrics {
             Box::new(upstream_duration.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(untrusted_user_header.clone()),
+            Box::new(cache_lookups.clone()),
+            Box::new(cache_coalesced.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_points_fetched.clone()),
+            Box::new(cache_points_served.clone()),
         ] {
             registry
                 .register(collector)
@@ -120,6 +172,13 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             untrusted_user_header,
+            cache_lookups,
+            cache_coalesced,
+            cache_entries,
+            cache_bytes,
+            cache_evictions,
+            cache_points_fetched,
+            cache_points_served,
             latency: LatencyRecorders::default(),
         }
     }

@@ -1,22 +1,26 @@
 //! The request pipeline: every stage, in order, for one Prometheus API request.
 //!
-//! identify → parse → analyse → route → forward. Each stage is a call into its own
+//! identify → parse → analyse → route → cache → forward. Each stage is a call into its own
 //! module; this file only orders them and carries the per-request [`RequestCtx`].
 //! Early exits are errors that `error.rs` turns into Prometheus-style responses.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
 
 use crate::analysis::{self, QueryShape};
 use crate::app::AppState;
+use crate::cache::{self, CacheStatus};
 use crate::error::ProxyError;
 use crate::identity::Caller;
 use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
+use crate::upstream::{UpstreamError, UpstreamResponse};
 
 /// Everything known about one request as it moves through the stages.
 pub struct RequestCtx {
@@ -24,7 +28,8 @@ pub struct RequestCtx {
     /// "Now" for this request, fixed once so every stage agrees on it.
     pub now: Millis,
     pub caller: Option<Caller>,
-    pub request: Option<ApiRequest>,
+    pub request: Option<Arc<ApiRequest>>,
+    pub cache: Option<CacheStatus>,
     pub backend: Option<BackendId>,
 }
 
@@ -35,6 +40,7 @@ impl RequestCtx {
             now,
             caller: None,
             request: None,
+            cache: None,
             backend: None,
         }
     }
@@ -56,7 +62,7 @@ pub struct Incoming {
 ///
 /// The first stage that refuses or fails; the caller maps it to a response.
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
     ctx: &mut RequestCtx,
     incoming: Incoming,
 ) -> Result<Response, ProxyError> {
@@ -93,13 +99,30 @@ pub async fn handle(
     // route: recent Prometheus or the long-term store
     let backend = routing::route(&state.routing, req.endpoint, &shape, ctx.now);
     ctx.backend = Some(backend);
+    let req = Arc::new(req);
+    ctx.request = Some(req.clone());
 
-    // forward: one bounded, cancellable upstream call
-    let upstream = state.upstream(backend);
-    let answer = upstream.forward(&req, &req.params, &state.metrics).await?;
-    ctx.request = Some(req);
+    // cache: answer from cache, fetching (once for all identical requests) only
+    // what is missing; forward: the bounded, cancellable upstream calls it makes
+    let no_cache = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("no-cache")));
+    let plan = cache::plan(
+        state.cache.config(),
+        &req,
+        &shape,
+        backend,
+        no_cache,
+        ctx.now,
+    );
+    let served = state
+        .cache
+        .serve(plan, req.endpoint, forwarder(state, backend, req.clone()))
+        .await?;
+    ctx.cache = Some(served.cache);
 
-    let mut response = (answer.status, answer.body).into_response();
+    let mut response = (served.status, served.body).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -109,7 +132,30 @@ pub async fn handle(
         "x-promguard-backend",
         HeaderValue::from_static(backend.as_str()),
     );
+    headers.insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     Ok(response)
+}
+
+/// The upstream call the cache makes for a set of parameters.
+fn forwarder(
+    state: &Arc<AppState>,
+    backend: BackendId,
+    req: Arc<ApiRequest>,
+) -> impl Fn(Vec<(String, String)>) -> BoxFuture<'static, Result<UpstreamResponse, UpstreamError>>
++ Send
++ Sync
++ 'static {
+    let state = state.clone();
+    move |params| {
+        let state = state.clone();
+        let req = req.clone();
+        Box::pin(async move {
+            state
+                .upstream(backend)
+                .forward(&req, &params, &state.metrics)
+                .await
+        })
+    }
 }
 
 fn shape_of(req: &ApiRequest, state: &AppState) -> QueryShape {

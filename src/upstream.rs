@@ -25,8 +25,8 @@ const CLIENT_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
 /// Readiness probes must answer quickly; a backend that takes longer is not ready.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Why an upstream call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why an upstream call failed. `Clone` because coalesced waiters share one.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("backend {backend} ({url}) is unavailable: {reason}")]
     Unavailable {

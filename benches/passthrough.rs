@@ -1,0 +1,114 @@
+//! Latency promguard adds over querying Prometheus directly, without a cache.
+//!
+//! Starts the real backends (scripts/backends.sh, small data) and the release
+//! promguard binary, then sends the same requests directly and through promguard,
+//! interleaved in one run so machine noise hits both alike, and reports median and
+//! p99 of each with the difference. Run: `cargo bench --bench passthrough`.
+//! Writes `benches/results/passthrough.md`.
+
+#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use harness::{Promguard, backends, client, now_secs};
+
+const ROUNDS: usize = 2000;
+
+struct Arm {
+    name: &'static str,
+    path: &'static str,
+    form: Vec<(&'static str, String)>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let rounds = std::env::var("PASSTHROUGH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
+    let b = backends();
+    let pg = Promguard::in_front_of_backends("");
+    let end = (now_secs() - 120) / 30 * 30;
+    let arms = [
+        Arm {
+            name: "instant `vector(1)` (pure overhead)",
+            path: "/api/v1/query",
+            form: vec![("query", "vector(1)".into()), ("time", end.to_string())],
+        },
+        Arm {
+            name: "1h panel `sum by (region) (rate(shop_orders_total[5m]))`, step 30s",
+            path: "/api/v1/query_range",
+            form: vec![
+                (
+                    "query",
+                    "sum by (region) (rate(shop_orders_total[5m]))".into(),
+                ),
+                ("start", (end - 3600).to_string()),
+                ("end", end.to_string()),
+                ("step", "30".into()),
+            ],
+        },
+    ];
+    let http = client();
+    let mut report = format!(
+        "| request | direct p50 | via promguard p50 | added p50 | direct p99 | via promguard p99 | added p99 |\n|---|---|---|---|---|---|---|\n"
+    );
+    for arm in &arms {
+        let mut direct = histogram();
+        let mut proxied = histogram();
+        for i in 0..rounds {
+            // Alternate which goes first so neither always meets a warm connection.
+            let order = if i % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for via in order {
+                let base = if via { &pg.url } else { &b.prometheus };
+                let started = Instant::now();
+                let response = http
+                    .post(format!("{base}{}", arm.path))
+                    .form(&arm.form)
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(response.status().is_success());
+                response.bytes().await.expect("body");
+                let micros = started.elapsed().as_micros() as u64;
+                let h = if via { &mut proxied } else { &mut direct };
+                h.saturating_record(micros.max(1));
+            }
+        }
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        writeln!(
+            report,
+            "| {} | {:.3} ms | {:.3} ms | {:+.3} ms | {:.3} ms | {:.3} ms | {:+.3} ms |",
+            arm.name,
+            ms(&direct, 0.5),
+            ms(&proxied, 0.5),
+            ms(&proxied, 0.5) - ms(&direct, 0.5),
+            ms(&direct, 0.99),
+            ms(&proxied, 0.99),
+            ms(&proxied, 0.99) - ms(&direct, 0.99),
+        )
+        .expect("write to string");
+    }
+    let header = format!(
+        "Pass-through latency, {rounds} interleaved requests per arm at concurrency 1, \
+         {} cores, release build.\n\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let out = format!("{header}{report}");
+    print!("{out}");
+    let path = harness::repo().join("benches/results/passthrough.md");
+    std::fs::write(&path, out).expect("write the results");
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}

@@ -1,0 +1,573 @@
+//! Stage 7, cache: identical queries cost the backend once; refreshes fetch only
+//! what is new.
+//!
+//! [`plan`] decides, without I/O, how a request is cached: whole answers (instant
+//! queries, metadata, range queries pinned with `@ start()`/`@ end()`) or range
+//! extents. [`Cache::serve`] answers from the store, or runs one coalesced upstream
+//! fetch per distinct answer, for range queries only of the missing spans, then
+//! stitches, stores and answers; when the backend fails it falls back to a stale
+//! answer with a warning.
+
+pub mod coalesce;
+pub mod extent;
+pub mod key;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use prometheus::{IntCounter, IntCounterVec};
+
+use crate::analysis::QueryShape;
+use crate::config::CacheConfig;
+use crate::metrics::Metrics;
+use crate::request::{ApiRequest, Endpoint, Millis, RequestKind, format_time};
+use crate::routing::BackendId;
+use crate::upstream::{UpstreamError, UpstreamResponse};
+use coalesce::{Coalescer, Role};
+use extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, merge_chunk, missing};
+use key::{CacheKey, SeriesKey, answer_key, canonical, series_key};
+use store::{Chunk, Store};
+
+/// How an answer was produced. Feeds the `X-Cache` header and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    /// Part from cache, part fetched.
+    Partial,
+    /// The backend failed; an older answer was served with a warning.
+    Stale,
+    /// Not cached: the endpoint is never cached, or the client sent `no-cache`.
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Partial => "PARTIAL",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// An answer ready to send.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub cache: CacheStatus,
+}
+
+/// A whole answer's key, what to send upstream, and how long it stays fresh.
+#[derive(Debug, Clone)]
+pub struct WholePlan {
+    key: CacheKey,
+    params: Vec<(String, String)>,
+    fresh: Duration,
+}
+
+/// A range query cached as extents.
+#[derive(Debug, Clone)]
+pub struct RangePlan {
+    key: CacheKey,
+    series: SeriesKey,
+    grid: Grid,
+    want: Span,
+    /// Grid points at or before this are immutable and go into extents; later ones
+    /// may still change as late samples arrive.
+    stable_to: Millis,
+    params: Vec<(String, String)>,
+}
+
+/// How one request uses the cache; decided by [`plan`] before any I/O.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Forward as is; with `refresh`, store the answer for later requests.
+    Bypass {
+        params: Vec<(String, String)>,
+        refresh: Option<WholePlan>,
+    },
+    Whole(WholePlan),
+    Range(RangePlan),
+}
+
+/// Decide how `req` (routed to `backend`) is cached. `no_cache` is the client's
+/// `Cache-Control: no-cache`. Pure.
+pub fn plan(
+    config: &CacheConfig,
+    req: &ApiRequest,
+    shape: &QueryShape,
+    backend: BackendId,
+    no_cache: bool,
+    now: Millis,
+) -> Plan {
+    let volatile_after = now - millis(config.fresh_window.0);
+    let fresh_for = |newest: Option<Millis>| match newest {
+        Some(n) if n > volatile_after => config.fresh_ttl.0,
+        _ => config.extent_ttl.0,
+    };
+    let planned = match &req.kind {
+        _ if !config.enabled => None,
+        RequestKind::Range {
+            query,
+            start,
+            end,
+            step_ms,
+        } => {
+            let canonical = canonical(query);
+            let span = format!("{start}..{end}");
+            let key = answer_key(
+                req,
+                backend,
+                Some(&canonical),
+                &format!("{span};step={step_ms}"),
+            );
+            let grid = Grid::new(*start, *step_ms);
+            match grid.span_within(*start, *end) {
+                Some(want) if !shape.uses_range_bounds => {
+                    // A negative offset reads samples after the evaluation time.
+                    let ahead = shape.newest.map_or(0, |n| (n - end).max(0));
+                    let stable_to = grid.at_or_before(volatile_after.saturating_sub(ahead));
+                    Some(Plan::Range(RangePlan {
+                        key,
+                        series: series_key(req, backend, &canonical, *step_ms, *start),
+                        grid,
+                        want,
+                        stable_to,
+                        params: req.params.clone(),
+                    }))
+                }
+                _ => Some(Plan::Whole(WholePlan {
+                    key,
+                    params: req.params.clone(),
+                    fresh: fresh_for(shape.newest),
+                })),
+            }
+        }
+        RequestKind::Instant { query, time } => Some(Plan::Whole(WholePlan {
+            key: answer_key(req, backend, Some(&canonical(query)), &format!("@{time}")),
+            params: req.params.clone(),
+            fresh: fresh_for(shape.newest),
+        })),
+        RequestKind::Metadata { start, end, .. } => {
+            // Snap to the minute so the metric browser's storms share answers.
+            let params = snap_span(&req.params, *start, *end);
+            let span = format!("{:?}..{:?}", start.map(floor_minute), end.map(ceil_minute));
+            Some(Plan::Whole(WholePlan {
+                key: answer_key(req, backend, None, &span),
+                params,
+                fresh: config.metadata_ttl.0,
+            }))
+        }
+        RequestKind::Static
+            if matches!(
+                req.endpoint,
+                Endpoint::Metadata | Endpoint::Rules | Endpoint::BuildInfo
+            ) =>
+        {
+            Some(Plan::Whole(WholePlan {
+                key: answer_key(req, backend, None, ""),
+                params: req.params.clone(),
+                fresh: config.metadata_ttl.0,
+            }))
+        }
+        RequestKind::Static | RequestKind::Exemplars { .. } => None,
+    };
+    match planned {
+        None => Plan::Bypass {
+            params: req.params.clone(),
+            refresh: None,
+        },
+        Some(Plan::Whole(w)) if no_cache => Plan::Bypass {
+            params: w.params.clone(),
+            refresh: Some(w),
+        },
+        Some(Plan::Range(r)) if no_cache => Plan::Bypass {
+            params: r.params,
+            refresh: None,
+        },
+        Some(p) => p,
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn floor_minute(t: Millis) -> Millis {
+    t.div_euclid(60_000).saturating_mul(60_000)
+}
+
+fn ceil_minute(t: Millis) -> Millis {
+    floor_minute(t.saturating_add(59_999))
+}
+
+fn snap_span(
+    params: &[(String, String)],
+    start: Option<Millis>,
+    end: Option<Millis>,
+) -> Vec<(String, String)> {
+    params
+        .iter()
+        .map(|(k, v)| match (k.as_str(), start, end) {
+            ("start", Some(s), _) if s > Millis::MIN => (k.clone(), format_time(floor_minute(s))),
+            ("end", _, Some(e)) if e < Millis::MAX => (k.clone(), format_time(ceil_minute(e))),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
+/// Replace (or add) `start` and `end` in a parameter list.
+fn with_span(params: &[(String, String)], span: Span) -> Vec<(String, String)> {
+    params
+        .iter()
+        .filter(|(k, _)| k != "start" && k != "end")
+        .cloned()
+        .chain([
+            ("start".to_string(), format_time(span.from)),
+            ("end".to_string(), format_time(span.to)),
+        ])
+        .collect()
+}
+
+/// Cache metrics, cloned out of [`Metrics`].
+struct CacheMetrics {
+    lookups: IntCounterVec,
+    coalesced: IntCounterVec,
+    points_fetched: IntCounter,
+    points_served: IntCounter,
+}
+
+/// The cache stage: store, in-flight fetches and settings.
+pub struct Cache {
+    store: Store,
+    flights: Coalescer<CacheKey, Result<Served, UpstreamError>>,
+    config: CacheConfig,
+    metrics: CacheMetrics,
+}
+
+/// The result of one upstream fetch as the cache sees it.
+type Fetched = Result<UpstreamResponse, UpstreamError>;
+
+impl Cache {
+    pub fn new(config: CacheConfig, metrics: &Metrics) -> Self {
+        Cache {
+            store: Store::new(config.max_bytes.0, metrics.cache_evictions.clone()),
+            flights: Coalescer::default(),
+            metrics: CacheMetrics {
+                lookups: metrics.cache_lookups.clone(),
+                coalesced: metrics.cache_coalesced.clone(),
+                points_fetched: metrics.cache_points_fetched.clone(),
+                points_served: metrics.cache_points_served.clone(),
+            },
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// Entries and bytes held, for the gauges.
+    pub fn usage(&self) -> (u64, u64) {
+        self.store.usage()
+    }
+
+    /// Answer per `plan`, calling `fetch(params)` for whatever must come from the
+    /// backend.
+    ///
+    /// # Errors
+    ///
+    /// The upstream error, when no stale answer can cover it.
+    pub async fn serve<F, Fut>(
+        self: &Arc<Self>,
+        plan: Plan,
+        endpoint: Endpoint,
+        fetch: F,
+    ) -> Result<Served, UpstreamError>
+    where
+        F: Fn(Vec<(String, String)>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Fetched> + Send + 'static,
+    {
+        let result = match plan {
+            Plan::Bypass { params, refresh } => {
+                let response = fetch(params).await;
+                if let (Some(w), Ok(r)) = (&refresh, &response) {
+                    self.keep(w, r);
+                }
+                response.map(|r| Served {
+                    status: r.status,
+                    body: r.body,
+                    cache: CacheStatus::Bypass,
+                })
+            }
+            Plan::Whole(w) => match self.fresh(&w.key) {
+                Some(hit) => Ok(hit),
+                None => {
+                    let this = self.clone();
+                    let key = w.key.clone();
+                    self.coalesced(key, endpoint, move || this.fill_whole(w, fetch))
+                        .await
+                }
+            },
+            Plan::Range(r) => match self.fresh(&r.key) {
+                Some(hit) => Ok(hit),
+                None => {
+                    let this = self.clone();
+                    let key = r.key.clone();
+                    self.coalesced(key, endpoint, move || this.fill_range(r, fetch))
+                        .await
+                }
+            },
+        };
+        if let Ok(served) = &result {
+            let outcome = match served.cache {
+                CacheStatus::Hit => "hit",
+                CacheStatus::Miss => "miss",
+                CacheStatus::Partial => "partial",
+                CacheStatus::Stale => "stale",
+                CacheStatus::Bypass => "bypass",
+            };
+            self.metrics
+                .lookups
+                .with_label_values(&[endpoint.as_str(), outcome])
+                .inc();
+        }
+        result
+    }
+
+    /// A fresh stored answer, as a hit.
+    fn fresh(&self, key: &CacheKey) -> Option<Served> {
+        let answer = self.store.answer(key)?;
+        (Instant::now() < answer.fresh_until).then(|| {
+            self.metrics.points_served.inc_by(answer.points);
+            Served {
+                status: StatusCode::OK,
+                body: answer.body.clone(),
+                cache: CacheStatus::Hit,
+            }
+        })
+    }
+
+    /// Run `work` once for all concurrent callers of `key`; if it fails, fall back
+    /// to a stale answer.
+    async fn coalesced<W, Fut>(
+        &self,
+        key: CacheKey,
+        endpoint: Endpoint,
+        work: W,
+    ) -> Result<Served, UpstreamError>
+    where
+        W: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Served, UpstreamError>> + Send + 'static,
+    {
+        let (value, role) = self.flights.run(key.clone(), work).await;
+        if role == Role::Waiter {
+            self.metrics
+                .coalesced
+                .with_label_values(&[endpoint.as_str()])
+                .inc();
+        }
+        let result = value.unwrap_or_else(|| {
+            Err(UpstreamError::Transport {
+                backend: "shared fetch",
+                reason: "ended without an answer".into(),
+            })
+        });
+        match result {
+            Err(e) => self.stale(&key, &e.to_string()).ok_or(e),
+            ok => ok,
+        }
+    }
+
+    /// An older answer for `key`, within the stale limit, with a warning that says
+    /// how old it is and why it is served. Grafana shows the warning on the panel.
+    pub fn stale(&self, key: &CacheKey, reason: &str) -> Option<Served> {
+        let answer = self.store.answer(key)?;
+        let age = answer.stored.elapsed();
+        if age > self.config.stale_max_age.0 {
+            return None;
+        }
+        let warning = format!(
+            "promguard served a cached answer {}s old because: {reason}",
+            age.as_secs()
+        );
+        Some(Served {
+            status: StatusCode::OK,
+            body: with_warning(&answer.body, &warning),
+            cache: CacheStatus::Stale,
+        })
+    }
+
+    fn keep_for(&self, fresh: Duration) -> Duration {
+        fresh.max(self.config.stale_max_age.0)
+    }
+
+    /// Store a successful whole answer without warnings.
+    fn keep(&self, w: &WholePlan, response: &UpstreamResponse) {
+        if response.status.is_success() && !has_warnings(&response.body) {
+            self.store.put_answer(
+                w.key.clone(),
+                response.body.clone(),
+                0,
+                w.fresh,
+                self.keep_for(w.fresh),
+            );
+        }
+    }
+
+    async fn fill_whole<F, Fut>(
+        self: Arc<Self>,
+        w: WholePlan,
+        fetch: F,
+    ) -> Result<Served, UpstreamError>
+    where
+        F: Fn(Vec<(String, String)>) -> Fut,
+        Fut: Future<Output = Fetched>,
+    {
+        let response = fetch(w.params.clone()).await?;
+        self.keep(&w, &response);
+        Ok(Served {
+            status: response.status,
+            body: response.body,
+            cache: CacheStatus::Miss,
+        })
+    }
+
+    /// Fetch the spans the extents lack, keep their immutable part, and stitch the
+    /// answer from extents and fetched pieces.
+    async fn fill_range<F, Fut>(
+        self: Arc<Self>,
+        r: RangePlan,
+        fetch: F,
+    ) -> Result<Served, UpstreamError>
+    where
+        F: Fn(Vec<(String, String)>) -> Fut,
+        Fut: Future<Output = Fetched>,
+    {
+        let step = r.grid.step;
+        let interval = chunk_interval(step);
+        let cached: Vec<(i64, Arc<Chunk>)> = chunks_of(r.want, interval)
+            .filter_map(|i| self.store.chunk(&r.series, i).map(|c| (i, c)))
+            .collect();
+        let cached_chunk = |i: i64| cached.iter().find(|(j, _)| *j == i).map(|(_, c)| c);
+        let gaps = missing(&r.grid, interval, r.want, |i| {
+            cached_chunk(i).map(|c| c.span)
+        });
+
+        let mut fetched: Vec<(Span, Matrix)> = Vec::with_capacity(gaps.len());
+        for gap in &gaps {
+            let response = fetch(with_span(&r.params, *gap)).await?;
+            if !response.status.is_success() {
+                return Ok(uncached(response));
+            }
+            match Matrix::parse(&response.body) {
+                Ok(matrix) => fetched.push((*gap, matrix)),
+                // Warnings or native histograms: answer the whole range uncached.
+                Err(_) if *gap == r.want => return Ok(uncached(response)),
+                Err(_) => return fetch(r.params.clone()).await.map(uncached),
+            }
+        }
+
+        let mut updated: Vec<(i64, Span, Matrix)> = Vec::new();
+        for (gap, matrix) in &fetched {
+            let Some(stable) = (Span {
+                from: gap.from,
+                to: gap.to.min(r.stable_to),
+            })
+            .intersect(gap) else {
+                continue;
+            };
+            for i in chunks_of(stable, interval) {
+                let Some(part) = r.grid.chunk(i, interval).and_then(|c| c.intersect(&stable))
+                else {
+                    continue;
+                };
+                let merged = match updated.iter().position(|(j, _, _)| *j == i) {
+                    Some(at) => {
+                        let (_, span, old) = updated.swap_remove(at);
+                        merge_chunk(step, Some((span, &old)), (part, matrix))
+                    }
+                    None => merge_chunk(
+                        step,
+                        cached_chunk(i).map(|c| (c.span, &c.matrix)),
+                        (part, matrix),
+                    ),
+                };
+                updated.push((i, merged.0, merged.1));
+            }
+        }
+        for (i, span, matrix) in updated {
+            self.store.put_chunk(
+                r.series.clone(),
+                i,
+                Chunk { span, matrix },
+                self.config.extent_ttl.0,
+            );
+        }
+
+        let mut pieces: Vec<(Span, &Matrix)> = cached
+            .iter()
+            .filter_map(|(_, c)| c.span.intersect(&r.want).map(|s| (s, &c.matrix)))
+            .collect();
+        pieces.extend(fetched.iter().map(|(s, m)| (*s, m)));
+        let answer = assemble(&pieces);
+        let points = answer.point_count() as u64;
+        let body = Bytes::from(answer.to_json());
+        self.metrics.points_served.inc_by(points);
+        self.metrics
+            .points_fetched
+            .inc_by(fetched.iter().map(|(_, m)| m.point_count() as u64).sum());
+        let fresh = if r.want.to > r.stable_to {
+            self.config.fresh_ttl.0
+        } else {
+            self.config.extent_ttl.0
+        };
+        self.store
+            .put_answer(r.key, body.clone(), points, fresh, self.keep_for(fresh));
+        Ok(Served {
+            status: StatusCode::OK,
+            body,
+            cache: match (gaps.is_empty(), cached.is_empty()) {
+                (true, _) => CacheStatus::Hit,
+                (false, true) => CacheStatus::Miss,
+                (false, false) => CacheStatus::Partial,
+            },
+        })
+    }
+}
+
+fn uncached(response: UpstreamResponse) -> Served {
+    Served {
+        status: response.status,
+        body: response.body,
+        cache: CacheStatus::Miss,
+    }
+}
+
+/// Whether a whole answer carries warnings; such answers are not worth keeping.
+fn has_warnings(body: &[u8]) -> bool {
+    body.windows(11).any(|w| w == b"\"warnings\":")
+}
+
+/// Add a Prometheus `warnings` entry to a success body (which has none: answers
+/// with warnings are never stored).
+fn with_warning(body: &Bytes, warning: &str) -> Bytes {
+    let Some(rest) = body.strip_prefix(b"{") else {
+        return body.clone();
+    };
+    let quoted = serde_json::to_string(warning).unwrap_or_else(|_| "\"stale\"".into());
+    let mut out = Vec::with_capacity(body.len() + quoted.len() + 16);
+    out.extend_from_slice(b"{\"warnings\":[");
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(b"],");
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}

@@ -1,0 +1,212 @@
+//! The shared in-memory store: whole answers and range-query extents in one moka
+//! cache, bounded by bytes, each entry with its own time to live.
+//!
+//! Answers are kept past their freshness, up to the stale limit, so a failing
+//! backend can be covered with an older answer. Does no I/O.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::sync::Cache;
+use prometheus::IntCounterVec;
+
+use super::extent::{Matrix, Span};
+use super::key::{CacheKey, SeriesKey};
+
+/// A whole answer, stored as the exact bytes to send.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Bytes,
+    /// Points in a range answer, for the points-served metric; 0 otherwise.
+    pub points: u64,
+    pub stored: Instant,
+    /// Served as a hit until then; afterwards only as a stale fallback.
+    pub fresh_until: Instant,
+}
+
+/// The immutable part of a range query's result within one chunk.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Grid timestamps this chunk answers for; points outside do not exist.
+    pub span: Span,
+    pub matrix: Matrix,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Answer(CacheKey),
+    Chunk(SeriesKey, i64),
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    Answer(Arc<Answer>),
+    Chunk(Arc<Chunk>),
+}
+
+/// Each entry carries its own time to live.
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Value,
+    ttl: Duration,
+    bytes: u32,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<Key, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _: &Key, entry: &Entry, _: Instant) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        entry: &Entry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+}
+
+/// The store. Cloning shares it.
+#[derive(Clone)]
+pub struct Store {
+    cache: Cache<Key, Entry>,
+}
+
+/// Fixed bookkeeping per entry on top of its payload (key, moka's node, Arcs).
+const ENTRY_OVERHEAD: usize = 160;
+
+impl Store {
+    /// A store holding at most `max_bytes` of entries (payload plus overhead);
+    /// evictions are counted in `evictions` by cause.
+    pub fn new(max_bytes: u64, evictions: IntCounterVec) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &Key, e: &Entry| e.bytes)
+            .expire_after(PerEntryTtl)
+            .eviction_listener(move |_, _, cause| {
+                let label = match cause {
+                    RemovalCause::Size => "size",
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Explicit | RemovalCause::Replaced => return,
+                };
+                evictions.with_label_values(&[label]).inc();
+            })
+            .build();
+        Store { cache }
+    }
+
+    pub fn answer(&self, key: &CacheKey) -> Option<Arc<Answer>> {
+        match self.cache.get(&Key::Answer(key.clone()))?.value {
+            Value::Answer(a) => Some(a),
+            Value::Chunk(_) => None,
+        }
+    }
+
+    /// Keep `body` as the answer for `key`: fresh for `fresh`, then kept up to
+    /// `keep` in total for stale serving.
+    pub fn put_answer(
+        &self,
+        key: CacheKey,
+        body: Bytes,
+        points: u64,
+        fresh: Duration,
+        keep: Duration,
+    ) {
+        let now = Instant::now();
+        let bytes = weight(key.0.len() + body.len());
+        let answer = Answer {
+            body,
+            points,
+            stored: now,
+            fresh_until: now + fresh,
+        };
+        self.cache.insert(
+            Key::Answer(key),
+            Entry {
+                value: Value::Answer(Arc::new(answer)),
+                ttl: keep.max(fresh),
+                bytes,
+            },
+        );
+    }
+
+    pub fn chunk(&self, key: &SeriesKey, index: i64) -> Option<Arc<Chunk>> {
+        match self.cache.get(&Key::Chunk(key.clone(), index))?.value {
+            Value::Chunk(c) => Some(c),
+            Value::Answer(_) => None,
+        }
+    }
+
+    pub fn put_chunk(&self, key: SeriesKey, index: i64, chunk: Chunk, ttl: Duration) {
+        let bytes = weight(key.0.len() + chunk.matrix.bytes());
+        self.cache.insert(
+            Key::Chunk(key, index),
+            Entry {
+                value: Value::Chunk(Arc::new(chunk)),
+                ttl,
+                bytes,
+            },
+        );
+    }
+
+    /// Entries and weighted bytes, after applying pending evictions.
+    pub fn usage(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks();
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+}
+
+fn weight(payload: usize) -> u32 {
+    u32::try_from(payload + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+
+    fn evictions() -> IntCounterVec {
+        IntCounterVec::new(Opts::new("e", "e"), &["cause"]).unwrap()
+    }
+
+    #[test]
+    fn answers_are_kept_past_freshness_for_stale_use() {
+        let store = Store::new(1 << 20, evictions());
+        let key = CacheKey("k".into());
+        store.put_answer(
+            key.clone(),
+            Bytes::from_static(b"{}"),
+            0,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        );
+        let a = store.answer(&key).unwrap();
+        assert!(a.fresh_until <= Instant::now());
+        assert_eq!(&a.body[..], b"{}");
+    }
+
+    #[test]
+    fn the_byte_bound_holds() {
+        let ev = evictions();
+        let store = Store::new(100_000, ev.clone());
+        for i in 0..1000 {
+            store.put_answer(
+                CacheKey(format!("k{i}").into()),
+                Bytes::from(vec![b'x'; 1000]),
+                0,
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            );
+        }
+        let (entries, bytes) = store.usage();
+        assert!(bytes <= 100_000, "{bytes}");
+        assert!(entries < 100, "{entries}");
+        assert!(ev.with_label_values(&["size"]).get() > 800);
+    }
+}

@@ -1,0 +1,217 @@
+//! A Grafana-shaped session through promguard returns what the backend that should
+//! serve it returns directly: panel queries (POST, dashboard headers), instant
+//! queries, Save & test, build info, and Explore's metric browser.
+
+use serde_json::Value;
+
+use crate::harness::{
+    Promguard, assert_same_answer, backends, get, now_secs, post_form, sorted_by_metric,
+};
+
+const GRAFANA_HEADERS: &[(&str, &str)] = &[
+    ("X-Dashboard-Uid", "orders"),
+    ("X-Panel-Id", "2"),
+    ("X-Datasource-Uid", "promguard"),
+    ("X-Grafana-Org-Id", "1"),
+    ("User-Agent", "Grafana/11.3.0"),
+];
+
+/// A time well behind the live edge, aligned the way Grafana aligns to `step`.
+fn aligned_end(step: i64) -> i64 {
+    (now_secs() - 120) / step * step
+}
+
+fn result_len(v: &Value) -> usize {
+    v.pointer("/data/result")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+fn data_len(v: &Value) -> usize {
+    v.pointer("/data")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn panel_queries_route_by_time_and_match_the_backend() {
+    let pg = Promguard::in_front_of_backends("");
+    let b = backends();
+    let query = r#"sum by (region) (rate(shop_orders_total{status="created"}[5m]))"#;
+
+    // A "last 1 hour" panel: Prometheus holds it.
+    let end = aligned_end(30);
+    let form = [
+        ("query", query.to_string()),
+        ("start", (end - 3600).to_string()),
+        ("end", end.to_string()),
+        ("step", "30".to_string()),
+    ];
+    let (status, backend, got) = post_form(
+        &format!("{}/api/v1/query_range", pg.url),
+        &form,
+        GRAFANA_HEADERS,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(backend.as_deref(), Some("recent"));
+    let (_, _, want) = post_form(&format!("{}/api/v1/query_range", b.prometheus), &form, &[]).await;
+    assert!(
+        result_len(&want) >= 8,
+        "the demo data has 8 regions: {want}"
+    );
+    assert_same_answer(&got, &want, 0.0, "1h panel vs Prometheus");
+
+    // A "last 30 days" panel: only the long-term store has it.
+    let end = aligned_end(3600);
+    let form = [
+        ("query", query.to_string()),
+        ("start", (end - 30 * 86400).to_string()),
+        ("end", end.to_string()),
+        ("step", "3600".to_string()),
+    ];
+    let (status, backend, got) = post_form(
+        &format!("{}/api/v1/query_range", pg.url),
+        &form,
+        GRAFANA_HEADERS,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(backend.as_deref(), Some("long_term"));
+    let mut direct = form.to_vec();
+    direct.push(("nocache", "1".to_string()));
+    let (_, _, want) = post_form(&format!("{}/api/v1/query_range", b.victoria), &direct, &[]).await;
+    assert!(result_len(&want) >= 8, "{want}");
+    assert_same_answer(
+        &sorted_by_metric(got),
+        &sorted_by_metric(want),
+        1e-9,
+        "30d panel vs VictoriaMetrics",
+    );
+
+    // A 1h panel whose selector reaches back 7 days is long-term data too.
+    let end = aligned_end(60);
+    let form = [
+        ("query", "sum(increase(shop_orders_total[7d]))".to_string()),
+        ("start", (end - 3600).to_string()),
+        ("end", end.to_string()),
+        ("step", "60".to_string()),
+    ];
+    let (status, backend, _) = post_form(
+        &format!("{}/api/v1/query_range", pg.url),
+        &form,
+        GRAFANA_HEADERS,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(backend.as_deref(), Some("long_term"));
+}
+
+#[tokio::test]
+async fn instant_queries_save_and_test_and_build_info() {
+    let pg = Promguard::in_front_of_backends("");
+    let b = backends();
+
+    // Grafana's "Save & test".
+    let form = [("query", "1+1".to_string()), ("time", "4".to_string())];
+    let (status, backend, got) = post_form(&format!("{}/api/v1/query", pg.url), &form, &[]).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("recent")));
+    assert_eq!(got["data"]["result"], serde_json::json!([4, "2"]));
+
+    // An instant query at an unaligned time, as Grafana sends them.
+    let time = format!("{}.437", now_secs() - 90);
+    let form = [
+        (
+            "query",
+            "sum by (service) (rate(http_requests_total[5m]))".to_string(),
+        ),
+        ("time", time),
+    ];
+    let (status, backend, got) =
+        post_form(&format!("{}/api/v1/query", pg.url), &form, GRAFANA_HEADERS).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("recent")));
+    let (_, _, want) = post_form(&format!("{}/api/v1/query", b.prometheus), &form, &[]).await;
+    assert!(
+        result_len(&want) >= 10,
+        "the demo data has ~10 services: {want}"
+    );
+    assert_same_answer(&got, &want, 0.0, "instant query vs Prometheus");
+
+    // Build info drives Grafana's feature detection; other read-only GETs pass through.
+    for path in [
+        "/api/v1/status/buildinfo",
+        "/api/v1/status/flags",
+        "/api/v1/rules",
+    ] {
+        let (status, _, got) = get(&format!("{}{path}", pg.url), &[]).await;
+        let (_, _, want) = get(&format!("{}{path}", b.prometheus), &[]).await;
+        assert_eq!(status, 200, "{path}: {got}");
+        assert_same_answer(&got, &want, 0.0, path);
+    }
+}
+
+#[tokio::test]
+async fn explore_metric_browser_matches_the_backend() {
+    let pg = Promguard::in_front_of_backends("");
+    let b = backends();
+    let end = now_secs() - 60;
+    let hour = |extra: &[(&'static str, &'static str)]| {
+        let mut q = vec![
+            ("start", (end - 3600).to_string()),
+            ("end", end.to_string()),
+        ];
+        q.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        q
+    };
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("/api/v1/labels", hour(&[])),
+        ("/api/v1/label/__name__/values", hour(&[])),
+        (
+            "/api/v1/label/region/values",
+            hour(&[("match[]", "shop_orders_total")]),
+        ),
+        (
+            "/api/v1/series",
+            hour(&[("match[]", r#"shop_orders_total{region="moscow"}"#)]),
+        ),
+        (
+            "/api/v1/metadata",
+            vec![("metric", "shop_orders_total".into())],
+        ),
+    ];
+    for (path, query) in cases {
+        let (status, backend, got) = get(&format!("{}{path}", pg.url), &query).await;
+        assert_eq!(
+            (status, backend.as_deref()),
+            (200, Some("recent")),
+            "{path}: {got}"
+        );
+        let (_, _, want) = get(&format!("{}{path}", b.prometheus), &query).await;
+        assert!(
+            data_len(&want) > 0 || want["data"].as_object().is_some_and(|o| !o.is_empty()),
+            "{path} returned no data: {want}"
+        );
+        assert_same_answer(&sorted_by_metric(got), &sorted_by_metric(want), 0.0, path);
+    }
+
+    // Series over a month are answered by the long-term store.
+    let month = [
+        ("match[]", "shop_orders_total".to_string()),
+        ("start", (end - 30 * 86400).to_string()),
+        ("end", end.to_string()),
+    ];
+    let (status, backend, got) = post_form(&format!("{}/api/v1/series", pg.url), &month, &[]).await;
+    assert_eq!(
+        (status, backend.as_deref()),
+        (200, Some("long_term")),
+        "{got}"
+    );
+    let (_, _, want) = post_form(&format!("{}/api/v1/series", b.victoria), &month, &[]).await;
+    assert!(data_len(&want) > 0);
+    assert_same_answer(
+        &sorted_by_metric(got),
+        &sorted_by_metric(want),
+        0.0,
+        "series 30d",
+    );
+}

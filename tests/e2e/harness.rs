@@ -1,0 +1,304 @@
+//! Test harness: real backends, the real promguard binary, and answer comparison.
+//!
+//! The backends (Prometheus + VictoriaMetrics loaded with generated data) are
+//! started once per test process by `scripts/backends.sh` and stopped by a watchdog
+//! when the process exits. Each test starts its own promguard on a free port.
+
+use std::io::Write;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on loopback")
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// The shared real backends.
+pub struct Backends {
+    pub prometheus: String,
+    pub victoria: String,
+}
+
+/// Start the backends on first use; later callers get the same ones.
+pub fn backends() -> &'static Backends {
+    static BACKENDS: OnceLock<Backends> = OnceLock::new();
+    BACKENDS.get_or_init(start_backends)
+}
+
+fn start_backends() -> Backends {
+    let dir = std::env::temp_dir().join(format!("promguard-e2e-{}", std::process::id()));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_demo-data"))
+        .parent()
+        .expect("binary has a directory")
+        .to_path_buf();
+    let output = Command::new("bash")
+        .arg(repo().join("scripts/backends.sh"))
+        .args(["start", "--dir"])
+        .arg(&dir)
+        .args(["--prom-port", &free_port().to_string()])
+        .args(["--vm-port", &free_port().to_string()])
+        .args(["--exporter-port", &free_port().to_string()])
+        .args(["--instances", "1", "--long-term", "60d"])
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/backends.sh");
+    // Stop the backends when this test process exits, however it exits.
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash {script} stop --dir {dir}; rm -rf {dir}",
+            pid = std::process::id(),
+            script = repo().join("scripts/backends.sh").display(),
+            dir = dir.display(),
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the backend watchdog");
+    assert!(
+        output.status.success(),
+        "scripts/backends.sh start failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let var = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("backends.sh printed no {name}: {stdout}"))
+            .to_string()
+    };
+    Backends {
+        prometheus: var("PROMETHEUS_URL"),
+        victoria: var("VM_URL"),
+    }
+}
+
+/// A running promguard process, killed on drop.
+pub struct Promguard {
+    pub url: String,
+    child: Child,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Promguard {
+    /// Start promguard with `config` (YAML; `listen` is added here).
+    pub fn start(config: &str) -> Self {
+        let port = free_port();
+        let mut file = tempfile::NamedTempFile::new().expect("create a temp config");
+        write!(file, "listen: 127.0.0.1:{port}\n{config}").expect("write the temp config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_promguard"))
+            .arg("serve")
+            .arg("--config")
+            .arg(file.path())
+            .env("PROMGUARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn promguard");
+        // Forward promguard's log to the test output for failures, without blocking it.
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("[promguard:{port}] {line}");
+                }
+            });
+        }
+        let url = format!("http://127.0.0.1:{port}");
+        wait_listening(&url, &mut child);
+        Promguard {
+            url,
+            child,
+            _config: file,
+        }
+    }
+
+    /// Start promguard in front of the shared real backends, with `extra` config.
+    pub fn in_front_of_backends(extra: &str) -> Self {
+        let b = backends();
+        Self::start(&format!(
+            "backends:\n  recent:\n    url: {}\n    window: 2d\n  long_term:\n    url: {}\n{extra}",
+            b.prometheus, b.victoria
+        ))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the process to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Promguard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_listening(url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let healthy = format!("{url}/-/healthy");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("promguard exited early with {status}");
+        }
+        if probe::get_ok(&healthy).unwrap_or(false) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("promguard did not start listening at {url}");
+}
+
+/// A minimal blocking GET for start-up polling, outside any async runtime.
+mod probe {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub fn get_ok(url: &str) -> std::io::Result<bool> {
+        let rest = url.strip_prefix("http://").unwrap_or(url);
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut stream = TcpStream::connect(host)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            stream,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response.starts_with("HTTP/1.1 200"))
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("build test client")
+}
+
+/// POST a form, the way Grafana sends panel queries.
+pub async fn post_form(
+    url: &str,
+    form: &[(&str, String)],
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, Value) {
+    let mut req = client().post(url).form(form);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    into_parts(req.send().await.expect("request reaches promguard")).await
+}
+
+pub async fn get(url: &str, query: &[(&str, String)]) -> (u16, Option<String>, Value) {
+    into_parts(
+        client()
+            .get(url)
+            .query(query)
+            .send()
+            .await
+            .expect("request reaches promguard"),
+    )
+    .await
+}
+
+async fn into_parts(response: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = response.status().as_u16();
+    let backend = response
+        .headers()
+        .get("x-promguard-backend")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response.bytes().await.expect("read body");
+    let json = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, backend, json)
+}
+
+/// Compare two API answers. Prometheus answers must be equal exactly (as strings);
+/// VictoriaMetrics' own cache changes the last digits between calls, so sample
+/// values may differ by a relative `tolerance`.
+pub fn assert_same_answer(got: &Value, want: &Value, tolerance: f64, what: &str) {
+    if let Err(path) = same(got, want, tolerance, String::new()) {
+        panic!("{what}: answers differ at {path}\n got: {got}\nwant: {want}");
+    }
+}
+
+fn same(a: &Value, b: &Value, tol: f64, path: String) -> Result<(), String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            if x.len() != y.len() {
+                return Err(format!("{path} (keys)"));
+            }
+            for (k, v) in x {
+                let w = y.get(k).ok_or_else(|| format!("{path}.{k} (missing)"))?;
+                same(v, w, tol, format!("{path}.{k}"))?;
+            }
+            Ok(())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                return Err(format!("{path} (length {} vs {})", x.len(), y.len()));
+            }
+            x.iter()
+                .zip(y)
+                .enumerate()
+                .try_for_each(|(i, (v, w))| same(v, w, tol, format!("{path}[{i}]")))
+        }
+        (Value::String(x), Value::String(y)) if x != y && tol > 0.0 => {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(p), Ok(q)) if (p - q).abs() <= tol * p.abs().max(q.abs()) => Ok(()),
+                _ => Err(path),
+            }
+        }
+        _ if a == b => Ok(()),
+        _ => Err(path),
+    }
+}
+
+/// Sort a result array by its `metric` labels, since some endpoints (series, VM's
+/// matrices) do not promise an order.
+pub fn sorted_by_metric(mut v: Value) -> Value {
+    if let Some(arr) = v.pointer_mut("/data/result").and_then(Value::as_array_mut) {
+        arr.sort_by_key(|s| s["metric"].to_string());
+    }
+    if let Some(arr) = v.pointer_mut("/data").and_then(Value::as_array_mut) {
+        arr.sort_by_key(|s| s.to_string());
+    }
+    v
+}

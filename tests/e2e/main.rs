@@ -1,0 +1,9 @@
+//! End-to-end tests: the real promguard binary against real Prometheus and
+//! VictoriaMetrics (started by `scripts/backends.sh` with generated data), and
+//! against small fault servers for failures real backends cannot show on demand.
+
+mod bad_input;
+mod faults;
+mod grafana_session;
+mod harness;
+mod upstream_faults;
