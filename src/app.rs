@@ -15,9 +15,11 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::admission::{Class, Gate};
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Config, PriorityConfig};
 use crate::identity::Identifier;
+use crate::limits::UserLimits;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Incoming, RequestCtx};
 use crate::request::Millis;
@@ -27,7 +29,14 @@ use crate::upstream::Upstream;
 /// Everything the handlers share, built once at startup.
 pub struct AppState {
     pub identifier: Identifier,
+    pub limits: UserLimits,
     pub cache: Arc<Cache>,
+    pub recent_gate: Arc<Gate>,
+    pub long_term_gate: Arc<Gate>,
+    pub priority: PriorityConfig,
+    /// No Grafana trust is configured, so dashboard headers cannot be verified and
+    /// are believed for priority.
+    pub trust_dashboard_headers: bool,
     pub recent: Upstream,
     pub long_term: Option<Upstream>,
     pub routing: RoutingTable,
@@ -49,9 +58,18 @@ impl AppState {
             .as_ref()
             .map(|b| Upstream::new(BackendId::LongTerm, b))
             .transpose()?;
+        record_settings(config, &metrics);
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
+            limits: UserLimits::new(&config.limits),
             cache: Arc::new(Cache::new(config.cache.clone(), &metrics)),
+            recent_gate: Gate::new(BackendId::Recent.as_str(), config.admission.recent.clone()),
+            long_term_gate: Gate::new(
+                BackendId::LongTerm.as_str(),
+                config.admission.long_term.clone(),
+            ),
+            priority: config.priority.clone(),
+            trust_dashboard_headers: config.identity.grafana.is_none(),
             recent: Upstream::new(BackendId::Recent, &config.backends.recent)?,
             routing: RoutingTable {
                 recent_window: config.backends.recent.window.0,
@@ -73,9 +91,47 @@ impl AppState {
         }
     }
 
+    /// The admission gate for a routing decision.
+    pub fn gate(&self, id: BackendId) -> &Arc<Gate> {
+        match id {
+            BackendId::Recent => &self.recent_gate,
+            BackendId::LongTerm => &self.long_term_gate,
+        }
+    }
+
     fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
         std::iter::once(&self.recent).chain(self.long_term.as_ref())
     }
+}
+
+/// Export the configured limits as gauges, so dashboards draw them beside usage.
+fn record_settings(config: &Config, metrics: &Metrics) {
+    let set = |limit: &str, scope: &str, value: usize| {
+        metrics
+            .limit_settings
+            .with_label_values(&[limit, scope])
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
+    };
+    for (backend, gate) in [
+        (BackendId::Recent, &config.admission.recent),
+        (BackendId::LongTerm, &config.admission.long_term),
+    ] {
+        set("max_in_flight", backend.as_str(), gate.max_in_flight);
+        set("reserved", backend.as_str(), gate.reserved);
+        set("max_queue", backend.as_str(), gate.max_queue);
+    }
+    let limits = &config.limits;
+    set("user_max_in_flight", "default", limits.max_in_flight);
+    set(
+        "user_requests_per_second",
+        "default",
+        limits.requests.per_second as usize,
+    );
+    set(
+        "user_upstream_per_second",
+        "default",
+        limits.upstream.per_second as usize,
+    );
 }
 
 /// The whole HTTP application.
@@ -151,6 +207,21 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    for id in BackendId::ALL {
+        let (in_flight, queued) = state.gate(id).usage();
+        for class in Class::ALL {
+            state
+                .metrics
+                .admission_in_flight
+                .with_label_values(&[id.as_str(), class.as_str()])
+                .set(i64::try_from(in_flight[class as usize]).unwrap_or(i64::MAX));
+        }
+        state
+            .metrics
+            .admission_queue
+            .with_label_values(&[id.as_str()])
+            .set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
     let (entries, bytes) = state.cache.usage();
     state
         .metrics

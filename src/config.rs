@@ -36,6 +36,127 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub priority: PriorityConfig,
+}
+
+/// A token bucket: sustained rate and burst.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Per-user budgets, keyed by the caller's identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Every request, cache hits included: generous, so cached dashboards stay viewable.
+    pub requests: RateConfig,
+    /// Each upstream call: the expensive part.
+    pub upstream: RateConfig,
+    /// Upstream calls in flight per user.
+    pub max_in_flight: usize,
+    /// How long a request may wait for one of its user's slots before a 429.
+    pub in_flight_wait: HumanDuration,
+    /// Users with their own budgets (on-call, alerting).
+    pub users: BTreeMap<String, UserOverride>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            // A 20-panel dashboard with its variables loads in one burst.
+            requests: RateConfig {
+                per_second: 20,
+                burst: 100,
+            },
+            upstream: RateConfig {
+                per_second: 5,
+                burst: 50,
+            },
+            max_in_flight: 8,
+            in_flight_wait: HumanDuration(Duration::from_secs(1)),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UserOverride {
+    pub requests: Option<RateConfig>,
+    pub upstream: Option<RateConfig>,
+    pub max_in_flight: Option<usize>,
+}
+
+/// Global in-flight caps per backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    pub recent: GateConfig,
+    pub long_term: GateConfig,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            // Below Prometheus' default --query.max-concurrency of 20.
+            recent: GateConfig {
+                max_in_flight: 16,
+                reserved: 4,
+                ..GateConfig::default()
+            },
+            // Long-range reads are the expensive ones.
+            long_term: GateConfig {
+                max_in_flight: 6,
+                reserved: 2,
+                ..GateConfig::default()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Upstream calls in flight on this backend, never exceeded.
+    pub max_in_flight: usize,
+    /// Of those, slots only the critical class may use.
+    pub reserved: usize,
+    /// Requests waiting for a slot; past this, the lowest class is shed.
+    pub max_queue: usize,
+    /// Longest wait for a slot before a 503; keep it well below client timeouts.
+    pub max_wait: HumanDuration,
+    /// Sent as `Retry-After` with a 503.
+    pub retry_after: HumanDuration,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            max_in_flight: 16,
+            reserved: 4,
+            max_queue: 64,
+            max_wait: HumanDuration(Duration::from_secs(1)),
+            retry_after: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Who goes first.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    /// Curated dashboards by uid: reserved capacity, served first.
+    pub dashboards: Vec<String>,
+    /// Named users (on-call, alerting): the same.
+    pub users: Vec<String>,
 }
 
 /// The shared result cache.
@@ -339,6 +460,9 @@ impl Config {
             },
             identity: IdentityConfig::default(),
             cache: CacheConfig::default(),
+            limits: LimitsConfig::default(),
+            admission: AdmissionConfig::default(),
+            priority: PriorityConfig::default(),
         }
     }
 
@@ -396,6 +520,23 @@ impl Config {
                     message: "health_path must start with /".into(),
                 });
             }
+        }
+        for (field, gate) in [
+            ("admission.recent", &self.admission.recent),
+            ("admission.long_term", &self.admission.long_term),
+        ] {
+            if gate.max_in_flight == 0 || gate.reserved >= gate.max_in_flight {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "max_in_flight must be positive and larger than reserved".into(),
+                });
+            }
+        }
+        if self.limits.max_in_flight == 0 {
+            return Err(ConfigError::Invalid {
+                field: "limits.max_in_flight",
+                message: "must be positive".into(),
+            });
         }
         if let Some(grafana) = &self.identity.grafana {
             let header = grafana.secret_header.is_some() && grafana.secret.is_some();

@@ -8,7 +8,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::admission::Shed;
 use crate::identity::IdentityError;
+use crate::limits::LimitError;
 use crate::request::RequestError;
 use crate::upstream::UpstreamError;
 
@@ -31,12 +33,17 @@ impl Origin {
 }
 
 /// Any reason the pipeline answers a request itself instead of with backend data.
-#[derive(Debug, thiserror::Error)]
+/// `Clone` because requests that share one upstream call share its failure too.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Request(#[from] RequestError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Shed(#[from] Shed),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -44,7 +51,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
-            ProxyError::Identity(_) | ProxyError::Request(_) => Origin::Client,
+            ProxyError::Identity(_) | ProxyError::Request(_) | ProxyError::Limit(_) => {
+                Origin::Client
+            }
+            ProxyError::Shed(_) => Origin::Upstream,
             ProxyError::Upstream(e) if e.is_client_fault() => Origin::Client,
             ProxyError::Upstream(_) => Origin::Upstream,
         }
@@ -62,6 +72,8 @@ impl ProxyError {
                 }
                 _ => (StatusCode::BAD_REQUEST, "bad_data"),
             },
+            ProxyError::Limit(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            ProxyError::Shed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Unavailable { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
@@ -80,8 +92,20 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let (status, error_type) = self.classify();
         let mut response = error_response(status, error_type, &self.to_string());
+        let retry_after = match &self {
+            ProxyError::Limit(e) => Some(e.retry_after()),
+            ProxyError::Shed(e) => Some(e.retry_after),
+            _ => None,
+        };
+        let headers = response.headers_mut();
+        if let Some(after) = retry_after {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
         if matches!(self, ProxyError::Identity(_)) {
-            response.headers_mut().insert(
+            headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"promguard\""),
             );
@@ -153,6 +177,23 @@ mod tests {
         let body = body_json(response).await;
         assert_eq!(body["errorType"], "timeout");
         assert!(body["error"].as_str().unwrap().contains("long_term"));
+    }
+
+    #[tokio::test]
+    async fn overload_answers_carry_retry_after() {
+        let shed = Shed {
+            backend: "recent",
+            class: crate::admission::Class::Explore,
+            why: crate::admission::ShedReason::QueueFull,
+            in_flight: 16,
+            queued: 64,
+            retry_after: std::time::Duration::from_secs(5),
+        };
+        let response = ProxyError::from(shed).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        let body = body_json(response).await;
+        assert!(body["error"].as_str().unwrap().contains("shedding load"));
     }
 
     #[tokio::test]

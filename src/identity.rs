@@ -52,7 +52,7 @@ pub struct Caller {
     pub panel: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("invalid credentials")]
     BadCredentials,

@@ -4,22 +4,27 @@
 //! A request passes these stages, in this order (see [`pipeline::handle`]):
 //!
 //! 1. [`identity`]: who is asking (trusted Grafana user, basic auth, bearer, anonymous)
-//! 2. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
-//! 3. [`analysis`]: which samples the PromQL touches (oldest, newest)
-//! 4. [`routing`]: recent Prometheus or the long-term store, by the oldest sample
-//! 5. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
-//! 6. [`upstream`]: one bounded, cancellable call to the chosen backend
+//! 2. [`limits`]: the caller's request budget (every request, cache hits included)
+//! 3. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
+//! 4. [`analysis`]: which samples the PromQL touches (oldest, newest)
+//! 5. [`routing`]: recent Prometheus or the long-term store, by the oldest sample
+//! 6. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
+//! 7. per upstream call: [`limits`] (upstream budget, in-flight slot), [`admission`]
+//!    (backend slot by priority class, or shed), [`upstream`] (one bounded,
+//!    cancellable call)
 //!
 //! Around them: [`app`] (HTTP surface and own endpoints), [`error`] (the one table
 //! from failures to Prometheus-style responses), [`metrics`] (self-metrics),
 //! [`config`] and [`shutdown`].
 
+pub mod admission;
 pub mod analysis;
 pub mod app;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod request;

@@ -126,6 +126,22 @@ fn init_tracing(format: LogFormat) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(&config, Metrics::new())?);
+    // Rate-limit buckets of users who have gone quiet are full again; forget them
+    // so the map holds only active users.
+    let janitor = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            janitor.limits.retain_recent();
+        }
+    });
+    if config.identity.grafana.is_none() {
+        tracing::warn!(
+            "identity.grafana is not configured: X-Grafana-User is ignored, and dashboard \
+             headers are believed for priority since they cannot be verified"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -47,6 +47,13 @@ pub struct Metrics {
     /// Range-query points fetched from backends, against points served to clients.
     pub cache_points_fetched: IntCounter,
     pub cache_points_served: IntCounter,
+    /// Refusals by per-user limits and admission, by reason and class.
+    pub rejections: IntCounterVec,
+    pub admission_in_flight: IntGaugeVec,
+    pub admission_queue: IntGaugeVec,
+    pub admission_wait: HistogramVec,
+    /// The configured limits, so dashboards can draw them next to usage.
+    pub limit_settings: IntGaugeVec,
     latency: LatencyRecorders,
 }
 
@@ -136,6 +143,44 @@ impl Metrics {
             "Range-query points served to clients.",
         )
         .expect("valid metric");
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "limit_rejections_total",
+                "Requests refused by limits or shed, by reason and class.",
+            ),
+            &["reason", "class"],
+        )
+        .expect("valid metric");
+        let admission_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "admission_in_flight",
+                "Admitted upstream calls in flight, by backend and class.",
+            ),
+            &["backend", "class"],
+        )
+        .expect("valid metric");
+        let admission_queue = IntGaugeVec::new(
+            Opts::new(
+                "admission_queue_length",
+                "Requests waiting for a backend slot.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let admission_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "admission_wait_seconds",
+                "Time admitted requests waited for a backend slot.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let limit_settings = IntGaugeVec::new(
+            Opts::new("limit_settings", "Configured limits, by name and scope."),
+            &["limit", "scope"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()),
@@ -150,6 +195,11 @@ impl Metrics {
             Box::new(cache_evictions.clone()),
             Box::new(cache_points_fetched.clone()),
             Box::new(cache_points_served.clone()),
+            Box::new(rejections.clone()),
+            Box::new(admission_in_flight.clone()),
+            Box::new(admission_queue.clone()),
+            Box::new(admission_wait.clone()),
+            Box::new(limit_settings.clone()),
         ] {
             registry
                 .register(collector)
@@ -179,6 +229,11 @@ impl Metrics {
             cache_evictions,
             cache_points_fetched,
             cache_points_served,
+            rejections,
+            admission_in_flight,
+            admission_queue,
+            admission_wait,
+            limit_settings,
             latency: LatencyRecorders::default(),
         }
     }

@@ -1,6 +1,7 @@
 //! The request pipeline: every stage, in order, for one Prometheus API request.
 //!
-//! identify → parse → analyse → route → cache → forward. Each stage is a call into its own
+//! identify → limit → parse → analyse → route → cache → (limit, admit, forward per
+//! upstream call). Each stage is a call into its own
 //! module; this file only orders them and carries the per-request [`RequestCtx`].
 //! Early exits are errors that `error.rs` turns into Prometheus-style responses.
 
@@ -13,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 
+use crate::admission::{self, Class};
 use crate::analysis::{self, QueryShape};
 use crate::app::AppState;
 use crate::cache::{self, CacheStatus};
@@ -20,7 +22,7 @@ use crate::error::ProxyError;
 use crate::identity::Caller;
 use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
-use crate::upstream::{UpstreamError, UpstreamResponse};
+use crate::upstream::UpstreamResponse;
 
 /// Everything known about one request as it moves through the stages.
 pub struct RequestCtx {
@@ -28,6 +30,7 @@ pub struct RequestCtx {
     /// "Now" for this request, fixed once so every stage agrees on it.
     pub now: Millis,
     pub caller: Option<Caller>,
+    pub class: Option<Class>,
     pub request: Option<Arc<ApiRequest>>,
     pub cache: Option<CacheStatus>,
     pub backend: Option<BackendId>,
@@ -39,6 +42,7 @@ impl RequestCtx {
             started: Instant::now(),
             now,
             caller: None,
+            class: None,
             request: None,
             cache: None,
             backend: None,
@@ -80,7 +84,17 @@ pub async fn handle(
     if identified.ignored_user_header {
         state.metrics.untrusted_user_header.inc();
     }
-    ctx.caller = Some(identified.caller);
+    let caller = identified.caller;
+
+    // limit: every request spends from its user's request budget, hits included
+    state
+        .limits
+        .check_request(&caller.user)
+        .inspect_err(|e| count_refusal(state, e.reason(), Class::Explore))?;
+    let class = admission::classify(&caller, &state.priority, state.trust_dashboard_headers);
+    let user = caller.user.clone();
+    ctx.caller = Some(caller);
+    ctx.class = Some(class);
 
     // parse: a typed request, or a local 4xx
     let params = read_params(
@@ -118,7 +132,11 @@ pub async fn handle(
     );
     let served = state
         .cache
-        .serve(plan, req.endpoint, forwarder(state, backend, req.clone()))
+        .serve(
+            plan,
+            req.endpoint,
+            forwarder(state, backend, class, user, req.clone()),
+        )
         .await?;
     ctx.cache = Some(served.cache);
 
@@ -136,12 +154,17 @@ pub async fn handle(
     Ok(response)
 }
 
-/// The upstream call the cache makes for a set of parameters.
+/// What the cache runs for each piece it must fetch: the caller's upstream budget
+/// and in-flight slot (limit), a slot on the backend (admit), then the call
+/// (forward). Each refusal ends the fetch; the cache may still cover it with a
+/// stale answer.
 fn forwarder(
     state: &Arc<AppState>,
     backend: BackendId,
+    class: Class,
+    user: Arc<str>,
     req: Arc<ApiRequest>,
-) -> impl Fn(Vec<(String, String)>) -> BoxFuture<'static, Result<UpstreamResponse, UpstreamError>>
+) -> impl Fn(Vec<(String, String)>) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
 + Send
 + Sync
 + 'static {
@@ -149,13 +172,41 @@ fn forwarder(
     move |params| {
         let state = state.clone();
         let req = req.clone();
+        let user = user.clone();
         Box::pin(async move {
             state
+                .limits
+                .check_upstream(&user)
+                .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
+            let _user_slot = state
+                .limits
+                .acquire(&user)
+                .await
+                .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
+            let slot = state
+                .gate(backend)
+                .admit(class)
+                .await
+                .inspect_err(|e| count_refusal(&state, e.why.as_str(), class))?;
+            state
+                .metrics
+                .admission_wait
+                .with_label_values(&[backend.as_str()])
+                .observe(slot.waited.as_secs_f64());
+            Ok(state
                 .upstream(backend)
                 .forward(&req, &params, &state.metrics)
-                .await
+                .await?)
         })
     }
+}
+
+fn count_refusal(state: &AppState, reason: &str, class: Class) {
+    state
+        .metrics
+        .rejections
+        .with_label_values(&[reason, class.as_str()])
+        .inc();
 }
 
 fn shape_of(req: &ApiRequest, state: &AppState) -> QueryShape {

@@ -113,7 +113,7 @@ pub struct ApiRequest {
 }
 
 /// Why a request was refused before any backend was contacted.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum RequestError {
     #[error("invalid parameter \"{param}\": {reason}")]
     InvalidParam { param: &'static str, reason: String },

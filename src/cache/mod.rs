@@ -23,6 +23,7 @@ use prometheus::{IntCounter, IntCounterVec};
 
 use crate::analysis::QueryShape;
 use crate::config::CacheConfig;
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::request::{ApiRequest, Endpoint, Millis, RequestKind, format_time};
 use crate::routing::BackendId;
@@ -248,13 +249,13 @@ struct CacheMetrics {
 /// The cache stage: store, in-flight fetches and settings.
 pub struct Cache {
     store: Store,
-    flights: Coalescer<CacheKey, Result<Served, UpstreamError>>,
+    flights: Coalescer<CacheKey, Result<Served, ProxyError>>,
     config: CacheConfig,
     metrics: CacheMetrics,
 }
 
 /// The result of one upstream fetch as the cache sees it.
-type Fetched = Result<UpstreamResponse, UpstreamError>;
+type Fetched = Result<UpstreamResponse, ProxyError>;
 
 impl Cache {
     pub fn new(config: CacheConfig, metrics: &Metrics) -> Self {
@@ -285,13 +286,14 @@ impl Cache {
     ///
     /// # Errors
     ///
-    /// The upstream error, when no stale answer can cover it.
+    /// The fetch's error (upstream failure, limit, shed), when no stale answer can
+    /// cover it.
     pub async fn serve<F, Fut>(
         self: &Arc<Self>,
         plan: Plan,
         endpoint: Endpoint,
         fetch: F,
-    ) -> Result<Served, UpstreamError>
+    ) -> Result<Served, ProxyError>
     where
         F: Fn(Vec<(String, String)>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Fetched> + Send + 'static,
@@ -363,10 +365,10 @@ impl Cache {
         key: CacheKey,
         endpoint: Endpoint,
         work: W,
-    ) -> Result<Served, UpstreamError>
+    ) -> Result<Served, ProxyError>
     where
         W: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Served, UpstreamError>> + Send + 'static,
+        Fut: Future<Output = Result<Served, ProxyError>> + Send + 'static,
     {
         let (value, role) = self.flights.run(key.clone(), work).await;
         if role == Role::Waiter {
@@ -376,10 +378,10 @@ impl Cache {
                 .inc();
         }
         let result = value.unwrap_or_else(|| {
-            Err(UpstreamError::Transport {
+            Err(ProxyError::Upstream(UpstreamError::Transport {
                 backend: "shared fetch",
                 reason: "ended without an answer".into(),
-            })
+            }))
         });
         match result {
             Err(e) => self.stale(&key, &e.to_string()).ok_or(e),
@@ -427,7 +429,7 @@ impl Cache {
         self: Arc<Self>,
         w: WholePlan,
         fetch: F,
-    ) -> Result<Served, UpstreamError>
+    ) -> Result<Served, ProxyError>
     where
         F: Fn(Vec<(String, String)>) -> Fut,
         Fut: Future<Output = Fetched>,
@@ -447,7 +449,7 @@ impl Cache {
         self: Arc<Self>,
         r: RangePlan,
         fetch: F,
-    ) -> Result<Served, UpstreamError>
+    ) -> Result<Served, ProxyError>
     where
         F: Fn(Vec<(String, String)>) -> Fut,
         Fut: Future<Output = Fetched>,

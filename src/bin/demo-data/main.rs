@@ -1,0 +1,253 @@
+//! `demo-data`: synthetic metrics of an online shop (orders, SLA backend, HTTP services,
+//! warehouses, ERP sync, fiscal registers) for the promguard demo and integration tests.
+//!
+//! Every series is a deterministic function of time and `--seed`: counters are closed-form
+//! integrals of per-minute rates (`curve`), so a counter read at time t is the same in the
+//! 30 s Prometheus backfill, the 1 h VictoriaMetrics import and a live scrape of `serve`.
+//! The calendar (`calendar`) holds the sales and incidents, `model` the series catalogue,
+//! `output` the three text formats.
+
+mod calendar;
+mod curve;
+mod model;
+mod output;
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::NaiveDate;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use calendar::{DAY_MS, Millis, ORIGIN, day_number, day_start, split};
+use model::Model;
+use output::Grid;
+
+/// How far ahead `serve` can answer: it is a demo, restarted long before ten years pass.
+const SERVE_HORIZON_DAYS: i64 = 3660;
+
+#[derive(Parser)]
+#[command(about = "Synthetic e-commerce metrics for the promguard demo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write OpenMetrics text for `promtool tsdb create-blocks-from openmetrics`
+    Openmetrics(RangeArgs),
+    /// Write VictoriaMetrics JSON lines for `POST /api/v1/import`
+    VmImport(RangeArgs),
+    /// Serve the current values at /metrics for Prometheus and VictoriaMetrics to scrape
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:9200
+        #[arg(long)]
+        listen: SocketAddr,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args)]
+struct RangeArgs {
+    /// File to write
+    #[arg(long)]
+    out: PathBuf,
+    /// First timestamp, UNIX seconds (samples are aligned to multiples of --step)
+    #[arg(long)]
+    start: i64,
+    /// Last timestamp, UNIX seconds
+    #[arg(long)]
+    end: i64,
+    /// Distance between samples: a number with unit s, m, h or d (30s, 1h)
+    #[arg(long, value_parser = parse_step)]
+    step: Millis,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Instances per service
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    instances: u16,
+    /// Seed of the noise, outages and instance skew
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Moscow date (YYYY-MM-DD) of the demo SLA backend incident, 14:00-14:20 local time
+    /// [default: the day before --end; for serve, yesterday]. Give the same date to every
+    /// subcommand of one demo: it changes counters from that day on.
+    #[arg(long)]
+    incident_day: Option<NaiveDate>,
+}
+
+impl ModelArgs {
+    /// A model covering up to local day `last_day`; the demo incident defaults to the day
+    /// before `anchor_day`, so it lies in the last two days of the generated range.
+    fn build(&self, anchor_day: i64, last_day: i64) -> Model {
+        let incident_day = self.incident_day.map_or(anchor_day - 1, day_number);
+        Model::new(
+            self.seed,
+            usize::from(self.instances),
+            incident_day,
+            last_day,
+        )
+    }
+}
+
+fn parse_step(text: &str) -> Result<Millis, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: Millis = number
+        .parse()
+        .map_err(|_| format!("expected e.g. 30s or 1h, got {text:?}"))?;
+    let unit_ms = match unit {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => DAY_MS,
+        _ => return Err(format!("unit of {text:?} must be s, m, h or d")),
+    };
+    match number.checked_mul(unit_ms) {
+        Some(step) if step > 0 => Ok(step),
+        _ => Err(format!(
+            "step {text:?} must be positive and not absurdly large"
+        )),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    OpenMetrics,
+    VmImport,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Openmetrics(args) => generate(&args, Format::OpenMetrics),
+        Command::VmImport(args) => generate(&args, Format::VmImport),
+        Command::Serve { listen, model } => serve(listen, &model),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("demo-data: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: &RangeArgs, format: Format) -> io::Result<()> {
+    let origin = day_start(day_number(ORIGIN)) / 1000;
+    if args.start > args.end || args.start < origin {
+        let message = format!("need {origin} ({ORIGIN}) <= --start <= --end");
+        Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, message)
+            .exit();
+    }
+    let began = Instant::now();
+    let (start, end) = (args.start * 1000, args.end * 1000);
+    let end_day = split(end).0;
+    let model = args.model.build(end_day, end_day);
+    let grid = Grid::new(start, end, args.step);
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", args.out.display()));
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(&args.out).map_err(with_path)?);
+    let written = match format {
+        Format::OpenMetrics => output::openmetrics(&model, &grid, &mut out),
+        Format::VmImport => output::vm_import(&model, &grid, &mut out),
+    }
+    .and_then(|written| out.flush().map(|()| written))
+    .map_err(with_path)?;
+    eprintln!(
+        "demo-data: wrote {} series, {} samples to {} in {:.1?}",
+        written.series,
+        written.samples,
+        args.out.display(),
+        began.elapsed()
+    );
+    Ok(())
+}
+
+fn now() -> Millis {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    Millis::try_from(since_epoch.as_millis()).expect("clock before year 292 million")
+}
+
+fn serve(listen: SocketAddr, args: &ModelArgs) -> io::Result<()> {
+    let today = split(now()).0;
+    let model = Arc::new(args.build(today, today + SERVE_HORIZON_DAYS));
+    let series = model.series_count();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(model);
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
+        eprintln!("demo-data: serving {series} series at http://{listen}/metrics");
+        // No graceful shutdown: scrapes are stateless, so SIGTERM's default exit is fine.
+        axum::serve(listener, app).await
+    })
+}
+
+async fn metrics(State(model): State<Arc<Model>>) -> Response {
+    let t = now();
+    if !model.covers(t) {
+        let message = "demo-data: the clock is past the model's horizon; restart the exporter\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    }
+    let mut body = Vec::with_capacity(512 * 1024);
+    output::exposition(&model, t, &mut body).expect("writing to a Vec cannot fail");
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_take_a_unit() {
+        assert_eq!(parse_step("30s"), Ok(30_000));
+        assert_eq!(parse_step("1h"), Ok(3_600_000));
+        assert_eq!(parse_step("2d"), Ok(2 * DAY_MS));
+        for bad in [
+            "",
+            "30",
+            "s",
+            "0s",
+            "1.5h",
+            "-1h",
+            "1y",
+            "99999999999999999d",
+        ] {
+            assert!(parse_step(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}
