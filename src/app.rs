@@ -10,18 +10,21 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::admission::{Class, Gate};
 use crate::cache::Cache;
-use crate::config::{Config, PriorityConfig};
+use crate::config::{Config, PriorityConfig, Secret, parse_human_duration};
+use crate::error::error_response;
 use crate::identity::Identifier;
-use crate::limits::UserLimits;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Incoming, RequestCtx};
+use crate::policy::state::Mode;
+use crate::policy::{Policies, Setting};
 use crate::request::Millis;
 use crate::routing::{BackendId, RoutingTable};
 use crate::upstream::Upstream;
@@ -29,7 +32,10 @@ use crate::upstream::Upstream;
 /// Everything the handlers share, built once at startup.
 pub struct AppState {
     pub identifier: Identifier,
-    pub limits: UserLimits,
+    /// Sale windows, rule sets, per-mode user limits and the SRE switch.
+    pub policies: Policies,
+    /// Token for `/admin/...`; `None` disables the admin API.
+    pub admin_token: Option<Secret>,
     pub cache: Arc<Cache>,
     pub recent_gate: Arc<Gate>,
     pub long_term_gate: Arc<Gate>,
@@ -50,18 +56,30 @@ impl AppState {
     ///
     /// # Errors
     ///
-    /// When an HTTP client cannot be built.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, reqwest::Error> {
+    /// When an HTTP client cannot be built, or the policy or its state file is invalid.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
         let long_term = config
             .backends
             .long_term
             .as_ref()
             .map(|b| Upstream::new(BackendId::LongTerm, b))
-            .transpose()?;
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let policies = Policies::new(
+            &config.policy,
+            &config.limits,
+            metrics.policy_reloads.clone(),
+        )?;
         record_settings(config, &metrics);
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
-            limits: UserLimits::new(&config.limits),
+            policies,
+            admin_token: config.policy.admin_token.clone().or_else(|| {
+                std::env::var("PROMGUARD_ADMIN_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .map(Secret)
+            }),
             cache: Arc::new(Cache::new(config.cache.clone(), &metrics)),
             recent_gate: Gate::new(BackendId::Recent.as_str(), config.admission.recent.clone()),
             long_term_gate: Gate::new(
@@ -70,7 +88,8 @@ impl AppState {
             ),
             priority: config.priority.clone(),
             trust_dashboard_headers: config.identity.grafana.is_none(),
-            recent: Upstream::new(BackendId::Recent, &config.backends.recent)?,
+            recent: Upstream::new(BackendId::Recent, &config.backends.recent)
+                .map_err(|e| e.to_string())?,
             routing: RoutingTable {
                 recent_window: config.backends.recent.window.0,
                 has_long_term: long_term.is_some(),
@@ -141,6 +160,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
         .route("/-/status", get(status))
+        .route("/admin/sale-mode", get(admin_status).post(admin_set_mode))
+        .route("/admin/policies/reload", post(admin_reload))
         .fallback(api)
         .with_state(state)
 }
@@ -222,6 +243,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .with_label_values(&[id.as_str()])
             .set(i64::try_from(queued).unwrap_or(i64::MAX));
     }
+    let mode = state.policies.mode(chrono::Utc::now());
+    state.metrics.sale_mode.reset();
+    state
+        .metrics
+        .sale_mode
+        .with_label_values(&[mode.source.as_str(), mode.window.as_deref().unwrap_or("")])
+        .set(i64::from(mode.mode == Mode::Sale));
     let (entries, bytes) = state.cache.usage();
     state
         .metrics
@@ -293,4 +321,98 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "recent_window_seconds": state.routing.recent_window.as_secs(),
         "latency": state.metrics.latency_report(),
     }))
+}
+
+/// Admin calls need the configured token, compared in constant time; without a
+/// configured token the admin API is off. Returns the refusal, if any.
+fn unauthorized(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.admin_token else {
+        return Some(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the admin API is disabled: set policy.admin_token or PROMGUARD_ADMIN_TOKEN",
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    (!bool::from(presented.as_bytes().ct_eq(token.0.as_bytes()))).then(|| {
+        error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin calls need Authorization: Bearer <admin token>",
+        )
+    })
+}
+
+async fn admin_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    Json(state.policies.status(chrono::Utc::now())).into_response()
+}
+
+/// `{"mode": "on"|"off"|"auto", "for": "6h", "reason": "...", "by": "alice"}`
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetMode {
+    mode: Setting,
+    #[serde(rename = "for")]
+    duration: Option<String>,
+    reason: String,
+    by: String,
+}
+
+async fn admin_set_mode(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "bad_data", &message);
+    let request: SetMode = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid body: {e}")),
+    };
+    if request.reason.trim().is_empty() || request.by.trim().is_empty() {
+        return bad("say who you are (by) and why (reason): both go to the audit trail".into());
+    }
+    let duration = match request
+        .duration
+        .as_deref()
+        .map(parse_human_duration)
+        .transpose()
+    {
+        Ok(d) => d.map(|d| d.0),
+        Err(e) => return bad(format!("invalid \"for\": {e}")),
+    };
+    match state.policies.set(
+        request.mode,
+        duration,
+        &request.reason,
+        &request.by,
+        chrono::Utc::now(),
+    ) {
+        Ok((effective, audit)) => Json(json!({"mode": effective, "audit": audit})).into_response(),
+        Err(e) if e.contains("needs a duration") => bad(e),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e),
+    }
+}
+
+async fn admin_reload(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    match state.policies.reload() {
+        Ok(()) => Json(json!({"status": "success"})).into_response(),
+        Err(e) => error_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_data",
+            &format!("{e}; the previous policy stays in force"),
+        ),
+    }
 }

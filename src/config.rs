@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -42,6 +42,34 @@ pub struct Config {
     pub admission: AdmissionConfig,
     #[serde(default)]
     pub priority: PriorityConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Sale-mode policies and the SRE switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Directory of policy files (`policies/`); without it no rules apply.
+    pub dir: Option<PathBuf>,
+    /// Where the manual override and its audit trail are kept across restarts.
+    pub state_file: PathBuf,
+    /// Bearer token for `/admin/...`; also read from PROMGUARD_ADMIN_TOKEN. Without
+    /// one the admin API refuses every call.
+    pub admin_token: Option<Secret>,
+    /// How often the policy files are checked for changes.
+    pub reload_interval: HumanDuration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: None,
+            state_file: PathBuf::from("promguard-state/sale-mode.json"),
+            admin_token: None,
+            reload_interval: HumanDuration(Duration::from_secs(5)),
+        }
+    }
 }
 
 /// A token bucket: sustained rate and burst.
@@ -463,6 +491,7 @@ impl Config {
             limits: LimitsConfig::default(),
             admission: AdmissionConfig::default(),
             priority: PriorityConfig::default(),
+            policy: PolicyConfig::default(),
         }
     }
 

@@ -44,6 +44,12 @@ pub enum ProxyError {
     Limit(#[from] LimitError),
     #[error(transparent)]
     Shed(#[from] Shed),
+    #[error("{mode}: {message}. {advice}")]
+    Policy {
+        mode: String,
+        message: String,
+        advice: String,
+    },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -51,9 +57,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
-            ProxyError::Identity(_) | ProxyError::Request(_) | ProxyError::Limit(_) => {
-                Origin::Client
-            }
+            ProxyError::Identity(_)
+            | ProxyError::Request(_)
+            | ProxyError::Limit(_)
+            | ProxyError::Policy { .. } => Origin::Client,
             ProxyError::Shed(_) => Origin::Upstream,
             ProxyError::Upstream(e) if e.is_client_fault() => Origin::Client,
             ProxyError::Upstream(_) => Origin::Upstream,
@@ -74,6 +81,9 @@ impl ProxyError {
             },
             ProxyError::Limit(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ProxyError::Shed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            // 422 and "execution", as Prometheus answers a query it refuses to run:
+            // Grafana shows the message on the panel.
+            ProxyError::Policy { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Unavailable { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

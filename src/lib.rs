@@ -4,12 +4,14 @@
 //! A request passes these stages, in this order (see [`pipeline::handle`]):
 //!
 //! 1. [`identity`]: who is asking (trusted Grafana user, basic auth, bearer, anonymous)
-//! 2. [`limits`]: the caller's request budget (every request, cache hits included)
+//! 2. [`limits`]: the caller's request budget in the mode in force (every request,
+//!    cache hits included)
 //! 3. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
 //! 4. [`analysis`]: which samples the PromQL touches (oldest, newest)
 //! 5. [`routing`]: recent Prometheus or the long-term store, by the oldest sample
-//! 6. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
-//! 7. per upstream call: [`limits`] (upstream budget, in-flight slot), [`admission`]
+//! 6. [`policy`]: the rules of the mode in force (sale or normal) allow or refuse it
+//! 7. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
+//! 8. per upstream call: [`limits`] (upstream budget, in-flight slot), [`admission`]
 //!    (backend slot by priority class, or shed), [`upstream`] (one bounded,
 //!    cancellable call)
 //!
@@ -27,6 +29,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod request;
 pub mod routing;
 pub mod shutdown;

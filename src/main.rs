@@ -12,6 +12,11 @@ use url::Url;
 use promguard::app::{AppState, app};
 use promguard::config::{BackendConfig, Config, HumanDuration, LogFormat, parse_human_duration};
 use promguard::metrics::Metrics;
+use promguard::policy::explain::{Question, explain};
+use promguard::policy::file::load_dir;
+use promguard::policy::state::Mode;
+use promguard::request::parse_time;
+use promguard::routing::RoutingTable;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +37,122 @@ enum Command {
         /// The YAML file to check.
         file: PathBuf,
     },
+    /// Check policy files, or explain what they would do with a query.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Switch sale mode on a running promguard (through its admin API).
+    SaleMode(Box<SaleModeArgs>),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate every policy file in a directory.
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+    },
+    /// Print the decision, mode, window, backend, lookback and deciding rule.
+    Explain(Box<ExplainArgs>),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// The policy directory.
+    #[arg(long)]
+    policies: PathBuf,
+    /// When the query would run (RFC 3339 or Unix seconds); default now.
+    #[arg(long)]
+    at: Option<String>,
+    /// The PromQL.
+    #[arg(long)]
+    query: String,
+    /// Range query start (RFC 3339 or Unix seconds).
+    #[arg(long, requires = "end", conflicts_with = "time")]
+    start: Option<String>,
+    /// Range query end.
+    #[arg(long, requires = "start")]
+    end: Option<String>,
+    /// Range query step (informational; the decision does not depend on it).
+    #[arg(long)]
+    step: Option<String>,
+    /// Instant query time; default `--at`.
+    #[arg(long)]
+    time: Option<String>,
+    /// Who asks.
+    #[arg(long, default_value = "anonymous")]
+    user: String,
+    /// The dashboard uid the panel belongs to.
+    #[arg(long)]
+    dashboard: Option<String>,
+    /// How far back the recent Prometheus holds data.
+    #[arg(long, value_parser = parse_human_duration, default_value = "15d")]
+    recent_window: HumanDuration,
+    /// There is no long-term store: everything goes to the recent Prometheus.
+    #[arg(long)]
+    no_long_term: bool,
+    /// text or json.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct SaleModeArgs {
+    #[command(subcommand)]
+    command: SaleModeCommand,
+    /// promguard's address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:9091",
+        env = "PROMGUARD_URL"
+    )]
+    url: Url,
+    /// The admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "PROMGUARD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SaleModeCommand {
+    /// Force sale mode on for a while.
+    On(Switch),
+    /// Force sale mode off for a while, even inside a scheduled window.
+    Off(Switch),
+    /// Follow the schedule again.
+    Auto {
+        #[arg(long)]
+        reason: String,
+        /// Who switches (audited); default $USER.
+        #[arg(long, env = "USER")]
+        by: String,
+    },
+    /// Print the mode, its source, the windows and the audit trail.
+    Status,
+}
+
+#[derive(Args)]
+struct Switch {
+    /// How long, e.g. 6h.
+    #[arg(long = "for", value_parser = parse_human_duration)]
+    duration: HumanDuration,
+    #[arg(long)]
+    reason: String,
+    /// Who switches (audited); default $USER.
+    #[arg(long, env = "USER")]
+    by: String,
 }
 
 /// Flags override the file's values; with `--recent-url` no file is needed at all.
@@ -74,6 +195,24 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => {
+            let policy = load_dir(&dir)?;
+            println!(
+                "{}: OK ({} files, {} windows, {} normal rules, {} sale rules)",
+                dir.display(),
+                policy.files.len(),
+                policy.windows.len(),
+                policy.normal.rules.rules.len(),
+                policy.sale.rules.rules.len()
+            );
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Explain(args),
+        } => explain_command(*args),
+        Command::SaleMode(args) => sale_mode_command(*args),
         Command::Serve(args) => {
             let config = resolve_config(*args)?;
             init_tracing(config.log_format);
@@ -125,7 +264,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let state = Arc::new(AppState::new(&config, Metrics::new())?);
+    let state = Arc::new(AppState::new(&config, Metrics::new()).map_err(anyhow::Error::msg)?);
     // Rate-limit buckets of users who have gone quiet are full again; forget them
     // so the map holds only active users.
     let janitor = state.clone();
@@ -133,7 +272,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tick.tick().await;
-            janitor.limits.retain_recent();
+            let policy = janitor.policies.active();
+            for mode in [Mode::Normal, Mode::Sale] {
+                policy.limits(mode).retain_recent();
+            }
+        }
+    });
+    // Policy hot reload: the files are polled for changes, and SIGHUP forces a reload.
+    let reloader = state.clone();
+    let every = config.policy.reload_interval.0;
+    tokio::spawn(async move {
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => reloader.policies.reload_if_changed(),
+                Some(()) = hup => {
+                    tracing::info!("SIGHUP: reloading policies");
+                    let _ = reloader.policies.reload();
+                }
+            }
         }
     });
     if config.identity.grafana.is_none() {
@@ -170,5 +335,107 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("promguard stopped");
+    Ok(())
+}
+
+fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
+    let policy = load_dir(&args.policies)?;
+    let time =
+        |param: &'static str, text: &str| parse_time(param, text).map_err(anyhow::Error::msg);
+    let at = match &args.at {
+        Some(t) => time("at", t)?,
+        None => chrono::Utc::now().timestamp_millis(),
+    };
+    let expr = promql_parser::parser::parse(&args.query)
+        .map_err(|e| anyhow::anyhow!("invalid --query: {e}"))?;
+    let (start, end, range_query) = match (&args.start, &args.end, &args.time) {
+        (Some(s), Some(e), _) => (time("start", s)?, time("end", e)?, true),
+        (_, _, Some(t)) => {
+            let t = time("time", t)?;
+            (t, t, false)
+        }
+        _ => (at, at, false),
+    };
+    let routing = RoutingTable {
+        recent_window: args.recent_window.0,
+        has_long_term: !args.no_long_term,
+    };
+    let e = explain(
+        &policy,
+        &routing,
+        promguard::analysis::DEFAULT_LOOKBACK_DELTA,
+        &Question {
+            expr: &expr,
+            text: &args.query,
+            start,
+            end,
+            range_query,
+            at,
+            user: &args.user,
+            dashboard: args.dashboard.as_deref(),
+        },
+    );
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Output::Text => {
+            println!("decision:  {}", e.decision);
+            println!("mode:      {}", e.mode.describe());
+            println!("backend:   {}", e.backend);
+            if let (Some(back), Some(oldest), Some(newest)) = (&e.lookback, e.oldest, e.newest) {
+                println!("lookback:  {back} (samples from {oldest} to {newest}, Unix seconds)");
+            }
+            if let Some(f) = &e.furthest {
+                println!("furthest:  {f}");
+            }
+            if let Some(m) = &e.message {
+                println!("why:       {m}");
+            }
+            for d in &e.dry_run {
+                println!("dry run:   {d}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sale_mode_command(args: SaleModeArgs) -> anyhow::Result<()> {
+    let token = args
+        .token
+        .context("give --token or set PROMGUARD_ADMIN_TOKEN")?;
+    let url = args.url.join("admin/sale-mode")?;
+    let body = match &args.command {
+        SaleModeCommand::Status => None,
+        SaleModeCommand::On(s) | SaleModeCommand::Off(s) => Some(serde_json::json!({
+            "mode": if matches!(args.command, SaleModeCommand::On(_)) { "on" } else { "off" },
+            "for": format!("{}s", s.duration.0.as_secs()),
+            "reason": s.reason,
+            "by": s.by,
+        })),
+        SaleModeCommand::Auto { reason, by } => Some(serde_json::json!({
+            "mode": "auto", "reason": reason, "by": by,
+        })),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, text) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let request = match &body {
+            None => client.get(url.clone()),
+            Some(b) => client
+                .post(url.clone())
+                .header("content-type", "application/json")
+                .body(b.to_string()),
+        };
+        let response = request.bearer_auth(&token).send().await?;
+        let status = response.status();
+        anyhow::Ok((status, response.text().await?))
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    if !status.is_success() {
+        bail!("promguard answered {status}");
+    }
     Ok(())
 }

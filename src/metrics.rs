@@ -54,6 +54,11 @@ pub struct Metrics {
     pub admission_wait: HistogramVec,
     /// The configured limits, so dashboards can draw them next to usage.
     pub limit_settings: IntGaugeVec,
+    /// 1 for the mode in force, labelled with its source and window.
+    pub sale_mode: IntGaugeVec,
+    pub policy_rejections: IntCounterVec,
+    pub policy_dry_run: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
     latency: LatencyRecorders,
 }
 
@@ -181,6 +186,35 @@ impl Metrics {
             &["limit", "scope"],
         )
         .expect("valid metric");
+        let sale_mode = IntGaugeVec::new(
+            Opts::new(
+                "sale_mode",
+                "1 while sale mode is on, with why (schedule or manual) and the window.",
+            ),
+            &["source", "window"],
+        )
+        .expect("valid metric");
+        let policy_rejections = IntCounterVec::new(
+            Opts::new(
+                "policy_rejections_total",
+                "Queries refused by a policy rule.",
+            ),
+            &["mode", "rule", "limit"],
+        )
+        .expect("valid metric");
+        let policy_dry_run = IntCounterVec::new(
+            Opts::new(
+                "policy_dry_run_would_reject_total",
+                "Queries a dry-run rule would have refused.",
+            ),
+            &["mode", "rule", "limit"],
+        )
+        .expect("valid metric");
+        let policy_reloads = IntCounterVec::new(
+            Opts::new("policy_reloads_total", "Policy reloads by result."),
+            &["result"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()),
@@ -200,6 +234,10 @@ impl Metrics {
             Box::new(admission_queue.clone()),
             Box::new(admission_wait.clone()),
             Box::new(limit_settings.clone()),
+            Box::new(sale_mode.clone()),
+            Box::new(policy_rejections.clone()),
+            Box::new(policy_dry_run.clone()),
+            Box::new(policy_reloads.clone()),
         ] {
             registry
                 .register(collector)
@@ -234,6 +272,10 @@ impl Metrics {
             admission_queue,
             admission_wait,
             limit_settings,
+            sale_mode,
+            policy_rejections,
+            policy_dry_run,
+            policy_reloads,
             latency: LatencyRecorders::default(),
         }
     }

@@ -7,7 +7,9 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
@@ -19,7 +21,10 @@ use crate::analysis::{self, QueryShape};
 use crate::app::AppState;
 use crate::cache::{self, CacheStatus};
 use crate::error::ProxyError;
-use crate::identity::Caller;
+use crate::identity::{Caller, Source};
+use crate::policy::Compiled;
+use crate::policy::rules::{Decision, Facts, RuleSet};
+use crate::policy::state::Mode;
 use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
 use crate::upstream::UpstreamResponse;
@@ -86,12 +91,16 @@ pub async fn handle(
     }
     let caller = identified.caller;
 
+    // the mode in force (sale or normal) picks the rules and the user limits
+    let mode = state.policies.mode(utc(ctx.now));
+    let policy = state.policies.active();
+
     // limit: every request spends from its user's request budget, hits included
-    state
-        .limits
-        .check_request(&caller.user)
-        .inspect_err(|e| count_refusal(state, e.reason(), Class::Explore))?;
     let class = admission::classify(&caller, &state.priority, state.trust_dashboard_headers);
+    policy
+        .limits(mode.mode)
+        .check_request(&caller.user)
+        .inspect_err(|e| count_refusal(state, e.reason(), class))?;
     let user = caller.user.clone();
     ctx.caller = Some(caller);
     ctx.class = Some(class);
@@ -113,6 +122,39 @@ pub async fn handle(
     // route: recent Prometheus or the long-term store
     let backend = routing::route(&state.routing, req.endpoint, &shape, ctx.now);
     ctx.backend = Some(backend);
+
+    // policy: the rules of the mode in force allow it, or refuse it with a reason
+    let facts = facts(state, &req, &shape, backend, ctx);
+    match policy.rules(mode.mode).decide(&facts) {
+        Decision::Refuse(refusal) => {
+            state
+                .metrics
+                .policy_rejections
+                .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
+                .inc();
+            return Err(ProxyError::Policy {
+                mode: mode.describe(),
+                message: refusal.message,
+                advice: advice(policy.rules(mode.mode)),
+            });
+        }
+        Decision::Allow { would_refuse } => {
+            for refusal in would_refuse {
+                state
+                    .metrics
+                    .policy_dry_run
+                    .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
+                    .inc();
+                tracing::warn!(
+                    mode = mode.mode.as_str(),
+                    rule = refusal.rule,
+                    "dry run: {}",
+                    refusal.message
+                );
+            }
+        }
+        Decision::Exempt => {}
+    }
     let req = Arc::new(req);
     ctx.request = Some(req.clone());
 
@@ -135,7 +177,7 @@ pub async fn handle(
         .serve(
             plan,
             req.endpoint,
-            forwarder(state, backend, class, user, req.clone()),
+            forwarder(state, policy, mode.mode, backend, class, user, req.clone()),
         )
         .await?;
     ctx.cache = Some(served.cache);
@@ -160,6 +202,8 @@ pub async fn handle(
 /// stale answer.
 fn forwarder(
     state: &Arc<AppState>,
+    policy: Arc<Compiled>,
+    mode: Mode,
     backend: BackendId,
     class: Class,
     user: Arc<str>,
@@ -171,15 +215,15 @@ fn forwarder(
     let state = state.clone();
     move |params| {
         let state = state.clone();
+        let policy = policy.clone();
         let req = req.clone();
         let user = user.clone();
         Box::pin(async move {
-            state
-                .limits
+            let limits = policy.limits(mode);
+            limits
                 .check_upstream(&user)
                 .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
-            let _user_slot = state
-                .limits
+            let _user_slot = limits
                 .acquire(&user)
                 .await
                 .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
@@ -199,6 +243,63 @@ fn forwarder(
                 .await?)
         })
     }
+}
+
+/// What the policy decision needs to know about this request.
+fn facts<'a>(
+    state: &AppState,
+    req: &'a ApiRequest,
+    shape: &'a QueryShape,
+    backend: BackendId,
+    ctx: &'a RequestCtx,
+) -> Facts<'a> {
+    let caller = ctx.caller.as_ref();
+    let trusted = caller.is_some_and(|c| {
+        state.trust_dashboard_headers || matches!(c.source, Source::GrafanaUser | Source::Grafana)
+    });
+    let (range, query) = match &req.kind {
+        RequestKind::Range {
+            query, start, end, ..
+        } => (
+            Some(Duration::from_millis(
+                u64::try_from(end - start).unwrap_or(0),
+            )),
+            Some(query),
+        ),
+        RequestKind::Instant { query, .. } | RequestKind::Exemplars { query, .. } => {
+            (None, Some(query))
+        }
+        _ => (None, None),
+    };
+    Facts {
+        now: ctx.now,
+        user: caller.map_or("", |c| &*c.user),
+        dashboard: caller
+            .filter(|_| trusted)
+            .and_then(|c| c.dashboard.as_deref()),
+        range,
+        oldest: shape.oldest,
+        furthest: shape.furthest.as_deref(),
+        backend,
+        query: query.map(|q| q.text.as_str()),
+    }
+}
+
+/// What to do instead of a refused query.
+fn advice(rules: &RuleSet) -> String {
+    let mut text =
+        "Narrow the panel's time range or its selectors' [ranges] and offsets".to_string();
+    if !rules.exempt_dashboards.is_empty() {
+        text.push_str(&format!(
+            ", or use the curated dashboards ({})",
+            rules.exempt_dashboards.join(", ")
+        ));
+    }
+    text
+}
+
+fn utc(ms: Millis) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 fn count_refusal(state: &AppState, reason: &str, class: Class) {

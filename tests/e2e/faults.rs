@@ -3,7 +3,7 @@
 //! tracks peak concurrency and notices when promguard closes a connection early.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,6 +26,8 @@ pub struct Counters {
     pub peak_in_flight: AtomicUsize,
     /// Connections the client closed before we answered.
     pub abandoned: AtomicUsize,
+    /// When set, every mode answers garbage: a backend that broke mid-run.
+    pub broken: AtomicBool,
 }
 
 pub struct FaultServer {
@@ -63,6 +65,11 @@ async fn serve(mut stream: TcpStream, mode: Mode, counters: Arc<Counters>) {
     counters.requests.fetch_add(1, Ordering::SeqCst);
     let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     counters.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+    let mode = if counters.broken.load(Ordering::SeqCst) {
+        Mode::Garbage
+    } else {
+        mode
+    };
     match mode {
         Mode::Hang => {
             wait_for_close(&mut stream).await;

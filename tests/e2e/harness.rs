@@ -39,13 +39,17 @@ pub struct Backends {
     pub victoria: String,
 }
 
-/// Start the backends on first use; later callers get the same ones.
+/// Start the backends on first use; later callers get the same ones, or the same
+/// start-up failure without trying again.
 pub fn backends() -> &'static Backends {
-    static BACKENDS: OnceLock<Backends> = OnceLock::new();
-    BACKENDS.get_or_init(start_backends)
+    static BACKENDS: OnceLock<Result<Backends, String>> = OnceLock::new();
+    match BACKENDS.get_or_init(start_backends) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
 }
 
-fn start_backends() -> Backends {
+fn start_backends() -> Result<Backends, String> {
     let dir = std::env::temp_dir().join(format!("promguard-e2e-{}", std::process::id()));
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_demo-data"))
         .parent()
@@ -78,23 +82,24 @@ fn start_backends() -> Backends {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the backend watchdog");
-    assert!(
-        output.status.success(),
-        "scripts/backends.sh start failed: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    if !output.status.success() {
+        return Err(format!(
+            "scripts/backends.sh start failed ({}); its log is above",
+            output.status
+        ));
+    }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let var = |name: &str| {
         stdout
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("backends.sh printed no {name}: {stdout}"))
-            .to_string()
+            .map(str::to_string)
+            .ok_or_else(|| format!("backends.sh printed no {name}: {stdout}"))
     };
-    Backends {
-        prometheus: var("PROMETHEUS_URL"),
-        victoria: var("VM_URL"),
-    }
+    Ok(Backends {
+        prometheus: var("PROMETHEUS_URL")?,
+        victoria: var("VM_URL")?,
+    })
 }
 
 /// A running promguard process, killed on drop.

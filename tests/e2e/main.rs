@@ -3,7 +3,9 @@
 //! against small fault servers for failures real backends cannot show on demand.
 
 mod bad_input;
+mod cache;
 mod faults;
 mod grafana_session;
 mod harness;
+mod limits;
 mod upstream_faults;

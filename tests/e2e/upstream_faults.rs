@@ -120,10 +120,14 @@ async fn in_flight_gauge_moves_under_load() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(1500))).await;
     let pg = Promguard::start(&recent_only(&backend.url, ""));
     assert_eq!(in_flight(&scrape(&pg).await), Some(0));
-    let url = format!("{}/api/v1/query?query=up", pg.url);
+    // Distinct queries: identical ones would share one upstream call.
     let requests: Vec<_> = (0..5)
-        .map(|_| {
-            let url = url.clone();
+        .map(|n| {
+            let url = format!(
+                "{}/api/v1/query?query=up&time={}",
+                pg.url,
+                1_700_000_000 + n
+            );
             tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) })
         })
         .collect();

@@ -200,6 +200,7 @@ pub struct Calendar {
     pub peak_load: f64,
 }
 
+/// What makes two days share a `DayShape`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct ShapeKey {
     weekday: usize,
@@ -217,9 +218,13 @@ impl Calendar {
         let days = (first_day..=last_day)
             .map(|day| {
                 let date = date(day);
+                let weekday = date.weekday().num_days_from_monday() as usize;
+                let event = event(date);
                 let key = ShapeKey {
-                    weekday: date.weekday().num_days_from_monday() as usize,
-                    event: event(date),
+                    // Sale days have their own shape whatever the weekday: that keeps the
+                    // kinds of day, and so the tables `curve` builds, few.
+                    weekday: if event == Event::None { weekday } else { 0 },
+                    event,
                     demo_incident: day == demo_incident_day,
                 };
                 let shape = *keys.entry(key).or_insert_with(|| {
@@ -233,7 +238,7 @@ impl Calendar {
                     outage: outage(seed, day, registers),
                     consumer: plan * wiggle,
                     plan,
-                    business: growth(date) * BUSINESS_WEEKDAY[key.weekday],
+                    business: growth(date) * BUSINESS_WEEKDAY[weekday],
                 }
             })
             .collect();

@@ -1,0 +1,156 @@
+//! `promguard policy explain`: what the policy would do with a query at a time,
+//! and why, so teams can check their dashboards before a sale. Pure.
+
+use std::time::Duration;
+
+use promql_parser::parser::Expr;
+use serde::Serialize;
+
+use super::file::Policy;
+use super::rules::{Decision, Facts, human};
+use super::state::{Effective, effective};
+use crate::analysis::analyse;
+use crate::request::{Endpoint, Millis};
+use crate::routing::{RoutingTable, route};
+
+/// The query and who asks it.
+pub struct Question<'a> {
+    pub expr: &'a Expr,
+    pub text: &'a str,
+    /// Evaluation span: `start..=end` for a range query, `time..=time` for an instant one.
+    pub start: Millis,
+    pub end: Millis,
+    pub range_query: bool,
+    pub at: Millis,
+    pub user: &'a str,
+    pub dashboard: Option<&'a str>,
+}
+
+/// Every fact behind the decision.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub decision: &'static str,
+    #[serde(flatten)]
+    pub mode: Effective,
+    pub backend: &'static str,
+    /// Oldest and newest sample timestamps the query can touch, Unix seconds.
+    pub oldest: Option<f64>,
+    pub newest: Option<f64>,
+    /// How far before `at` the oldest touched sample lies.
+    pub lookback_seconds: Option<i64>,
+    pub lookback: Option<String>,
+    pub furthest: Option<String>,
+    /// The rule that refused it, if one did.
+    pub rule: Option<String>,
+    pub message: Option<String>,
+    /// Dry-run rules that would have refused it.
+    pub dry_run: Vec<String>,
+}
+
+pub fn explain(
+    policy: &Policy,
+    routing: &RoutingTable,
+    lookback_delta: Duration,
+    q: &Question<'_>,
+) -> Explanation {
+    let shape = analyse(q.expr, q.start, q.end, lookback_delta);
+    let at = chrono::DateTime::from_timestamp_millis(q.at).unwrap_or_default();
+    let mode = effective(&policy.windows, None, at);
+    let endpoint = if q.range_query {
+        Endpoint::QueryRange
+    } else {
+        Endpoint::Query
+    };
+    let backend = route(routing, endpoint, &shape, q.at);
+    let rules = match mode.mode {
+        super::state::Mode::Normal => &policy.normal.rules,
+        super::state::Mode::Sale => &policy.sale.rules,
+    };
+    let facts = Facts {
+        now: q.at,
+        user: q.user,
+        dashboard: q.dashboard,
+        range: q
+            .range_query
+            .then(|| Duration::from_millis(u64::try_from(q.end - q.start).unwrap_or(0))),
+        oldest: shape.oldest,
+        furthest: shape.furthest.as_deref(),
+        backend,
+        query: Some(q.text),
+    };
+    let (decision, rule, message, dry_run) = match rules.decide(&facts) {
+        Decision::Refuse(r) => ("refuse", Some(r.rule), Some(r.message), Vec::new()),
+        Decision::Exempt => ("exempt", None, None, Vec::new()),
+        Decision::Allow { would_refuse } => (
+            "allow",
+            None,
+            None,
+            would_refuse.into_iter().map(|r| r.message).collect(),
+        ),
+    };
+    let lookback_ms = shape.oldest.map(|o| q.at.saturating_sub(o));
+    Explanation {
+        decision,
+        mode,
+        backend: backend.as_str(),
+        oldest: shape.oldest.map(|o| o as f64 / 1000.0),
+        newest: shape.newest.map(|n| n as f64 / 1000.0),
+        lookback_seconds: lookback_ms.map(|ms| ms / 1000),
+        lookback: lookback_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| human(Duration::from_millis(ms))),
+        furthest: shape.furthest,
+        rule,
+        message,
+        dry_run,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_30_day_panel_during_black_friday_is_refused_and_routed_to_long_term() {
+        let policy =
+            super::super::file::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+                .unwrap();
+        let at = 1_795_770_000_000; // 2026-11-27T12:00:00+03:00
+        let expr = promql_parser::parser::parse("sum(rate(shop_orders_total[30d]))").unwrap();
+        let routing = RoutingTable {
+            recent_window: Duration::from_secs(2 * 86_400),
+            has_long_term: true,
+        };
+        let q = Question {
+            expr: &expr,
+            text: "sum(rate(shop_orders_total[30d]))",
+            start: at - 3_600_000,
+            end: at,
+            range_query: true,
+            at,
+            user: "bob",
+            dashboard: None,
+        };
+        let e = explain(&policy, &routing, Duration::from_secs(300), &q);
+        assert_eq!(e.decision, "refuse");
+        assert_eq!(e.mode.window.as_deref(), Some("black-friday-2026"));
+        assert_eq!(e.backend, "long_term");
+        assert_eq!(e.rule.as_deref(), Some("recent-data-only"));
+        assert_eq!(
+            e.oldest,
+            Some((at - 3_600_000 - 30 * 86_400_000) as f64 / 1000.0)
+        );
+        assert_eq!(e.newest, Some(at as f64 / 1000.0));
+        let exempt = explain(
+            &policy,
+            &routing,
+            Duration::from_secs(300),
+            &Question {
+                dashboard: Some("orders"),
+                ..q
+            },
+        );
+        assert_eq!(exempt.decision, "exempt");
+    }
+}

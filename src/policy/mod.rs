@@ -1,0 +1,267 @@
+//! Policies: sale windows, the rule sets of normal and sale mode, the SRE switch.
+//!
+//! [`Policies`] holds the compiled policy (swapped whole on reload; an invalid edit
+//! never replaces a valid policy), the per-mode user limits built from it, and the
+//! persisted override. The pure parts live in [`window`], [`rules`], [`file`] and
+//! [`state`]; this module does the file and clock I/O around them.
+
+pub mod explain;
+pub mod file;
+pub mod rules;
+pub mod state;
+pub mod window;
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::IntCounterVec;
+use serde::Deserialize;
+
+use crate::config::{LimitsConfig, PolicyConfig};
+use crate::limits::UserLimits;
+use file::{ModeLimits, Policy, PolicyError, load_dir};
+use rules::RuleSet;
+use state::{AuditEntry, Effective, Mode, Override, OverrideFile, Persisted, effective};
+
+/// A compiled policy with the user limits each mode hands to the limits stage.
+pub struct Compiled {
+    pub policy: Policy,
+    normal_limits: UserLimits,
+    sale_limits: UserLimits,
+}
+
+impl Compiled {
+    fn new(policy: Policy, base: &LimitsConfig) -> Self {
+        Compiled {
+            normal_limits: UserLimits::new(&merged(base, &policy.normal.limits)),
+            sale_limits: UserLimits::new(&merged(base, &policy.sale.limits)),
+            policy,
+        }
+    }
+
+    pub fn rules(&self, mode: Mode) -> &RuleSet {
+        match mode {
+            Mode::Normal => &self.policy.normal.rules,
+            Mode::Sale => &self.policy.sale.rules,
+        }
+    }
+
+    pub fn limits(&self, mode: Mode) -> &UserLimits {
+        match mode {
+            Mode::Normal => &self.normal_limits,
+            Mode::Sale => &self.sale_limits,
+        }
+    }
+}
+
+fn merged(base: &LimitsConfig, mode: &ModeLimits) -> LimitsConfig {
+    LimitsConfig {
+        requests: mode.requests.unwrap_or(base.requests),
+        upstream: mode.upstream.unwrap_or(base.upstream),
+        max_in_flight: mode.max_in_flight.unwrap_or(base.max_in_flight),
+        ..base.clone()
+    }
+}
+
+/// What an SRE asks the switch for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Setting {
+    On,
+    Off,
+    Auto,
+}
+
+/// The policy runtime shared by the pipeline, the admin API and the reloader.
+pub struct Policies {
+    dir: Option<PathBuf>,
+    base_limits: LimitsConfig,
+    current: RwLock<Arc<Compiled>>,
+    fingerprint: Mutex<u64>,
+    file: OverrideFile,
+    state: Mutex<Persisted>,
+    reloads: IntCounterVec,
+}
+
+impl Policies {
+    /// Load the policy directory (if configured) and the persisted override.
+    ///
+    /// # Errors
+    ///
+    /// An invalid policy file or an unreadable state file: at start-up there is no
+    /// older valid state to fall back on, so promguard refuses to start.
+    pub fn new(
+        config: &PolicyConfig,
+        limits: &LimitsConfig,
+        reloads: IntCounterVec,
+    ) -> Result<Self, String> {
+        let policy = match &config.dir {
+            Some(dir) => load_dir(dir).map_err(|e| e.to_string())?,
+            None => Policy::default(),
+        };
+        let file = OverrideFile {
+            path: config.state_file.clone(),
+        };
+        let state = file.load()?;
+        Ok(Policies {
+            fingerprint: Mutex::new(config.dir.as_ref().map_or(0, |d| fingerprint(d))),
+            dir: config.dir.clone(),
+            current: RwLock::new(Arc::new(Compiled::new(policy, limits))),
+            base_limits: limits.clone(),
+            file,
+            state: Mutex::new(state),
+            reloads,
+        })
+    }
+
+    /// The policy in force; cheap, a clone of an `Arc`.
+    pub fn active(&self) -> Arc<Compiled> {
+        self.current
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The mode at `now`.
+    pub fn mode(&self, now: DateTime<Utc>) -> Effective {
+        let active = self.active();
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        effective(&active.policy.windows, state.manual.as_ref(), now)
+    }
+
+    /// Read the policy directory again. An invalid edit keeps the policy in force,
+    /// is logged with file and line, and counted.
+    ///
+    /// # Errors
+    ///
+    /// The [`PolicyError`] of the invalid file.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        *self.fingerprint.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint(dir);
+        match load_dir(dir) {
+            Ok(policy) => {
+                let compiled = Arc::new(Compiled::new(policy, &self.base_limits));
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+                self.reloads.with_label_values(&["success"]).inc();
+                tracing::info!(dir = %dir.display(), "policy reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.reloads.with_label_values(&["error"]).inc();
+                tracing::error!(
+                    file = %e.file.display(),
+                    line = e.line,
+                    error = %e.message,
+                    "invalid policy; the previous policy stays in force"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Reload when the files changed since the last look. Polling the content,
+    /// rather than watching inodes, also sees Kubernetes' ConfigMap symlink swaps.
+    pub fn reload_if_changed(&self) {
+        let Some(dir) = &self.dir else { return };
+        let now = fingerprint(dir);
+        let before = *self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        if now != before {
+            let _ = self.reload();
+        }
+    }
+
+    /// Switch sale mode by hand (`on`/`off` for `duration`) or back to the schedule
+    /// (`auto`). Persisted before it takes effect, and audited.
+    ///
+    /// # Errors
+    ///
+    /// A missing duration for on/off, or a state file that cannot be written (the
+    /// switch is then not changed).
+    pub fn set(
+        &self,
+        setting: Setting,
+        duration: Option<Duration>,
+        reason: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Effective, AuditEntry), String> {
+        let windows = self.active().policy.windows.clone();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = effective(&windows, state.manual.as_ref(), now);
+        let manual = match setting {
+            Setting::Auto => None,
+            Setting::On | Setting::Off => {
+                let duration = duration.ok_or("sale-mode on/off needs a duration (for)")?;
+                let until =
+                    now + chrono::Duration::from_std(duration).map_err(|e| e.to_string())?;
+                Some(Override {
+                    mode: if setting == Setting::On {
+                        Mode::Sale
+                    } else {
+                        Mode::Normal
+                    },
+                    until,
+                    reason: reason.to_string(),
+                    by: by.to_string(),
+                    at: now,
+                })
+            }
+        };
+        let after = effective(&windows, manual.as_ref(), now);
+        let entry = AuditEntry {
+            at: now,
+            by: by.to_string(),
+            reason: reason.to_string(),
+            from: before.describe(),
+            to: after.describe(),
+        };
+        let mut next = state.clone();
+        next.change(manual, entry.clone());
+        self.file.save(&next)?;
+        *state = next;
+        tracing::warn!(
+            by = entry.by,
+            reason = entry.reason,
+            from = entry.from,
+            to = entry.to,
+            "sale mode changed"
+        );
+        Ok((after, entry))
+    }
+
+    /// Mode, schedule and audit trail, for the admin API and the CLI.
+    pub fn status(&self, now: DateTime<Utc>) -> serde_json::Value {
+        let active = self.active();
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mode = effective(&active.policy.windows, state.manual.as_ref(), now);
+        serde_json::json!({
+            "mode": mode,
+            "description": mode.describe(),
+            "override": state.manual,
+            "windows": active.policy.windows.iter().map(|w| serde_json::json!({
+                "name": w.name, "start": w.start, "end": w.end,
+            })).collect::<Vec<_>>(),
+            "files": active.policy.files,
+            "audit": state.audit,
+        })
+    }
+}
+
+/// A hash of the policy files' names and contents.
+fn fingerprint(dir: &std::path::Path) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            path.hash(&mut hasher);
+            std::fs::read(&path).unwrap_or_default().hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
