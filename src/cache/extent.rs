@@ -497,11 +497,13 @@ mod tests {
     }
 
     /// (want, cached coverage per chunk, expected fetches); step 1 min, 1 h chunks.
+    type MissingCase = (Span, Vec<(i64, Span)>, Vec<Span>);
+
     #[test]
     fn missing_spans() {
         let g = Grid::new(0, 60_000);
         let m = 60_000;
-        let cases: Vec<(Span, Vec<(i64, Span)>, Vec<Span>)> = vec![
+        let cases: Vec<MissingCase> = vec![
             // nothing cached: one fetch for the whole range, not one per chunk
             (span(0, 3 * H), vec![], vec![span(0, 3 * H)]),
             // fully cached

@@ -26,6 +26,8 @@ pub struct Counters {
     pub peak_in_flight: AtomicUsize,
     /// Connections the client closed before we answered.
     pub abandoned: AtomicUsize,
+    /// Calls answered in full.
+    pub completed: AtomicUsize,
     /// When set, every mode answers garbage: a backend that broke mid-run.
     pub broken: AtomicBool,
 }
@@ -80,6 +82,7 @@ async fn serve(mut stream: TcpStream, mode: Mode, counters: Arc<Counters>) {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {
                     respond(&mut stream, "application/json", EMPTY_VECTOR).await;
+                    counters.completed.fetch_add(1, Ordering::SeqCst);
                 }
                 () = wait_for_close(&mut stream) => {
                     counters.abandoned.fetch_add(1, Ordering::SeqCst);

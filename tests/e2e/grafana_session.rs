@@ -35,6 +35,7 @@ fn data_len(v: &Value) -> usize {
 
 #[tokio::test]
 async fn panel_queries_route_by_time_and_match_the_backend() {
+    let _vm = crate::harness::VM_COUNTERS.read().await;
     let pg = Promguard::in_front_of_backends("");
     let b = backends();
     let query = r#"sum by (region) (rate(shop_orders_total{status="created"}[5m]))"#;
@@ -152,6 +153,7 @@ async fn instant_queries_save_and_test_and_build_info() {
 
 #[tokio::test]
 async fn explore_metric_browser_matches_the_backend() {
+    let _vm = crate::harness::VM_COUNTERS.read().await;
     let pg = Promguard::in_front_of_backends("");
     let b = backends();
     let end = now_secs() - 60;
@@ -163,6 +165,15 @@ async fn explore_metric_browser_matches_the_backend() {
         q.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         q
     };
+    // Metadata comes from scrapes: wait for Prometheus' first scrape of the exporter.
+    let metadata = format!("{}/api/v1/metadata", b.prometheus);
+    for _ in 0..60 {
+        let (_, _, m) = get(&metadata, &[("metric", "shop_orders_total".into())]).await;
+        if m["data"].as_object().is_some_and(|o| !o.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("/api/v1/labels", hour(&[])),
         ("/api/v1/label/__name__/values", hour(&[])),

@@ -68,7 +68,9 @@ fn start_backends() -> Result<Backends, String> {
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/backends.sh");
-    // Stop the backends when this test process exits, however it exits.
+    // Stop the backends when this test process exits, however it exits. The
+    // watchdog outlives us on purpose, so it is never waited for.
+    #[allow(clippy::zombie_processes)]
     Command::new("bash")
         .arg("-c")
         .arg(format!(
@@ -100,6 +102,30 @@ fn start_backends() -> Result<Backends, String> {
         prometheus: var("PROMETHEUS_URL")?,
         victoria: var("VM_URL")?,
     })
+}
+
+/// Tests that query VictoriaMetrics hold this shared; a test that reads VM's own
+/// request counters to prove promguard sent nothing holds it exclusively.
+pub static VM_COUNTERS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// VictoriaMetrics' own count of query requests it has served.
+pub async fn vm_query_count() -> u64 {
+    let text = client()
+        .get(format!("{}/metrics", backends().victoria))
+        .send()
+        .await
+        .expect("VictoriaMetrics metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("vm_http_requests_total{path=\"/api/v1/query")
+                || l.starts_with("vm_http_requests_total{path=\"/api/v1/series")
+                || l.starts_with("vm_http_requests_total{path=\"/api/v1/label")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A running promguard process, killed on drop.

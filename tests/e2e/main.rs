@@ -8,4 +8,5 @@ mod faults;
 mod grafana_session;
 mod harness;
 mod limits;
+mod sale_mode;
 mod upstream_faults;

@@ -277,6 +277,12 @@ impl Calendar {
             .unwrap_or_else(|| panic!("day {day} is outside the calendar"))
     }
 
+    /// # Panics
+    /// If the day is outside the calendar.
+    pub fn day(&self, day: i64) -> &Day {
+        &self.days[self.index(day)]
+    }
+
     pub fn shape(&self, index: usize) -> &DayShape {
         &self.shapes[index]
     }

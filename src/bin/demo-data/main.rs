@@ -4,13 +4,14 @@
 //! Every series is a deterministic function of time and `--seed`: counters are closed-form
 //! integrals of per-minute rates (`curve`), so a counter read at time t is the same in the
 //! 30 s Prometheus backfill, the 1 h VictoriaMetrics import and a live scrape of `serve`.
-//! The calendar (`calendar`) holds the sales and incidents, `model` the series catalogue,
-//! `output` the three text formats.
+//! `calendar` holds the sales and incidents, `shop` what flows through the shop, `model`
+//! the series catalogue and `output` the three text formats.
 
 mod calendar;
 mod curve;
 mod model;
 mod output;
+mod shop;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

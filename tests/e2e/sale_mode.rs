@@ -1,0 +1,261 @@
+//! Sale mode end to end against the real backends: during an active window a
+//! 30-day query is refused with the reason and VictoriaMetrics (by its own request
+//! counters) receives nothing, curated dashboards and short recent queries still
+//! pass; `sale-mode off` lifts it at once, a restart keeps the override, an invalid
+//! policy edit leaves the old policy in force, and dry-run rules only count.
+
+use std::path::Path;
+use std::process::Command;
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::Value;
+
+use crate::harness::{Promguard, VM_COUNTERS, client, now_secs, post_form, vm_query_count};
+
+const TOKEN: &str = "test-admin-token";
+
+/// A policy whose sale window is open now.
+fn policy_now() -> String {
+    let at = |h: i64| {
+        (Utc::now() + chrono::Duration::hours(h)).to_rfc3339_opts(SecondsFormat::Secs, true)
+    };
+    format!(
+        "windows:\n  - {{name: drill, start: '{}', end: '{}'}}\n\
+         sale:\n  exempt: {{dashboards: [orders]}}\n  rules:\n\
+         \x20   - {{name: recent-data-only, long_term: deny, reason: reserved for on-call}}\n\
+         \x20   - {{name: up-to-12h, max_range: 12h}}\n\
+         \x20   - {{name: no-name-regex, block: '__name__=~', dry_run: true}}\n",
+        at(-1),
+        at(1)
+    )
+}
+
+fn start(policy_dir: &Path, state: &Path) -> Promguard {
+    Promguard::in_front_of_backends(&format!(
+        "policy:\n  dir: {}\n  state_file: {}\n  admin_token: {TOKEN}\n  reload_interval: 1h\n",
+        policy_dir.display(),
+        state.display()
+    ))
+}
+
+/// A 1-hour panel whose selector reads 30 days back.
+fn deep_query() -> [(&'static str, String); 4] {
+    let end = (now_secs() - 120) / 60 * 60;
+    [
+        ("query", "sum(rate(shop_orders_total[30d]))".to_string()),
+        ("start", (end - 3600).to_string()),
+        ("end", end.to_string()),
+        ("step", "60".to_string()),
+    ]
+}
+
+fn month_query() -> [(&'static str, String); 4] {
+    let end = (now_secs() - 120) / 3600 * 3600;
+    [
+        ("query", "sum(rate(shop_orders_total[30d]))".to_string()),
+        ("start", (end - 30 * 86400).to_string()),
+        ("end", end.to_string()),
+        ("step", "3600".to_string()),
+    ]
+}
+
+fn hour_query() -> [(&'static str, String); 4] {
+    let end = (now_secs() - 120) / 30 * 30;
+    [
+        ("query", "sum(rate(http_requests_total[5m]))".to_string()),
+        ("start", (end - 3600).to_string()),
+        ("end", end.to_string()),
+        ("step", "30".to_string()),
+    ]
+}
+
+fn sale_mode_cli(pg: &Promguard, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_promguard"))
+        .arg("sale-mode")
+        .args(args)
+        .args(["--url", &pg.url, "--token", TOKEN])
+        .output()
+        .expect("run promguard sale-mode");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from the CLI")
+}
+
+async fn admin(pg: &Promguard, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = client().post(format!("{}{path}", pg.url));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("admin answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("JSON"))
+}
+
+#[tokio::test]
+async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(policies.join("sale.yaml"), policy_now()).expect("write policy");
+    let state = dir.path().join("state/sale-mode.json");
+    let mut pg = start(&policies, &state);
+    let url = |pg: &Promguard| format!("{}/api/v1/query_range", pg.url);
+
+    {
+        // Nothing else may query VictoriaMetrics while its counters are compared.
+        let _quiet = VM_COUNTERS.write().await;
+        let before = vm_query_count().await;
+        let (status, _, body) = post_form(&url(&pg), &deep_query(), &[]).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["errorType"], "execution");
+        let error = body["error"].as_str().unwrap_or_default();
+        for needle in [
+            "sale mode",
+            "window 'drill'",
+            "until",
+            "recent-data-only",
+            "30 days back via rate(shop_orders_total[30d])",
+            "reserved for on-call",
+            "curated dashboards (orders)",
+        ] {
+            assert!(error.contains(needle), "{needle:?} missing in {error:?}");
+        }
+        assert_eq!(
+            vm_query_count().await,
+            before,
+            "the long-term store received nothing"
+        );
+    }
+
+    let _vm = VM_COUNTERS.read().await;
+    // The curated dashboard still reads long-term data; a short recent query passes.
+    let (status, backend, _) =
+        post_form(&url(&pg), &month_query(), &[("X-Dashboard-Uid", "orders")]).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("long_term")));
+    let (status, backend, _) = post_form(&url(&pg), &hour_query(), &[]).await;
+    assert_eq!((status, backend.as_deref()), (200, Some("recent")));
+
+    // The SRE lifts it: at once.
+    let switched = sale_mode_cli(
+        &pg,
+        &[
+            "off",
+            "--for",
+            "1h",
+            "--reason",
+            "false alarm",
+            "--by",
+            "sre-anna",
+        ],
+    );
+    assert_eq!(switched["mode"]["mode"], "normal");
+    assert_eq!(switched["mode"]["source"], "manual");
+    let (status, _, _) = post_form(&url(&pg), &month_query(), &[]).await;
+    assert_eq!(status, 200);
+
+    // A restart keeps the override and its audit trail.
+    drop(pg);
+    pg = start(&policies, &state);
+    let (status, _, _) = post_form(&url(&pg), &month_query(), &[]).await;
+    assert_eq!(status, 200, "still off after a restart");
+    let status_json = sale_mode_cli(&pg, &["status"]);
+    assert_eq!(status_json["mode"]["source"], "manual");
+    let audit = &status_json["audit"][0];
+    assert_eq!(audit["by"], "sre-anna");
+    assert_eq!(audit["reason"], "false alarm");
+    assert!(
+        audit["from"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("sale mode"),
+        "{audit}"
+    );
+
+    // An invalid edit leaves the old policy in force.
+    std::fs::write(
+        policies.join("sale.yaml"),
+        "windows:\n  - name: broken\n    start: soon\n",
+    )
+    .expect("write");
+    let (status, body) = admin(&pg, "/admin/policies/reload", Some(TOKEN)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("sale.yaml:2"),
+        "{body}"
+    );
+    sale_mode_cli(
+        &pg,
+        &["auto", "--reason", "back to plan", "--by", "sre-anna"],
+    );
+    let (status, _, _) = post_form(&url(&pg), &month_query(), &[]).await;
+    assert_eq!(
+        status, 422,
+        "the old policy, with its window, still applies"
+    );
+
+    let metrics = client()
+        .get(format!("{}/metrics", pg.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"promguard_policy_reloads_total{result="error"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"promguard_sale_mode{source="schedule",window="drill"} 1"#));
+    assert!(metrics.contains(r#"promguard_policy_rejections_total{limit="long_term",mode="sale",rule="recent-data-only"}"#));
+}
+
+#[tokio::test]
+async fn dry_run_rules_count_without_refusing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("sale.yaml"), policy_now()).expect("write policy");
+    let pg = start(dir.path(), &dir.path().join("state.json"));
+    let end = now_secs() - 60;
+    let form = [
+        ("query", r#"count({__name__=~"shop_.*"})"#.to_string()),
+        ("time", end.to_string()),
+    ];
+    let (status, _, body) = post_form(&format!("{}/api/v1/query", pg.url), &form, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = client()
+        .get(format!("{}/metrics", pg.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"promguard_policy_dry_run_would_reject_total{limit="blocked_pattern",mode="sale",rule="no-name-regex"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("p.yaml"), policy_now()).expect("write policy");
+    let pg = start(dir.path(), &dir.path().join("state.json"));
+    assert_eq!(admin(&pg, "/admin/policies/reload", None).await.0, 401);
+    assert_eq!(
+        admin(&pg, "/admin/policies/reload", Some("guess")).await.0,
+        401
+    );
+    assert_eq!(
+        admin(&pg, "/admin/policies/reload", Some(TOKEN)).await.0,
+        200
+    );
+    let off = Promguard::in_front_of_backends("");
+    assert_eq!(
+        admin(&off, "/admin/policies/reload", Some(TOKEN)).await.0,
+        403,
+        "no token configured: disabled"
+    );
+}
