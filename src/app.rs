@@ -25,13 +25,15 @@ use crate::metrics::Metrics;
 use crate::pipeline::{self, Incoming, RequestCtx};
 use crate::policy::state::Mode;
 use crate::policy::{Policies, Setting};
-use crate::request::Millis;
+use crate::request::{Millis, QueryParser};
 use crate::routing::{BackendId, RoutingTable};
 use crate::upstream::Upstream;
 
 /// Everything the handlers share, built once at startup.
 pub struct AppState {
     pub identifier: Identifier,
+    /// Remembers parsed PromQL: dashboards repeat the same queries.
+    pub queries: QueryParser,
     /// Sale windows, rule sets, per-mode user limits and the SRE switch.
     pub policies: Policies,
     /// Token for `/admin/...`; `None` disables the admin API.
@@ -73,6 +75,7 @@ impl AppState {
         record_settings(config, &metrics);
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
+            queries: QueryParser::default(),
             policies,
             admin_token: config.policy.admin_token.clone().or_else(|| {
                 std::env::var("PROMGUARD_ADMIN_TOKEN")

@@ -114,7 +114,7 @@ pub async fn handle(
         state.max_request_body,
     )
     .await?;
-    let req = request::parse(&method, &path, params, ctx.now)?;
+    let req = request::parse(&method, &path, params, ctx.now, &state.queries)?;
 
     // analyse: which samples it touches
     let shape = shape_of(&req, state);

@@ -4,6 +4,7 @@
 //! way Prometheus would (times, steps, resolution, PromQL, matchers) and refuses
 //! writes and admin calls. Pure: no I/O, the body has already been read.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::Method;
@@ -66,7 +67,61 @@ impl Endpoint {
 #[derive(Debug, Clone)]
 pub struct Query {
     pub text: String,
-    pub expr: Expr,
+    pub expr: Arc<Expr>,
+    /// The expression printed back by the parser, when that round-trips; the text
+    /// otherwise. Equal for queries that differ only in formatting.
+    pub canonical: Arc<str>,
+}
+
+type Parsed = std::result::Result<(Arc<Expr>, Arc<str>), String>;
+
+/// Parses PromQL and remembers recent results. Dashboards send the same few
+/// hundred queries again and again, and parsing one costs tens of microseconds
+/// (plus as much again to check the canonical form), far more than a cache hit.
+pub struct QueryParser {
+    memo: moka::sync::Cache<String, Parsed>,
+}
+
+impl QueryParser {
+    /// Remember up to `capacity` distinct query texts.
+    pub fn new(capacity: u64) -> Self {
+        QueryParser {
+            memo: moka::sync::Cache::new(capacity),
+        }
+    }
+
+    /// Parse `text`, or return the remembered result.
+    ///
+    /// # Errors
+    ///
+    /// The parser's message for invalid PromQL.
+    pub fn parse(&self, text: &str) -> Parsed {
+        if let Some(hit) = self.memo.get(text) {
+            return hit;
+        }
+        let parsed = parser::parse(text).map(|expr| {
+            let canonical: Arc<str> = canonical_form(&expr, text).into();
+            (Arc::new(expr), canonical)
+        });
+        self.memo.insert(text.to_string(), parsed.clone());
+        parsed
+    }
+}
+
+impl Default for QueryParser {
+    fn default() -> Self {
+        Self::new(10_000)
+    }
+}
+
+/// The expression as the parser prints it, when that parses back to the same AST;
+/// otherwise the caller's text, so two different queries never share a form.
+fn canonical_form(expr: &Expr, text: &str) -> String {
+    let printed = expr.to_string();
+    match parser::parse(&printed) {
+        Ok(reparsed) if reparsed == *expr => printed,
+        _ => text.to_string(),
+    }
 }
 
 /// What the caller asks for, with every parameter checked.
@@ -84,7 +139,7 @@ pub enum RequestKind {
     },
     /// `/series`, `/labels`, `/label/<name>/values`: selectors over a time span.
     Metadata {
-        matchers: Vec<Expr>,
+        matchers: Vec<Arc<Expr>>,
         start: Option<Millis>,
         end: Option<Millis>,
     },
@@ -157,6 +212,7 @@ pub fn parse(
     path: &str,
     params: Vec<(String, String)>,
     now: Millis,
+    queries: &QueryParser,
 ) -> Result<ApiRequest> {
     let Some(api_path) = path.strip_prefix("/api/v1/") else {
         return Err(if is_backend_admin_path(path) {
@@ -194,7 +250,7 @@ pub fn parse(
     };
     req.kind = match endpoint {
         Endpoint::Query => {
-            let query = parse_query(&req.params)?;
+            let query = parse_query(&req.params, queries)?;
             let time = match optional(&req.params, "time") {
                 Some(t) => parse_time("time", t)?,
                 None => {
@@ -204,12 +260,12 @@ pub fn parse(
             };
             RequestKind::Instant { query, time }
         }
-        Endpoint::QueryRange => parse_range(&req.params)?,
+        Endpoint::QueryRange => parse_range(&req.params, queries)?,
         Endpoint::Series | Endpoint::Labels | Endpoint::LabelValues => {
             if let Some(name) = label_values_name(api_path) {
                 check_label_name(name)?;
             }
-            let matchers = parse_matchers(&req.params, endpoint == Endpoint::Series)?;
+            let matchers = parse_matchers(&req.params, endpoint == Endpoint::Series, queries)?;
             let (start, end) = parse_span(&req.params)?;
             check_limit(&req.params)?;
             RequestKind::Metadata {
@@ -219,7 +275,7 @@ pub fn parse(
             }
         }
         Endpoint::QueryExemplars => {
-            let query = parse_query(&req.params)?;
+            let query = parse_query(&req.params, queries)?;
             let (start, end) = parse_span(&req.params)?;
             RequestKind::Exemplars { query, start, end }
         }
@@ -290,20 +346,23 @@ fn required<'a>(params: &'a [(String, String)], name: &'static str) -> Result<&'
     }
 }
 
-fn parse_query(params: &[(String, String)]) -> Result<Query> {
+fn parse_query(params: &[(String, String)], queries: &QueryParser) -> Result<Query> {
     let text = required(params, "query")?;
-    let expr = parser::parse(text).map_err(|reason| RequestError::InvalidParam {
-        param: "query",
-        reason,
-    })?;
+    let (expr, canonical) = queries
+        .parse(text)
+        .map_err(|reason| RequestError::InvalidParam {
+            param: "query",
+            reason,
+        })?;
     Ok(Query {
         text: text.to_string(),
         expr,
+        canonical,
     })
 }
 
-fn parse_range(params: &[(String, String)]) -> Result<RequestKind> {
-    let query = parse_query(params)?;
+fn parse_range(params: &[(String, String)], queries: &QueryParser) -> Result<RequestKind> {
+    let query = parse_query(params, queries)?;
     let start = parse_time("start", required(params, "start")?)?;
     let end = parse_time("end", required(params, "end")?)?;
     if end < start {
@@ -364,12 +423,16 @@ fn parse_span(params: &[(String, String)]) -> Result<(Option<Millis>, Option<Mil
     Ok((start, end))
 }
 
-fn parse_matchers(params: &[(String, String)], at_least_one: bool) -> Result<Vec<Expr>> {
+fn parse_matchers(
+    params: &[(String, String)],
+    at_least_one: bool,
+    queries: &QueryParser,
+) -> Result<Vec<Arc<Expr>>> {
     let matchers = params
         .iter()
         .filter(|(k, _)| k == "match[]")
-        .map(|(_, v)| match parser::parse(v) {
-            Ok(expr @ Expr::VectorSelector(_)) => Ok(expr),
+        .map(|(_, v)| match queries.parse(v) {
+            Ok((expr, _)) if matches!(*expr, Expr::VectorSelector(_)) => Ok(expr),
             Ok(_) => Err(RequestError::InvalidParam {
                 param: "match[]",
                 reason: format!("{v:?} is not a series selector"),
@@ -494,7 +557,13 @@ mod tests {
     }
 
     fn get(path: &str, pairs: &[(&str, &str)]) -> Result<ApiRequest> {
-        parse(&Method::GET, path, params(pairs), 1_700_000_000_000)
+        parse(
+            &Method::GET,
+            path,
+            params(pairs),
+            1_700_000_000_000,
+            &QueryParser::default(),
+        )
     }
 
     fn param_error(result: Result<ApiRequest>) -> &'static str {
@@ -668,7 +737,13 @@ mod tests {
         let req = get("/api/v1/label/__name__/values", &[]).unwrap();
         assert_eq!(req.endpoint, Endpoint::LabelValues);
         assert_eq!(param_error(get("/api/v1/label/1bad/values", &[])), "name");
-        let post = parse(&Method::POST, "/api/v1/label/job/values", vec![], 0);
+        let post = parse(
+            &Method::POST,
+            "/api/v1/label/job/values",
+            vec![],
+            0,
+            &QueryParser::default(),
+        );
         assert!(matches!(post, Err(RequestError::MethodNotAllowed { .. })));
     }
 
@@ -701,9 +776,27 @@ mod tests {
         let req = get("/api/v1/status/flags", &[]).unwrap();
         assert_eq!(req.endpoint, Endpoint::Other);
         assert!(matches!(
-            parse(&Method::POST, "/api/v1/targets", vec![], 0),
+            parse(
+                &Method::POST,
+                "/api/v1/targets",
+                vec![],
+                0,
+                &QueryParser::default()
+            ),
             Err(RequestError::MethodNotAllowed { .. })
         ));
+    }
+
+    #[test]
+    fn the_memo_gives_the_same_canonical_form_for_reformatted_queries() {
+        let p = QueryParser::default();
+        let (_, a) = p.parse("sum by(region)(rate(x{a=\"1\"}[5m]))").unwrap();
+        let (_, b) = p
+            .parse("sum  by (region) (\n rate( x{ a = \"1\" } [5m] )\n)")
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(p.parse("sum(").is_err());
+        assert!(p.parse("sum(").is_err(), "errors are remembered too");
     }
 
     #[test]

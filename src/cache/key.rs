@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use promql_parser::parser;
-
-use crate::request::{ApiRequest, Query};
+use crate::request::ApiRequest;
 use crate::routing::BackendId;
 
 /// Identifies one cacheable answer. Cheap to clone and compare.
@@ -26,16 +24,6 @@ pub struct SeriesKey(pub Arc<str>);
 const IGNORED: &[&str] = &["timeout"];
 /// Parameters that are part of the key in their typed, normalised form instead.
 const TYPED: &[&str] = &["query", "start", "end", "step", "time"];
-
-/// The PromQL as promql-parser prints it back, when that round-trips to the same
-/// AST; otherwise the caller's text, so two different queries can never share a key.
-pub fn canonical(query: &Query) -> String {
-    let printed = query.expr.to_string();
-    match parser::parse(&printed) {
-        Ok(reparsed) if reparsed == query.expr => printed,
-        _ => query.text.clone(),
-    }
-}
 
 /// Everything but start, end and time: backend, endpoint, PromQL, step and phase,
 /// and the other answer-changing parameters in sorted order.
@@ -95,7 +83,7 @@ pub fn answer_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{RequestKind, parse};
+    use crate::request::{QueryParser, RequestKind, parse};
     use axum::http::Method;
 
     fn req(pairs: &[(&str, &str)]) -> ApiRequest {
@@ -107,6 +95,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             0,
+            &QueryParser::default(),
         )
         .unwrap()
     }
@@ -122,7 +111,7 @@ mod tests {
         else {
             panic!("range")
         };
-        series_key(&r, BackendId::Recent, &canonical(query), step_ms, start)
+        series_key(&r, BackendId::Recent, &query.canonical, step_ms, start)
     }
 
     #[test]
@@ -167,14 +156,5 @@ mod tests {
         let mut other_query = base;
         other_query[0] = ("query", "up{job=\"a\"}");
         assert_ne!(k, range_key(&other_query));
-    }
-
-    #[test]
-    fn canonical_falls_back_to_the_text_when_printing_loses_information() {
-        let q = Query {
-            text: "up".into(),
-            expr: promql_parser::parser::parse("up").unwrap(),
-        };
-        assert_eq!(canonical(&q), "up");
     }
 }

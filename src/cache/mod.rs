@@ -30,7 +30,7 @@ use crate::routing::BackendId;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use coalesce::{Coalescer, Role};
 use extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, merge_chunk, missing};
-use key::{CacheKey, SeriesKey, answer_key, canonical, series_key};
+use key::{CacheKey, SeriesKey, answer_key, series_key};
 use store::{Chunk, Store};
 
 /// How an answer was produced. Feeds the `X-Cache` header and metric labels.
@@ -122,12 +122,12 @@ pub fn plan(
             end,
             step_ms,
         } => {
-            let canonical = canonical(query);
+            let canonical = &query.canonical;
             let span = format!("{start}..{end}");
             let key = answer_key(
                 req,
                 backend,
-                Some(&canonical),
+                Some(canonical),
                 &format!("{span};step={step_ms}"),
             );
             let grid = Grid::new(*start, *step_ms);
@@ -138,7 +138,7 @@ pub fn plan(
                     let stable_to = grid.at_or_before(volatile_after.saturating_sub(ahead));
                     Some(Plan::Range(RangePlan {
                         key,
-                        series: series_key(req, backend, &canonical, *step_ms, *start),
+                        series: series_key(req, backend, canonical, *step_ms, *start),
                         grid,
                         want,
                         stable_to,
@@ -153,7 +153,7 @@ pub fn plan(
             }
         }
         RequestKind::Instant { query, time } => Some(Plan::Whole(WholePlan {
-            key: answer_key(req, backend, Some(&canonical(query)), &format!("@{time}")),
+            key: answer_key(req, backend, Some(&query.canonical), &format!("@{time}")),
             params: req.params.clone(),
             fresh: fresh_for(shape.newest),
         })),

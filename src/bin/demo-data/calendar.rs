@@ -21,6 +21,8 @@ const MSK_OFFSET_MS: Millis = 3 * 3_600_000;
 const UNIX_EPOCH_CE_DAYS: i64 = 719_163;
 /// Counters start at zero on this day; nothing earlier can be generated.
 pub const ORIGIN: NaiveDate = NaiveDate::from_ymd_opt(2015, 1, 1).unwrap();
+/// Nothing from this day on can be generated: a bound on the calendar's size.
+pub const HORIZON: NaiveDate = NaiveDate::from_ymd_opt(2100, 1, 1).unwrap();
 /// Traffic is scaled so that this Black Friday peaks at the target orders per minute.
 const REFERENCE_BLACK_FRIDAY: NaiveDate = NaiveDate::from_ymd_opt(2025, 11, 28).unwrap();
 const GROWTH_PER_YEAR: f64 = 1.3;

@@ -29,7 +29,7 @@ use axum::routing::get;
 use chrono::NaiveDate;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use calendar::{DAY_MS, Millis, ORIGIN, day_number, day_start, split};
+use calendar::{DAY_MS, HORIZON, Millis, ORIGIN, day_number, day_start, split};
 use model::Model;
 use output::Grid;
 
@@ -37,7 +37,10 @@ use output::Grid;
 const SERVE_HORIZON_DAYS: i64 = 3660;
 
 #[derive(Parser)]
-#[command(about = "Synthetic e-commerce metrics for the promguard demo")]
+#[command(
+    name = "demo-data",
+    about = "Synthetic e-commerce metrics for the promguard demo"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -153,8 +156,10 @@ fn main() -> ExitCode {
 
 fn generate(args: &RangeArgs, format: Format) -> io::Result<()> {
     let origin = day_start(day_number(ORIGIN)) / 1000;
-    if args.start > args.end || args.start < origin {
-        let message = format!("need {origin} ({ORIGIN}) <= --start <= --end");
+    let horizon = day_start(day_number(HORIZON)) / 1000;
+    if !(origin <= args.start && args.start <= args.end && args.end < horizon) {
+        let message =
+            format!("need {origin} ({ORIGIN}) <= --start <= --end < {horizon} ({HORIZON})");
         Cli::command()
             .error(clap::error::ErrorKind::ValueValidation, message)
             .exit();
