@@ -601,8 +601,11 @@ mod tests {
 
     #[test]
     fn the_example_file_at_the_repo_root_is_valid() {
-        // SAFETY: tests in this module are the only readers of this variable.
-        unsafe { std::env::set_var("PROMGUARD_GRAFANA_SECRET", "s3cret") };
+        // SAFETY: tests in this module are the only readers of these variables.
+        unsafe {
+            std::env::set_var("PROMGUARD_GRAFANA_SECRET", "s3cret");
+            std::env::set_var("PROMGUARD_ADMIN_TOKEN", "t0ken");
+        }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("promguard.example.yaml");
         let config = Config::load(&path).unwrap();
         assert!(config.backends.long_term.is_some());
