@@ -156,7 +156,9 @@ async fn explore_metric_browser_matches_the_backend() {
     let _vm = crate::harness::VM_COUNTERS.read().await;
     let pg = Promguard::in_front_of_backends("");
     let b = backends();
-    let end = now_secs() - 60;
+    // Minute-aligned, as promguard snaps metadata spans to the minute (so that
+    // the metric browser's storms share answers).
+    let end = (now_secs() - 60) / 60 * 60;
     let hour = |extra: &[(&'static str, &'static str)]| {
         let mut q = vec![
             ("start", (end - 3600).to_string()),

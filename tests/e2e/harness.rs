@@ -62,7 +62,9 @@ fn start_backends() -> Result<Backends, String> {
         .args(["--prom-port", &free_port().to_string()])
         .args(["--vm-port", &free_port().to_string()])
         .args(["--exporter-port", &free_port().to_string()])
-        .args(["--instances", "1", "--long-term", "60d"])
+        // An hour more than the 2-day routing window, so a query whose lookback
+        // reaches just past the window's edge still finds data in Prometheus.
+        .args(["--instances", "1", "--recent", "49h", "--long-term", "60d"])
         .arg("--bin-dir")
         .arg(&bin_dir)
         .stderr(Stdio::inherit())
@@ -169,9 +171,14 @@ impl Promguard {
 
     /// Start promguard in front of the shared real backends, with `extra` config.
     pub fn in_front_of_backends(extra: &str) -> Self {
+        Self::with_recent_window("2d", extra)
+    }
+
+    /// The same, routing to the long-term store anything older than `window`.
+    pub fn with_recent_window(window: &str, extra: &str) -> Self {
         let b = backends();
         Self::start(&format!(
-            "backends:\n  recent:\n    url: {}\n    window: 2d\n  long_term:\n    url: {}\n{extra}",
+            "backends:\n  recent:\n    url: {}\n    window: {window}\n  long_term:\n    url: {}\n{extra}",
             b.prometheus, b.victoria
         ))
     }

@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Start or stop a real Prometheus and VictoriaMetrics on loopback, loaded with demo-data:
+# the recent range at a fine step in Prometheus (promtool backfill); everything in
+# VictoriaMetrics, as a downsampled long-term store holds it (the long-term range at a
+# coarse step, the recent range at the fine step); both scraping a live demo-data
+# exporter so the data keeps growing.
+#
+#   scripts/backends.sh start --dir DIR [--prom-port 9090] [--vm-port 8428]
+#       [--exporter-port 9200] [--instances 8] [--recent 2d] [--recent-step 30s]
+#       [--long-term 3y] [--long-term-step 1h] [--bin-dir target/release]
+#   scripts/backends.sh stop --dir DIR
+#
+# Durations are one number and a unit: s, m, h, d, w or y (365 days). `start` builds
+# nothing: demo-data must already be in --bin-dir. Once both backends answer queries it
+# prints PROMETHEUS_URL=, VM_URL= and EXPORTER_URL= lines on stdout; progress goes to
+# stderr, logs and pid files to DIR. If `start` fails it stops whatever it started.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO
+# Daemons in the order `stop` ends them: the scrapers before what they scrape.
+readonly DAEMONS=(prometheus victoria-metrics exporter)
+
+log() { printf 'backends.sh: %s\n' "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+usage() {
+  sed -n '7,10s/^#   //p' "$0" >&2
+  exit 2
+}
+
+# Seconds in a duration such as 30s, 2d or 3y.
+seconds() {
+  local number=${1%[smhdwy]} unit=${1##*[0-9]}
+  [[ $number =~ ^[0-9]+$ && $unit =~ ^[smhdwy]$ && $number -gt 0 ]] ||
+    die "bad duration '$1': use a positive number and a unit s, m, h, d, w or y"
+  case $unit in
+    s) echo "$number" ;;
+    m) echo $((number * 60)) ;;
+    h) echo $((number * 3600)) ;;
+    d) echo $((number * 86400)) ;;
+    w) echo $((number * 604800)) ;;
+    y) echo $((number * 31536000)) ;;
+  esac
+}
+
+# The program each daemon runs, to tell our process from an unrelated one that was
+# given the same pid after ours died.
+program() {
+  case $1 in
+    exporter) echo demo-data ;;
+    *) echo "$1" ;;
+  esac
+}
+
+# The pid of daemon $1 if it is running, else nothing.
+running_pid() {
+  local file=$dir/$1.pid pid
+  [[ -f $file ]] || return 0
+  pid=$(<"$file")
+  # /proc rather than ps: minimal Debian images lack procps.
+  if [[ $pid =~ ^[0-9]+$ ]] && [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *"$(program "$1")"* ]]; then
+    echo "$pid"
+  fi
+}
+
+# Runs a daemon in its own session (so a Ctrl-C meant for the caller does not reach it),
+# with its log and pid in $dir.
+launch() {
+  local name=$1
+  shift
+  setsid "$@" >"$dir/$name.log" 2>&1 </dev/null &
+  echo $! >"$dir/$name.pid"
+}
+
+# Polls URL $2 until it answers 2xx, failing early if daemon $1 has exited.
+wait_http() {
+  local name=$1 url=$2 deadline=$((SECONDS + $3))
+  until curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null; do
+    [[ -n $(running_pid "$name") ]] || die "$name exited; see $dir/$name.log:
+$(tail -n 5 "$dir/$name.log")"
+    ((SECONDS < deadline)) || die "$name did not answer $url within $3 s; see $dir/$name.log"
+    sleep 0.5
+  done
+}
+
+# Polls until instant query $3 against backend $1 (base URL $2) returns data, at UNIX
+# time $4 if given, else now.
+wait_data() {
+  local name=$1 url=$2 query=$3 time=${4:-} deadline=$((SECONDS + 120))
+  until curl -fsS --max-time 30 -G "$url/api/v1/query" --data-urlencode "query=$query" \
+    ${time:+--data-urlencode "time=$time"} 2>/dev/null | grep -q '"result":\[{'; do
+    ((SECONDS < deadline)) || die "$name has no data for $query${time:+ at $time}; see $dir/$name.log"
+    sleep 1
+  done
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+stop() {
+  local name pid pids=() deadline
+  for name in "${DAEMONS[@]}"; do
+    pid=$(running_pid "$name")
+    if [[ -n $pid ]]; then
+      log "stopping $name (pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  # The daemons are not our children, so poll instead of `wait`. Both backends flush to
+  # disk on SIGTERM; give them time before killing.
+  deadline=$((SECONDS + 60))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+      sleep 0.2
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ignored SIGTERM for 60 s; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  for name in "${DAEMONS[@]}"; do
+    rm -f "$dir/$name.pid"
+  done
+}
+
+# On any failure of `start`: end our background jobs and daemons, so that nothing is
+# left holding the ports.
+abort_start() {
+  local status=$?
+  trap - EXIT
+  if ((status != 0)); then
+    log "start failed; stopping what was started"
+    jobs -p | xargs -r kill 2>/dev/null || true
+    stop
+  fi
+  exit "$status"
+}
+
+start() {
+  local name port tool
+  for name in "${DAEMONS[@]}"; do
+    [[ -z $(running_pid "$name") ]] || die "$name from an earlier start still runs; run: $0 stop --dir $dir"
+  done
+  for port in "$prom_port" "$vm_port" "$exporter_port"; do
+    port_free "$port" || die "port $port on 127.0.0.1 is in use"
+  done
+  local demo=$bin_dir/demo-data
+  [[ -x $demo ]] || die "$demo not found: build it first (cargo build --release)"
+  for tool in promtool prometheus victoria-metrics curl setsid; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (see scripts/demo.sh)"
+  done
+  ((long_term >= recent)) || die "--long-term must cover --recent: the long-term store holds everything"
+
+  trap abort_start EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  local began=$SECONDS
+  rm -rf "$dir/prometheus" "$dir/vm" "$dir/data"
+  mkdir -p "$dir/data"
+
+  local end recent_start long_start incident_day
+  end=$(date +%s)
+  recent_start=$((end - recent))
+  long_start=$((end - long_term))
+  # demo-data's calendar is Moscow time (UTC+3). Its demo incident falls on the day
+  # before the data ends; pin that day for the exporter too, so its counters continue the
+  # generated ones even if Moscow midnight passes while the data loads.
+  incident_day=$(date -u -d "@$((end + 3 * 3600 - 86400))" +%F)
+  local model=(--instances "$instances" --incident-day "$incident_day")
+
+  log "generating ${recent_step}s samples for $((recent / 3600)) h and ${long_step}s samples for $((long_term / 86400)) d"
+  "$demo" openmetrics --out "$dir/data/recent.om" --start "$recent_start" --end "$end" \
+    --step "${recent_step}s" "${model[@]}" &
+  local recent_job=$!
+  # The long-term store holds everything, like a downsampled LTS: the coarse step
+  # before the recent range, and the recent range at scrape resolution, so that
+  # selectors narrower than the coarse step behave there as they would in production.
+  "$demo" vm-import --out "$dir/data/long-term.jsonl" --start "$long_start" \
+    --end "$((recent_start - 1))" --step "${long_step}s" "${model[@]}" &
+  local long_term_job=$!
+  "$demo" vm-import --out "$dir/data/recent.jsonl" --start "$recent_start" --end "$end" \
+    --step "${recent_step}s" "${model[@]}" &
+  local recent_vm_job=$!
+  wait "$recent_job"
+  wait "$long_term_job"
+  wait "$recent_vm_job"
+
+  launch exporter "$demo" serve --listen "127.0.0.1:$exporter_port" "${model[@]}"
+  local exporter_url=http://127.0.0.1:$exporter_port
+  wait_http exporter "$exporter_url/metrics" 30
+
+  # honor_labels keeps the exporter's own `instance` labels (per service instance); the
+  # relabelling then drops the target labels the scraper adds (`job`, and `instance`
+  # where the exporter set none), so scraped samples extend the generated series
+  # instead of starting new ones.
+  cat >"$dir/scrape.yml" <<EOF
+global:
+  scrape_interval: 15s
+scrape_configs:
+  - job_name: demo-data
+    honor_labels: true
+    static_configs:
+      - targets: ["127.0.0.1:$exporter_port"]
+    metric_relabel_configs:
+      - action: labeldrop
+        regex: job
+      - source_labels: [instance]
+        regex: 127\.0\.0\.1:$exporter_port
+        target_label: instance
+        replacement: ""
+EOF
+
+  # Retention a month beyond the range: VictoriaMetrics refuses samples older than it.
+  # Its lookback must span the long-term step: with the default, VictoriaMetrics 1.79
+  # answers an instant query more than a few minutes after an hourly sample with nothing.
+  launch victoria-metrics victoria-metrics -httpListenAddr="127.0.0.1:$vm_port" \
+    -storageDataPath="$dir/vm" -retentionPeriod="$((long_term / 86400 + 31))d" \
+    -promscrape.config="$dir/scrape.yml" -search.latencyOffset=5s \
+    -search.maxLookback="${long_step}s"
+  local vm_url=http://127.0.0.1:$vm_port
+  wait_http victoria-metrics "$vm_url/health" 60
+
+  # promtool makes one pass over the whole file per block, so ask for blocks at least
+  # as long as the range: the smallest of its compatible sizes (2h * 3^n) that covers it.
+  local block=7200
+  while ((block < recent)); do block=$((block * 3)); done
+  log "backfilling Prometheus and importing into VictoriaMetrics"
+  promtool tsdb create-blocks-from openmetrics --quiet --max-block-duration="${block}s" \
+    "$dir/data/recent.om" "$dir/prometheus" >"$dir/promtool.log" 2>&1 &
+  local backfill_job=$!
+  # -T streams the file; --data-binary @file would first read all of it into memory.
+  local file
+  for file in long-term recent; do
+    curl -sS --fail-with-body -X POST -T "$dir/data/$file.jsonl" "$vm_url/api/v1/import" >&2 ||
+      die "import of $file data into VictoriaMetrics failed; see $dir/victoria-metrics.log"
+  done
+  curl -fsS "$vm_url/internal/force_flush" >/dev/null
+  wait_data victoria-metrics "$vm_url" 'count(shop_orders_total)' "$((long_start + 86400))"
+  # Queries made while importing may have cached partial answers.
+  curl -fsS "$vm_url/internal/resetRollupResultCache" >/dev/null
+  wait "$backfill_job" || die "promtool backfill failed; see $dir/promtool.log"
+
+  # Retention beyond the range too, so the backfill survives a demo left running.
+  launch prometheus prometheus --config.file="$dir/scrape.yml" --storage.tsdb.path="$dir/prometheus" \
+    --storage.tsdb.retention.time="$((recent + 7 * 86400))s" --web.listen-address="127.0.0.1:$prom_port"
+  local prom_url=http://127.0.0.1:$prom_port
+  wait_http prometheus "$prom_url/-/ready" 120
+  wait_data prometheus "$prom_url" 'count(shop_orders_total)' "$((recent_start + 3600))"
+  # Ready means live too: both have scraped the exporter (series metadata, for one,
+  # exists only after a scrape).
+  wait_data prometheus "$prom_url" 'up{job="demo-data"} == 1'
+  wait_data victoria-metrics "$vm_url" 'up{job="demo-data"} == 1'
+
+  rm -rf "$dir/data"
+  trap - EXIT INT TERM
+  log "ready in $((SECONDS - began)) s"
+  printf 'PROMETHEUS_URL=%s\nVM_URL=%s\nEXPORTER_URL=%s\n' "$prom_url" "$vm_url" "$exporter_url"
+}
+
+(($# > 0)) || usage
+command=$1
+shift
+dir='' prom_port=9090 vm_port=8428 exporter_port=9200 instances=8
+recent=2d recent_step=30s long_term=3y long_step=1h bin_dir=$REPO/target/release
+while (($# > 0)); do
+  (($# >= 2)) || die "$1 needs a value"
+  case $1 in
+    --dir) dir=$2 ;;
+    --prom-port) prom_port=$2 ;;
+    --vm-port) vm_port=$2 ;;
+    --exporter-port) exporter_port=$2 ;;
+    --instances) instances=$2 ;;
+    --recent) recent=$2 ;;
+    --recent-step) recent_step=$2 ;;
+    --long-term) long_term=$2 ;;
+    --long-term-step) long_step=$2 ;;
+    --bin-dir) bin_dir=$2 ;;
+    *) die "unknown option $1" ;;
+  esac
+  shift 2
+done
+[[ -n $dir ]] || die "--dir is required"
+
+case $command in
+  start)
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    for number in "$prom_port" "$vm_port" "$exporter_port" "$instances"; do
+      [[ $number =~ ^[0-9]+$ ]] || die "expected a number, got '$number'"
+    done
+    recent=$(seconds "$recent")
+    recent_step=$(seconds "$recent_step")
+    long_term=$(seconds "$long_term")
+    long_step=$(seconds "$long_step")
+    start
+    ;;
+  stop)
+    # Nothing was started in a directory that does not exist.
+    [[ ! -d $dir ]] || stop
+    ;;
+  *) usage ;;
+esac
