@@ -257,6 +257,79 @@ mod tests {
                 1_731_240_000_000 - H - 5 * MIN,
                 1_731_240_000_000,
             ),
+            // Negative offsets on range selectors read ahead of the evaluation time.
+            (
+                "rate(x[1h] offset -30m)",
+                T - H,
+                T,
+                T - H - H + 30 * MIN,
+                T + 30 * MIN,
+            ),
+            // `@` then offset: the offset applies to the pinned time.
+            (
+                "x @ 1000 offset 1m",
+                T,
+                T,
+                1_000_000 - MIN - 5 * MIN,
+                1_000_000 - MIN,
+            ),
+            // `@ end()` inside a subquery still means the top-level query's end.
+            (
+                "max_over_time(rate(x[5m] @ end())[1d:])",
+                T - H,
+                T,
+                T - 5 * MIN,
+                T,
+            ),
+            // `@ start()` on a subquery pins its whole inner span.
+            (
+                "max_over_time(x[2h:5m] @ start())",
+                T - D,
+                T,
+                T - D - 2 * H - 5 * MIN,
+                T - D,
+            ),
+            // Nested subqueries with offsets at both levels.
+            (
+                "max_over_time(min_over_time(x[10m] offset 1h)[1d:1h] offset 1d)",
+                T,
+                T,
+                T - D - D - H - 10 * MIN,
+                T - D - H,
+            ),
+            // Binary operations mix their operands' reach.
+            (
+                "sum(rate(a[5m])) / sum(rate(a[5m] offset 1w)) > on() vector(1)",
+                T - H,
+                T,
+                T - H - 7 * D - 5 * MIN,
+                T,
+            ),
+            ("-x offset 2h", T, T, T - 2 * H - 5 * MIN, T - 2 * H),
+            (
+                "(x @ start()) and on() (y offset -1d)",
+                T - H,
+                T,
+                T - H - 5 * MIN,
+                T + D,
+            ),
+            (
+                r#"label_replace(rate(x[15m]), "dst", "$1", "src", "(.*)")"#,
+                T - H,
+                T,
+                T - H - 15 * MIN,
+                T,
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(b_bucket[5m])))",
+                T - H,
+                T,
+                T - H - 5 * MIN,
+                T,
+            ),
+            ("topk(3, max_over_time(x[6h]))", T, T, T - 6 * H, T),
+            ("timestamp(x offset 5m)", T, T, T - 10 * MIN, T - 5 * MIN),
+            ("sum_over_time(x[1d:1h] @ 0)", T, T, -D - 5 * MIN, 0),
         ];
         for &(q, start, end, oldest, newest) in cases {
             let s = shape(q, start, end);
