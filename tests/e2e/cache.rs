@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, assert_same_answer, backends, client, now_secs, sorted_by_metric};
+use crate::harness::{
+    Promguard, assert_same_answer, backends, client, now_secs, scrape, sorted_by_metric,
+};
 
 /// Per-user budgets out of the way, for tests that send floods as one user.
 const UNLIMITED: &str = "limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n  max_in_flight: 1000\n";
@@ -211,20 +213,10 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
         }
         assert_eq!(backend.requests() - before, 1, "{path}");
     }
-    let metrics = client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
+    let waiters = scrape(&pg.url)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let waiters: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("promguard_cache_coalesced_waiters_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(waiters, 198);
+        .sum("promguard_cache_coalesced_waiters_total");
+    assert_eq!(waiters, 198.0);
 }
 
 #[tokio::test]
@@ -297,21 +289,7 @@ async fn the_byte_bound_holds_under_many_distinct_queries() {
             200
         );
     }
-    let metrics = client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
-    assert!(value("promguard_cache_bytes") <= 256.0 * 1024.0);
-    assert!(value("promguard_cache_evictions_total{cause=\"size\"}") > 1000.0);
+    let metrics = scrape(&pg.url).await;
+    assert!(metrics.sum("promguard_cache_bytes") <= 256.0 * 1024.0);
+    assert!(metrics.sum("promguard_cache_evictions_total{cause=\"size\"}") > 1000.0);
 }

@@ -110,23 +110,41 @@ fn start_backends() -> Result<Backends, String> {
 /// request counters to prove promguard sent nothing holds it exclusively.
 pub static VM_COUNTERS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// A `/metrics` page in Prometheus text format.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// The sum of every sample whose line starts with `prefix` (a metric name, or
+    /// a name with its first labels, which the text format prints sorted).
+    pub fn sum(&self, prefix: &str) -> f64 {
+        self.0
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// Read the `/metrics` page of promguard or a backend at `base`.
+pub async fn scrape(base: &str) -> Scrape {
+    Scrape(
+        client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("a /metrics page")
+            .text()
+            .await
+            .expect("its text"),
+    )
+}
+
 /// VictoriaMetrics' own count of query requests it has served.
-pub async fn vm_query_count() -> u64 {
-    let text = client()
-        .get(format!("{}/metrics", backends().victoria))
-        .send()
-        .await
-        .expect("VictoriaMetrics metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("vm_http_requests_total{path=\"/api/v1/query")
-                || l.starts_with("vm_http_requests_total{path=\"/api/v1/series")
-                || l.starts_with("vm_http_requests_total{path=\"/api/v1/label")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+pub async fn vm_query_count() -> f64 {
+    let page = scrape(&backends().victoria).await;
+    ["query", "series", "label"]
+        .iter()
+        .map(|p| page.sum(&format!("vm_http_requests_total{{path=\"/api/v1/{p}")))
         .sum()
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client};
+use crate::harness::{Promguard, client, scrape};
 
 fn config(backend: &str, extra: &str) -> String {
     format!(
@@ -29,18 +29,7 @@ fn query_url(pg: &Promguard, n: usize) -> String {
 }
 
 async fn metric(pg: &Promguard, prefix: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    scrape(&pg.url).await.sum(prefix)
 }
 
 #[tokio::test]

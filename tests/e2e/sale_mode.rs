@@ -10,7 +10,7 @@ use std::process::Command;
 use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 
-use crate::harness::{Promguard, VM_COUNTERS, client, now_secs, post_form, vm_query_count};
+use crate::harness::{Promguard, VM_COUNTERS, client, now_secs, post_form, scrape, vm_query_count};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -196,20 +196,16 @@ async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
         "the old policy, with its window, still applies"
     );
 
-    let metrics = client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains(r#"promguard_policy_reloads_total{result="error"} 1"#),
-        "{metrics}"
+    let metrics = scrape(&pg.url).await;
+    assert_eq!(
+        metrics.sum(r#"promguard_policy_reloads_total{result="error"}"#),
+        1.0
     );
-    assert!(metrics.contains(r#"promguard_sale_mode{source="schedule",window="drill"} 1"#));
-    assert!(metrics.contains(r#"promguard_policy_rejections_total{limit="long_term",mode="sale",rule="recent-data-only"}"#));
+    assert_eq!(
+        metrics.sum(r#"promguard_sale_mode{source="schedule",window="drill"}"#),
+        1.0
+    );
+    assert!(metrics.sum(r#"promguard_policy_rejections_total{limit="long_term",mode="sale",rule="recent-data-only"}"#) >= 1.0);
 }
 
 #[tokio::test]
@@ -224,17 +220,10 @@ async fn dry_run_rules_count_without_refusing() {
     ];
     let (status, _, body) = post_form(&format!("{}/api/v1/query", pg.url), &form, &[]).await;
     assert_eq!(status, 200, "{body}");
-    let metrics = client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains(r#"promguard_policy_dry_run_would_reject_total{limit="blocked_pattern",mode="sale",rule="no-name-regex"} 1"#),
-        "{metrics}"
+    let metrics = scrape(&pg.url).await;
+    assert_eq!(
+        metrics.sum(r#"promguard_policy_dry_run_would_reject_total{limit="blocked_pattern",mode="sale",rule="no-name-regex"}"#),
+        1.0
     );
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, free_port};
+use crate::harness::{Promguard, client, free_port, scrape};
 
 fn recent_only(url: &str, extra: &str) -> String {
     format!("backends:\n  recent:\n    url: {url}\n{extra}")
@@ -25,27 +25,11 @@ async fn query(pg: &Promguard) -> (u16, Value) {
     (status, response.json().await.expect("JSON error body"))
 }
 
-fn in_flight(metrics: &str) -> Option<i64> {
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("promguard_upstream_in_flight_requests{")
-                && l.contains(r#"backend="recent""#)
-                && l.contains(r#"endpoint="query""#)
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-async fn scrape(pg: &Promguard) -> String {
-    client()
-        .get(format!("{}/metrics", pg.url))
-        .send()
+/// Upstream instant queries in flight on the recent backend, from promguard's gauge.
+async fn in_flight(pg: &Promguard) -> f64 {
+    scrape(&pg.url)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body")
+        .sum(r#"promguard_upstream_in_flight_requests{backend="recent",endpoint="query"}"#)
 }
 
 #[tokio::test]
@@ -119,7 +103,7 @@ async fn oversized_answers_are_refused_with_advice() {
 async fn in_flight_gauge_moves_under_load() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(1500))).await;
     let pg = Promguard::start(&recent_only(&backend.url, ""));
-    assert_eq!(in_flight(&scrape(&pg).await), Some(0));
+    assert_eq!(in_flight(&pg).await, 0.0);
     // Distinct queries: identical ones would share one upstream call.
     let requests: Vec<_> = (0..5)
         .map(|n| {
@@ -132,16 +116,16 @@ async fn in_flight_gauge_moves_under_load() {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut peak = 0;
-    while Instant::now() < deadline && peak < 5 {
-        peak = peak.max(in_flight(&scrape(&pg).await).unwrap_or(0));
+    let mut peak: f64 = 0.0;
+    while Instant::now() < deadline && peak < 5.0 {
+        peak = peak.max(in_flight(&pg).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(peak, 5, "all five slow calls show as in flight");
+    assert_eq!(peak, 5.0, "all five slow calls show as in flight");
     for r in requests {
         assert_eq!(r.await.expect("join").expect("response"), 200);
     }
-    assert_eq!(in_flight(&scrape(&pg).await), Some(0));
+    assert_eq!(in_flight(&pg).await, 0.0);
     assert_eq!(backend.counters.peak_in_flight.load(Ordering::SeqCst), 5);
 }
 
@@ -163,7 +147,7 @@ async fn a_client_that_leaves_cancels_the_upstream_call() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(backend.counters.abandoned.load(Ordering::SeqCst), 1);
-    assert_eq!(in_flight(&scrape(&pg).await), Some(0));
+    assert_eq!(in_flight(&pg).await, 0.0);
 }
 
 #[tokio::test]
