@@ -32,8 +32,12 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(ROUNDS);
     let b = backends();
-    // The cache disabled: this measures the proxy path itself.
-    let pg = Promguard::in_front_of_backends("cache:\n  enabled: false\n");
+    // The cache disabled and the per-user budgets out of the way: this measures the
+    // proxy path itself (parse, analyse, route, limit, admit, forward), not refusals.
+    let pg = Promguard::in_front_of_backends(
+        "cache:\n  enabled: false\n\
+         limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n",
+    );
     let end = (now_secs() - 120) / 30 * 30;
     let arms = [
         Arm {
@@ -78,8 +82,13 @@ async fn main() {
                     .send()
                     .await
                     .expect("request");
-                assert!(response.status().is_success());
-                response.bytes().await.expect("body");
+                let status = response.status();
+                let body = response.bytes().await.expect("body");
+                assert!(
+                    status.is_success(),
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
                 let micros = started.elapsed().as_micros() as u64;
                 let h = if via { &mut proxied } else { &mut direct };
                 h.saturating_record(micros.max(1));
