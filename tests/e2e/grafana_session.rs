@@ -138,6 +138,28 @@ async fn instant_queries_save_and_test_and_build_info() {
     );
     assert_same_answer(&got, &want, 0.0, "instant query vs Prometheus");
 
+    // Exemplars (Grafana asks for them alongside panel queries).
+    let end = now_secs() - 60;
+    let exemplars = [
+        ("query", "http_request_duration_seconds_bucket".to_string()),
+        ("start", (end - 3600).to_string()),
+        ("end", end.to_string()),
+    ];
+    let (status, backend, got) = post_form(
+        &format!("{}/api/v1/query_exemplars", pg.url),
+        &exemplars,
+        &[],
+    )
+    .await;
+    assert_eq!((status, backend.as_deref()), (200, Some("recent")), "{got}");
+    let (_, _, want) = post_form(
+        &format!("{}/api/v1/query_exemplars", b.prometheus),
+        &exemplars,
+        &[],
+    )
+    .await;
+    assert_same_answer(&got, &want, 0.0, "query_exemplars");
+
     // Build info drives Grafana's feature detection; other read-only GETs pass through.
     for path in [
         "/api/v1/status/buildinfo",
@@ -149,6 +171,23 @@ async fn instant_queries_save_and_test_and_build_info() {
         assert_eq!(status, 200, "{path}: {got}");
         assert_same_answer(&got, &want, 0.0, path);
     }
+
+    // The status page reports exact percentiles for what was just served.
+    let (status, _, page) = get(&format!("{}/-/status", pg.url), &[]).await;
+    assert_eq!(status, 200);
+    let rows = page["latency"].as_array().expect("latency rows");
+    let query = rows
+        .iter()
+        .find(|r| r["scope"] == "request" && r["endpoint"] == "query")
+        .expect("a row for client instant queries");
+    assert!(query["count"].as_u64() >= Some(2));
+    for p in ["p50_ms", "p90_ms", "p99_ms", "p999_ms"] {
+        assert!(query[p].as_f64().is_some_and(|v| v > 0.0), "{p}: {query}");
+    }
+    assert!(
+        rows.iter().any(|r| r["scope"] == "recent"),
+        "upstream rows per backend"
+    );
 }
 
 #[tokio::test]

@@ -248,3 +248,80 @@ async fn the_admin_api_needs_its_token() {
         "no token configured: disabled"
     );
 }
+
+/// A policy that refuses everything that reads series, to see which policy is in force.
+const REFUSE_ALL: &str = "sale:\n  rules:\n    - {name: closed, max_lookback: 1s}\n";
+
+async fn instant_status(pg: &Promguard) -> u16 {
+    let form = [
+        ("query", "up".to_string()),
+        ("time", (now_secs() - 60).to_string()),
+    ];
+    post_form(
+        &format!("{}/api/v1/query", pg.url),
+        &form,
+        &[("Cache-Control", "no-cache")],
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn policies_reload_when_their_files_change_and_on_sighup() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        format!("{}{}", window_only(), "sale:\n  rules: []\n"),
+    )
+    .expect("write");
+    let pg = Promguard::in_front_of_backends(&format!(
+        "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 200ms\n",
+        dir.path().display(),
+        dir.path().join("state.json").display()
+    ));
+    assert_eq!(instant_status(&pg).await, 200);
+    // An edit is picked up by the content poll.
+    std::fs::write(&file, format!("{}{REFUSE_ALL}", window_only())).expect("write");
+    let mut refused = false;
+    for _ in 0..50 {
+        if instant_status(&pg).await == 422 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the edited policy took effect without a restart");
+
+    // SIGHUP reloads at once, even with a long poll interval.
+    let dir2 = tempfile::tempdir().expect("temp dir");
+    let file2 = dir2.path().join("p.yaml");
+    std::fs::write(&file2, format!("{}{REFUSE_ALL}", window_only())).expect("write");
+    let pg2 = Promguard::in_front_of_backends(&format!(
+        "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 1h\n",
+        dir2.path().display(),
+        dir2.path().join("state.json").display()
+    ));
+    assert_eq!(instant_status(&pg2).await, 422);
+    std::fs::write(&file2, format!("{}sale:\n  rules: []\n", window_only())).expect("write");
+    let hup = Command::new("kill")
+        .args(["-HUP", &pg2.pid().to_string()])
+        .status()
+        .expect("send SIGHUP");
+    assert!(hup.success());
+    let mut allowed = false;
+    for _ in 0..50 {
+        if instant_status(&pg2).await == 200 {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(allowed, "SIGHUP reloaded the policy");
+}
+
+/// Just the open window of [`policy_now`].
+fn window_only() -> String {
+    let full = policy_now();
+    full[..full.find("sale:").unwrap_or(full.len())].to_string()
+}
