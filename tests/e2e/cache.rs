@@ -293,3 +293,45 @@ async fn the_byte_bound_holds_under_many_distinct_queries() {
     assert!(metrics.sum("promguard_cache_bytes") <= 256.0 * 1024.0);
     assert!(metrics.sum("promguard_cache_evictions_total{cause=\"size\"}") > 1000.0);
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[tokio::test]
+async fn memory_stays_near_the_bound_when_far_more_passes_through() {
+    let backend = FaultServer::start(Mode::Big(64 * 1024)).await;
+    let pg = Promguard::start(&format!(
+        "backends:\n  recent:\n    url: {}\ncache:\n  max_bytes: 4MiB\n{UNLIMITED}",
+        backend.url
+    ));
+    let before = rss_bytes(pg.pid());
+    // About 190 MiB of distinct answers through a 4 MiB cache.
+    for i in 0..3000 {
+        let url = format!(
+            "{}/api/v1/query?query=up%7Bi%3D%22{i}%22%7D&time=1700000000",
+            pg.url
+        );
+        let r = client().get(url).send().await.expect("answer");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    let after = rss_bytes(pg.pid());
+    let metrics = scrape(&pg.url).await;
+    assert!(metrics.sum("promguard_cache_bytes") <= 4.0 * 1024.0 * 1024.0);
+    // The bound plus a fixed allowance for buffers and allocator slack, far below
+    // what passed through.
+    let growth = after.saturating_sub(before);
+    assert!(
+        growth < 4 * 1024 * 1024 + 48 * 1024 * 1024,
+        "resident memory grew by {} MiB",
+        growth / (1024 * 1024)
+    );
+}

@@ -17,6 +17,8 @@ pub enum Mode {
     Garbage,
     /// Answer an empty vector after a delay.
     Slow(Duration),
+    /// Answer at once with a valid vector of about this many bytes.
+    Big(usize),
 }
 
 #[derive(Default)]
@@ -78,6 +80,14 @@ async fn serve(mut stream: TcpStream, mode: Mode, counters: Arc<Counters>) {
             counters.abandoned.fetch_add(1, Ordering::SeqCst);
         }
         Mode::Garbage => respond(&mut stream, "text/html", "<html>502 Bad Gateway</html>").await,
+        Mode::Big(size) => {
+            let body = format!(
+                r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{"pad":"{}"}},"value":[1,"1"]}}]}}}}"#,
+                "x".repeat(size)
+            );
+            respond(&mut stream, "application/json", &body).await;
+            counters.completed.fetch_add(1, Ordering::SeqCst);
+        }
         Mode::Slow(delay) => {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {
