@@ -23,8 +23,8 @@ use crate::cache::{self, CacheStatus};
 use crate::error::ProxyError;
 use crate::identity::{Caller, Source};
 use crate::policy::Compiled;
-use crate::policy::rules::{Decision, Facts, RuleSet};
-use crate::policy::state::Mode;
+use crate::policy::rules::{Decision, Facts, Refusal, RuleSet};
+use crate::policy::state::{Effective, Mode};
 use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
 use crate::upstream::UpstreamResponse;
@@ -114,7 +114,14 @@ pub async fn handle(
         state.max_request_body,
     )
     .await?;
-    let req = request::parse(&method, &path, params, ctx.now, &state.queries)?;
+    let req = Arc::new(request::parse(
+        &method,
+        &path,
+        params,
+        ctx.now,
+        &state.queries,
+    )?);
+    ctx.request = Some(req.clone());
 
     // analyse: which samples it touches
     let shape = shape_of(&req, state);
@@ -124,39 +131,12 @@ pub async fn handle(
     ctx.backend = Some(backend);
 
     // policy: the rules of the mode in force allow it, or refuse it with a reason
-    let facts = facts(state, &req, &shape, backend, ctx);
-    match policy.rules(mode.mode).decide(&facts) {
-        Decision::Refuse(refusal) => {
-            state
-                .metrics
-                .policy_rejections
-                .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
-                .inc();
-            return Err(ProxyError::Policy {
-                mode: mode.describe(),
-                message: refusal.message,
-                advice: advice(policy.rules(mode.mode)),
-            });
-        }
-        Decision::Allow { would_refuse } => {
-            for refusal in would_refuse {
-                state
-                    .metrics
-                    .policy_dry_run
-                    .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
-                    .inc();
-                tracing::warn!(
-                    mode = mode.mode.as_str(),
-                    rule = refusal.rule,
-                    "dry run: {}",
-                    refusal.message
-                );
-            }
-        }
-        Decision::Exempt => {}
-    }
-    let req = Arc::new(req);
-    ctx.request = Some(req.clone());
+    decide(
+        state,
+        &policy,
+        &mode,
+        &facts(state, &req, &shape, backend, ctx),
+    )?;
 
     // cache: answer from cache, fetching (once for all identical requests) only
     // what is missing; forward: the bounded, cancellable upstream calls it makes
@@ -194,6 +174,45 @@ pub async fn handle(
     );
     headers.insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     Ok(response)
+}
+
+/// Apply the rules of the mode in force: refuse, or allow and count the dry-run
+/// rules that would have refused.
+fn decide(
+    state: &AppState,
+    policy: &Compiled,
+    mode: &Effective,
+    facts: &Facts<'_>,
+) -> Result<(), ProxyError> {
+    let rules = policy.rules(mode.mode);
+    let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
+        counter
+            .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
+            .inc();
+    };
+    match rules.decide(facts) {
+        Decision::Refuse(refusal) => {
+            count(&state.metrics.policy_rejections, &refusal);
+            Err(ProxyError::Policy {
+                mode: mode.describe(),
+                message: refusal.message,
+                advice: advice(rules),
+            })
+        }
+        Decision::Allow { would_refuse } => {
+            for refusal in would_refuse {
+                count(&state.metrics.policy_dry_run, &refusal);
+                tracing::warn!(
+                    mode = mode.mode.as_str(),
+                    rule = refusal.rule,
+                    "dry run: {}",
+                    refusal.message
+                );
+            }
+            Ok(())
+        }
+        Decision::Exempt => Ok(()),
+    }
 }
 
 /// What the cache runs for each piece it must fetch: the caller's upstream budget
