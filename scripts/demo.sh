@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The promguard demo in one command: a real Prometheus (the last 2 days at 30 s) and a
-# real VictoriaMetrics (3 years at 1 h) loaded with a synthetic shop's metrics, both
-# scraping it live, and promguard in front of them on http://127.0.0.1:9091.
+# real VictoriaMetrics (3 years: 1 h samples, the last 2 days at 30 s) loaded with a
+# synthetic shop's metrics, both scraping it live, and promguard in front of them on
+# http://127.0.0.1:9091.
 #
 #   scripts/demo.sh
 #
@@ -105,7 +106,7 @@ cat <<EOF
 promguard demo is running; Ctrl-C stops everything.
   promguard        $pg   (point Grafana's Prometheus data source here)
   Prometheus       $PROMETHEUS_URL   (the last 2 days, 30 s samples)
-  VictoriaMetrics  $VM_URL   (3 years, 1 h samples, plus live ones)
+  VictoriaMetrics  $VM_URL   (3 years: 1 h samples, the last 2 days at 30 s, plus live ones)
   demo-data        $EXPORTER_URL/metrics
   logs             $DIR/*.log
 
