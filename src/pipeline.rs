@@ -162,8 +162,20 @@ pub async fn handle(
         .await?;
     ctx.cache = Some(served.cache);
 
-    let mut response = (served.status, served.body).into_response();
+    // A hit is sent gzipped when the client accepts it (Grafana's does): the copy
+    // is made once per stored answer, and a tenth of the bytes goes out.
+    let gzipped = served
+        .stored
+        .as_ref()
+        .filter(|_| accepts_gzip(&headers))
+        .and_then(|answer| answer.gzipped().cloned());
+    let compressed = gzipped.is_some();
+    let mut response = (served.status, gzipped.unwrap_or(served.body)).into_response();
     let headers = response.headers_mut();
+    if compressed {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -174,6 +186,25 @@ pub async fn handle(
     );
     headers.insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     Ok(response)
+}
+
+/// Whether the client takes gzip (`Accept-Encoding: gzip`, not with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    == Some(0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
 }
 
 /// Apply the rules of the mode in force: refuse, or allow and count the dry-run
@@ -383,4 +414,25 @@ fn is_length_limit(e: &axum::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_is_sent_only_to_clients_that_accept_it() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, value.parse().unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(with("gzip"), "Grafana's Go client");
+        assert!(with("deflate, gzip;q=0.5, br"));
+        assert!(with("*"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("gzip; q=0.000"));
+        assert!(!with("br, deflate"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 }

@@ -64,6 +64,8 @@ pub struct Served {
     pub status: StatusCode,
     pub body: Bytes,
     pub cache: CacheStatus,
+    /// The stored answer a hit came from, which can also be sent gzipped.
+    pub stored: Option<Arc<store::Answer>>,
 }
 
 /// A whole answer's key, what to send upstream, and how long it stays fresh.
@@ -308,6 +310,7 @@ impl Cache {
                     status: r.status,
                     body: r.body,
                     cache: CacheStatus::Bypass,
+                    stored: None,
                 })
             }
             Plan::Whole(w) => match self.fresh(&w.key) {
@@ -354,6 +357,7 @@ impl Cache {
                 status: StatusCode::OK,
                 body: answer.body.clone(),
                 cache: CacheStatus::Hit,
+                stored: Some(answer.clone()),
             }
         })
     }
@@ -405,6 +409,7 @@ impl Cache {
             status: StatusCode::OK,
             body: with_warning(&answer.body, &warning),
             cache: CacheStatus::Stale,
+            stored: None,
         })
     }
 
@@ -440,6 +445,7 @@ impl Cache {
             status: response.status,
             body: response.body,
             cache: CacheStatus::Miss,
+            stored: None,
         })
     }
 
@@ -542,6 +548,7 @@ impl Cache {
                 (false, true) => CacheStatus::Miss,
                 (false, false) => CacheStatus::Partial,
             },
+            stored: None,
         })
     }
 }
@@ -551,6 +558,7 @@ fn uncached(response: UpstreamResponse) -> Served {
         status: response.status,
         body: response.body,
         cache: CacheStatus::Miss,
+        stored: None,
     }
 }
 

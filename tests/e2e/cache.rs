@@ -335,3 +335,41 @@ async fn memory_stays_near_the_bound_when_far_more_passes_through() {
         growth / (1024 * 1024)
     );
 }
+
+#[tokio::test]
+async fn hits_go_out_gzipped_to_clients_that_accept_it() {
+    use std::io::Read;
+    let backend = FaultServer::start(Mode::Big(64 * 1024)).await;
+    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let url = format!("{}/api/v1/query?query=up&time=1700000000", pg.url);
+    // A client that does not decompress by itself, so the wire format is visible.
+    let raw = reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("client");
+    let get = |encoding: &'static str| raw.get(&url).header("accept-encoding", encoding).send();
+    let miss = get("gzip").await.expect("answer");
+    assert_eq!(miss.headers()["x-cache"], "MISS");
+    assert!(!miss.headers().contains_key("content-encoding"));
+    let plain = miss.bytes().await.expect("body");
+
+    let hit = get("gzip").await.expect("answer");
+    assert_eq!(hit.headers()["x-cache"], "HIT");
+    assert_eq!(hit.headers()["content-encoding"], "gzip");
+    let wire = hit.bytes().await.expect("body");
+    assert!(
+        wire.len() < plain.len() / 10,
+        "{} of {} bytes",
+        wire.len(),
+        plain.len()
+    );
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&wire[..])
+        .read_to_end(&mut unzipped)
+        .expect("valid gzip");
+    assert_eq!(unzipped, plain);
+
+    let identity = get("identity").await.expect("answer");
+    assert!(!identity.headers().contains_key("content-encoding"));
+    assert_eq!(identity.bytes().await.expect("body"), plain);
+}
