@@ -3,7 +3,9 @@
 # the recent range at a fine step in Prometheus (promtool backfill); everything in
 # VictoriaMetrics, as a downsampled long-term store holds it (the long-term range at a
 # coarse step, the recent range at the fine step); both scraping a live demo-data
-# exporter so the data keeps growing.
+# exporter so the data keeps growing. Prometheus also evaluates the curated dashboards'
+# recording rules (dashboards/rules/*.yml, backfilled over the recent range) and scrapes
+# the promguard processes listed in JSON files (file_sd format) in PROMGUARD_TARGETS_DIR.
 #
 #   scripts/backends.sh start --dir DIR [--prom-port 9090] [--vm-port 8428]
 #       [--exporter-port 9200] [--instances 8] [--recent 2d] [--recent-step 30s]
@@ -12,8 +14,9 @@
 #
 # Durations are one number and a unit: s, m, h, d, w or y (365 days). `start` builds
 # nothing: demo-data must already be in --bin-dir. Once both backends answer queries it
-# prints PROMETHEUS_URL=, VM_URL= and EXPORTER_URL= lines on stdout; progress goes to
-# stderr, logs and pid files to DIR. If `start` fails it stops whatever it started.
+# prints PROMETHEUS_URL=, VM_URL=, EXPORTER_URL= and PROMGUARD_TARGETS_DIR= lines on
+# stdout; progress goes to stderr, logs and pid files to DIR. If `start` fails it stops
+# whatever it started.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -160,7 +163,7 @@ start() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
   local began=$SECONDS
-  rm -rf "$dir/prometheus" "$dir/vm" "$dir/data"
+  rm -rf "$dir/prometheus" "$dir/vm" "$dir/data" "$dir/rule-blocks" "$dir/promguard-targets"
   mkdir -p "$dir/data"
 
   local end recent_start long_start incident_day
@@ -215,6 +218,20 @@ scrape_configs:
         replacement: ""
 EOF
 
+  # Prometheus scrapes the same exporter, plus the promguard processes that demo.sh and the
+  # e2e tests list in the targets directory (watched, so a new file is picked up at once),
+  # and evaluates the curated dashboards' recording rules. A file of its own, because
+  # VictoriaMetrics refuses rule_files in a scrape config.
+  mkdir -p "$dir/promguard-targets"
+  cat "$dir/scrape.yml" - >"$dir/prometheus.yml" <<EOF
+  - job_name: promguard
+    scrape_interval: 5s
+    file_sd_configs:
+      - files: ["$dir/promguard-targets/*.json"]
+rule_files:
+  - $REPO/dashboards/rules/*.yml
+EOF
+
   # Retention a month beyond the range: VictoriaMetrics refuses samples older than it.
   # Its lookback must span the long-term step: with the default, VictoriaMetrics 1.79
   # answers an instant query more than a few minutes after an hourly sample with nothing.
@@ -245,12 +262,31 @@ EOF
   curl -fsS "$vm_url/internal/resetRollupResultCache" >/dev/null
   wait "$backfill_job" || die "promtool backfill failed; see $dir/promtool.log"
 
-  # Retention beyond the range too, so the backfill survives a demo left running.
-  launch prometheus prometheus --config.file="$dir/scrape.yml" --storage.tsdb.path="$dir/prometheus" \
+  # Backfill the recording rules over the recent range too, so the curated dashboards have
+  # history from the start. promtool evaluates them through a Prometheus API: a first
+  # Prometheus on the backfilled blocks, scraping nothing, serves it; the real one starts
+  # once the rule blocks are in place (a running Prometheus loads new blocks only at its
+  # next minutely reload).
+  log "backfilling the recording rules"
+  local prom_url=http://127.0.0.1:$prom_port pid
+  echo 'scrape_configs: []' >"$dir/backfill.yml"
+  launch prometheus prometheus --config.file="$dir/backfill.yml" --storage.tsdb.path="$dir/prometheus" \
     --storage.tsdb.retention.time="$((recent + 7 * 86400))s" --web.listen-address="127.0.0.1:$prom_port"
-  local prom_url=http://127.0.0.1:$prom_port
+  wait_http prometheus "$prom_url/-/ready" 120
+  promtool tsdb create-blocks-from rules --start="$recent_start" --end="$end" --url="$prom_url" \
+    --output-dir="$dir/rule-blocks" "$REPO"/dashboards/rules/*.yml >"$dir/promtool-rules.log" 2>&1 ||
+    die "promtool rule backfill failed; see $dir/promtool-rules.log"
+  pid=$(running_pid prometheus)
+  kill -TERM "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+  mv "$dir/rule-blocks"/* "$dir/prometheus/"
+
+  # Retention beyond the range too, so the backfill survives a demo left running.
+  launch prometheus prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/prometheus" \
+    --storage.tsdb.retention.time="$((recent + 7 * 86400))s" --web.listen-address="127.0.0.1:$prom_port"
   wait_http prometheus "$prom_url/-/ready" 120
   wait_data prometheus "$prom_url" 'count(shop_orders_total)' "$((recent_start + 3600))"
+  wait_data prometheus "$prom_url" 'count(region_channel_status:shop_orders:rate1m)' "$((recent_start + 3600))"
   # Ready means live too: both have scraped the exporter (series metadata, for one,
   # exists only after a scrape).
   wait_data prometheus "$prom_url" 'up{job="demo-data"} == 1'
@@ -259,7 +295,8 @@ EOF
   rm -rf "$dir/data"
   trap - EXIT INT TERM
   log "ready in $((SECONDS - began)) s"
-  printf 'PROMETHEUS_URL=%s\nVM_URL=%s\nEXPORTER_URL=%s\n' "$prom_url" "$vm_url" "$exporter_url"
+  printf 'PROMETHEUS_URL=%s\nVM_URL=%s\nEXPORTER_URL=%s\nPROMGUARD_TARGETS_DIR=%s\n' \
+    "$prom_url" "$vm_url" "$exporter_url" "$dir/promguard-targets"
 }
 
 (($# > 0)) || usage

@@ -101,6 +101,9 @@ incident=$(date -u -d "$(date -u -d "@$((now + 3 * 3600 - 86400))" +%F) 11:00" +
 friday=$(last_black_friday)
 opening=$(($(date -u -d "$friday" +%s) - 3 * 3600))
 pg=http://127.0.0.1:$PORT
+# The promguard dashboard shows promguard's own metrics: list it for Prometheus to scrape.
+printf '[{"targets": ["127.0.0.1:%s"], "labels": {"job": "promguard"}}]\n' "$PORT" \
+  >"$(url PROMGUARD_TARGETS_DIR)/demo.json"
 cat <<EOF
 
 promguard demo is running; Ctrl-C stops everything.
@@ -109,6 +112,9 @@ promguard demo is running; Ctrl-C stops everything.
   VictoriaMetrics  $VM_URL   (3 years: 1 h samples, the last 2 days at 30 s, plus live ones)
   demo-data        $EXPORTER_URL/metrics
   logs             $DIR/*.log
+
+Curated dashboards (orders, sla, promguard): dashboards/*.json, with Grafana provisioning
+in dashboards/provisioning/ (set the data source URL there to $pg).
 
 Orders per minute by region, now (recent, so Prometheus answers):
   curl -sG $pg/api/v1/query --data-urlencode 'query=sum by (region) (rate(shop_orders_total{status="created"}[5m])) * 60'

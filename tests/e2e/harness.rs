@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,6 +37,8 @@ pub fn now_secs() -> i64 {
 pub struct Backends {
     pub prometheus: String,
     pub victoria: String,
+    /// Where a test lists a promguard for the shared Prometheus to scrape (file_sd JSON).
+    pub promguard_targets: PathBuf,
 }
 
 /// Start the backends on first use; later callers get the same ones, or the same
@@ -103,6 +105,7 @@ fn start_backends() -> Result<Backends, String> {
     Ok(Backends {
         prometheus: var("PROMETHEUS_URL")?,
         victoria: var("VM_URL")?,
+        promguard_targets: var("PROMGUARD_TARGETS_DIR")?.into(),
     })
 }
 

@@ -4,6 +4,8 @@
 
 mod bad_input;
 mod cache;
+mod chart;
+mod dashboards;
 mod faults;
 mod grafana_session;
 mod harness;

@@ -1,0 +1,291 @@
+"""Render the promguard Helm chart and check what it produces; run by scripts/check-chart.sh.
+
+Rendering is Helm's own code (Helm v4's Go SDK through helm-python-sdk): `helm lint`,
+the values schema and the templates exactly as `helm template` renders them. Every
+rendered object is then validated against the Kubernetes OpenAPI schemas (strict: an
+unknown field fails), the pieces the chart promises are checked one by one, and the
+configuration and policies it renders are handed to promguard's own `check-config` and
+`policy check`. The Dockerfile is parsed with Docker's parser.
+
+    python check_chart.py REPO PROMGUARD_BINARY
+"""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import dockerfile
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) that the bundled
+# schemas cover, and the newest they know.
+KUBE_VERSIONS = ["1.25.0", "1.37.0"]
+# Kinds whose schemas come from CRDs (prometheus-operator), checked field by field below.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+RELEASE, NAMESPACE = "promguard", "monitoring"
+
+REPO = Path(sys.argv[1]).resolve()
+PROMGUARD = Path(sys.argv[2]).resolve()
+CHART = REPO / "helm" / "promguard"
+
+# Every optional piece on, and the values a real install would give.
+FULL = {
+    "replicaCount": 3,
+    "autoscaling": {"enabled": False},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {"enabled": True},
+    "policies": {"files": {"zz-drill.yaml": "windows:\n  - name: drill\n    start: '2026-11-20T10:00:00'\n"
+                                            "    end: '2026-11-20T11:00:00'\n    timezone: Europe/Moscow\n"},
+                 "rollOnChange": True},
+    "auth": {"adminToken": "given-admin-token", "grafanaSecret": "given-grafana-secret"},
+    "extraEnv": [{"name": "PROMGUARD_LOG", "value": "debug"}],
+}
+SINGLE = {"replicaCount": 1, "autoscaling": {"enabled": False}, "saleModeState": {"persistence": True}}
+EXISTING = {"auth": {"existingSecret": "promguard-from-vault"}, "policies": {"bundled": False}}
+
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+
+
+def render(values):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for template, text in manifests.items():
+        if template.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def by_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects, kind, name=None):
+    found = [o for o in by_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def validate_schemas(objects, scenario):
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                failures.append(f"{scenario}: {obj['kind']} {obj['metadata']['name']} on {version}: {e.message}")
+
+
+def secret_value(secret, key):
+    if "stringData" in secret and key in secret["stringData"]:
+        return secret["stringData"][key]
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def check_with_promguard(objects, scenario):
+    """promguard itself accepts the rendered config and policies."""
+    config_map = one(objects, "ConfigMap", RELEASE)
+    config = yaml.safe_load(config_map["data"]["promguard.yaml"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        policies = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"] == f"{RELEASE}-policies"]
+        if policies:
+            (tmp / "policies").mkdir()
+            for name, text in policies[0]["data"].items():
+                (tmp / "policies" / name).write_text(text)
+            run([PROMGUARD, "policy", "check", tmp / "policies"], scenario)
+            check(config["policy"]["dir"] == "/etc/promguard/policies", f"{scenario}: policy.dir")
+            config["policy"]["dir"] = str(tmp / "policies")
+        else:
+            check("dir" not in config["policy"], f"{scenario}: policy.dir without policy files")
+        (tmp / "promguard.yaml").write_text(yaml.safe_dump(config))
+        env = dict(os.environ, PROMGUARD_GRAFANA_SECRET="from-the-secret")
+        run([PROMGUARD, "check-config", tmp / "promguard.yaml"], scenario, env)
+
+
+def run(argv, scenario, env=None):
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env)
+    check(done.returncode == 0, f"{scenario}: {' '.join(map(str, argv[1:3]))}: {done.stdout}{done.stderr}")
+
+
+def check_defaults(objects):
+    scenario = "defaults"
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    check(container["livenessProbe"]["httpGet"]["path"] == "/-/healthy", "liveness on /-/healthy")
+    check(container["readinessProbe"]["httpGet"]["path"] == "/-/ready", "readiness on /-/ready")
+    check(container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"],
+          "memory requests and limits")
+    check(spec["securityContext"]["runAsNonRoot"] is True, "pod runs as non-root")
+    security = container["securityContext"]
+    check(security["readOnlyRootFilesystem"] is True, "read-only root filesystem")
+    check(security["allowPrivilegeEscalation"] is False, "no privilege escalation")
+    check(security["capabilities"]["drop"] == ["ALL"], "all capabilities dropped")
+    check(spec["automountServiceAccountToken"] is False, "no service account token")
+    annotations = pod["metadata"]["annotations"]
+    check("checksum/config" in annotations and "checksum/secret" in annotations,
+          "config and secret changes roll the pods")
+    check("checksum/policies" not in annotations, "policy edits are hot-reloaded, not rolled")
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    check("subPath" not in mounts["policies"], "policies mounted as a directory, so updates reach the pod")
+    check(mounts["state"]["mountPath"] == "/var/lib/promguard", "writable state directory")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    check("emptyDir" in volumes["state"], "sale-mode state on an emptyDir by default")
+    env = {e["name"]: e for e in container["env"]}
+    for name, key in [("PROMGUARD_ADMIN_TOKEN", "admin-token"), ("PROMGUARD_GRAFANA_SECRET", "grafana-secret")]:
+        check(env[name]["valueFrom"]["secretKeyRef"] == {"name": RELEASE, "key": key}, f"{name} from the Secret")
+    check("replicas" not in deployment["spec"], "the HPA owns the replica count")
+
+    labels = pod["metadata"]["labels"]
+    service = one(objects, "Service")
+    check(all(labels.get(k) == v for k, v in service["spec"]["selector"].items()), "the Service selects the pods")
+    check(service["spec"]["ports"][0]["targetPort"] == "http", "the Service targets the http port")
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    check(hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"], "the HPA scales the Deployment")
+    pdb = one(objects, "PodDisruptionBudget")
+    check(pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), "the PDB selects the pods")
+
+    secret = one(objects, "Secret", RELEASE)
+    grafana_secret = secret_value(secret, "grafana-secret")
+    check(len(secret_value(secret, "admin-token")) >= 32, "a generated admin token")
+    check(len(grafana_secret) >= 32, "a generated Grafana secret")
+
+    config = yaml.safe_load(one(objects, "ConfigMap", RELEASE)["data"]["promguard.yaml"])
+    check(config["listen"] == "0.0.0.0:9091", "listens on all interfaces in the pod")
+    check(config["identity"]["grafana"]["secret"] == {"env": "PROMGUARD_GRAFANA_SECRET"},
+          "the Grafana secret comes from the environment, not the ConfigMap")
+    check(config["priority"]["dashboards"] == ["orders", "sla", "promguard"], "curated dashboards go first")
+
+    policies = one(objects, "ConfigMap", f"{RELEASE}-policies")["data"]
+    for path in sorted((REPO / "policies").glob("*.yaml")):
+        check(policies.get(path.name) == path.read_text(), f"policies/{path.name} shipped as is")
+
+    datasource_secret = one(objects, "Secret", f"{RELEASE}-grafana-datasource")
+    check(datasource_secret["metadata"]["labels"].get("grafana_datasource") == "1", "data source labelled for the sidecar")
+    datasource = yaml.safe_load(datasource_secret["stringData"]["promguard-datasource.yaml"])["datasources"][0]
+    check(datasource["uid"] == "promguard" and datasource["type"] == "prometheus", "data source uid promguard")
+    check(datasource["url"] == f"http://{RELEASE}.{NAMESPACE}.svc:9091", "data source points at the Service")
+    check(datasource["jsonData"]["httpMethod"] == "POST", "data source uses POST")
+    check(datasource["jsonData"]["httpHeaderName1"] == "X-Promguard-Grafana-Secret", "data source sends the secret header")
+    check(datasource["secureJsonData"]["httpHeaderValue1"] == grafana_secret,
+          "data source and promguard share one generated secret")
+
+    dashboards = [o for o in by_kind(objects, "ConfigMap") if "-dashboard-" in o["metadata"]["name"]]
+    files = sorted((REPO / "dashboards").glob("*.json"))
+    check(len(dashboards) == len(files) == 3, "one ConfigMap per curated dashboard")
+    for config_map in dashboards:
+        check(config_map["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboards labelled for the sidecar")
+        for name, text in config_map["data"].items():
+            check(text == (REPO / "dashboards" / name).read_text(), f"dashboards/{name} shipped as is")
+            check(json.loads(text)["uid"] == name.removesuffix(".json"), f"{name}: uid matches the file")
+
+    check(not by_kind(objects, "ServiceMonitor") and not by_kind(objects, "PrometheusRule"),
+          "CRD objects only on request")
+
+
+def check_full(objects):
+    deployment = one(objects, "Deployment")
+    check(deployment["spec"]["replicas"] == 3, "full: replicaCount without autoscaling")
+    check(not by_kind(objects, "HorizontalPodAutoscaler"), "full: no HPA when autoscaling is off")
+    check("checksum/policies" in deployment["spec"]["template"]["metadata"]["annotations"],
+          "full: rollOnChange rolls the pods on policy edits")
+    monitor = one(objects, "ServiceMonitor")
+    check(monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics",
+          "full: the ServiceMonitor scrapes /metrics")
+    check(monitor["metadata"]["labels"].get("release") == "kube-prometheus-stack", "full: ServiceMonitor labels")
+    rule = one(objects, "PrometheusRule")
+    groups = [g for path in sorted((REPO / "dashboards" / "rules").glob("*.yml"))
+              for g in yaml.safe_load(path.read_text())["groups"]]
+    check(rule["spec"]["groups"] == groups, "full: the PrometheusRule carries dashboards/rules/*.yml")
+    secret = one(objects, "Secret", RELEASE)
+    check(secret_value(secret, "admin-token") == "given-admin-token", "full: a given admin token is used")
+    policies = one(objects, "ConfigMap", f"{RELEASE}-policies")["data"]
+    check("zz-drill.yaml" in policies and "november.yaml" in policies, "full: bundled and extra policy files")
+
+
+def check_single(objects):
+    deployment = one(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = one(objects, "PersistentVolumeClaim")
+    check(volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"],
+          "single: the sale-mode state on a PersistentVolumeClaim")
+    check(deployment["spec"]["strategy"]["type"] == "Recreate", "single: one pod holds the volume at a time")
+
+
+def check_existing_secret(objects):
+    check(not [o for o in by_kind(objects, "Secret") if o["metadata"]["name"] == RELEASE],
+          "existing secret: the chart creates none")
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    check(refs == {"promguard-from-vault"}, "existing secret: the pod reads it")
+    datasource = yaml.safe_load(one(objects, "Secret", f"{RELEASE}-grafana-datasource")
+                                ["stringData"]["promguard-datasource.yaml"])["datasources"][0]
+    check(datasource["secureJsonData"]["httpHeaderValue1"] == "$PROMGUARD_GRAFANA_SECRET",
+          "existing secret: Grafana takes the secret from its environment")
+    check(not [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"] == f"{RELEASE}-policies"],
+          "no policy files: no policies ConfigMap")
+
+
+def check_refusals():
+    """Values the chart must refuse rather than render into something broken."""
+    for values, why in [
+        ({"saleModeState": {"persistence": True}}, "a ReadWriteOnce state volume with several replicas"),
+        ({"serviceMonitor": {"enable": True}}, "a misspelt key"),
+        ({"replicaCount": "two"}, "a wrong type"),
+    ]:
+        try:
+            render(values)
+            failures.append(f"rendered despite {why}")
+        except (helm.HelmValuesError, helm.HelmRenderError):
+            pass
+
+
+def check_dockerfile():
+    commands = dockerfile.parse_file(str(REPO / "Dockerfile"))
+    stages = [c for c in commands if c.cmd == "FROM"]
+    check(len(stages) >= 2, "Dockerfile: multi-stage")
+    final = commands[commands.index(stages[-1]):]
+    users = [c.value[0] for c in final if c.cmd == "USER"]
+    check(users and users[-1].split(":")[0] not in ("0", "root"), "Dockerfile: the image runs as non-root")
+    check(any("--locked" in " ".join(c.value) for c in commands if c.cmd == "RUN"), "Dockerfile: builds --locked")
+    check(any(c.cmd == "EXPOSE" and c.value[0] == "9091" for c in final), "Dockerfile: exposes 9091")
+
+
+def main():
+    lint = helm.lint(CHART, strict=True)
+    for message in lint["messages"]:
+        check(message["severity"] < 2, f"helm lint: {message['path']}: {message['error']}")
+    scenarios = [("defaults", {}, check_defaults), ("full", FULL, check_full),
+                 ("single", SINGLE, check_single), ("existing secret", EXISTING, check_existing_secret)]
+    for scenario, values, specific in scenarios:
+        objects = render(values)
+        validate_schemas(objects, scenario)
+        check_with_promguard(objects, scenario)
+        specific(objects)
+        print(f"check-chart: {scenario}: rendered and checked {len(objects)} objects")
+    check_refusals()
+    check_dockerfile()
+    for failure in failures:
+        print(f"check-chart: FAILED: {failure}", file=sys.stderr)
+    print(f"check-chart: {'FAILED' if failures else 'ok'} ({len(failures)} failures)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
