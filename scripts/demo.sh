@@ -23,7 +23,10 @@ die() {
 }
 
 install_backends() {
-  if command -v promtool >/dev/null && command -v victoria-metrics >/dev/null && command -v curl >/dev/null; then
+  # python3-venv is not needed by the demo but by `cargo test` (the chart check), the
+  # README's other command; installing it here makes both work on a fresh machine.
+  if command -v promtool >/dev/null && command -v victoria-metrics >/dev/null &&
+    command -v curl >/dev/null && python3 -c 'import ensurepip' 2>/dev/null; then
     return
   fi
   local sudo=()
@@ -31,10 +34,10 @@ install_backends() {
     command -v sudo >/dev/null || die "installing prometheus and victoria-metrics needs root or sudo"
     sudo=(sudo)
   fi
-  log "installing prometheus, victoria-metrics and curl with apt-get"
+  log "installing prometheus, victoria-metrics, curl and python3-venv with apt-get"
   "${sudo[@]}" apt-get update -q
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    prometheus victoria-metrics curl ca-certificates
+    prometheus victoria-metrics curl ca-certificates python3 python3-venv
   # The packages start system services on 9090 and 8428, the ports this demo needs.
   if [[ -d /run/systemd/system ]]; then
     log "stopping and disabling the packaged prometheus and victoria-metrics services"
