@@ -144,7 +144,7 @@ impl Call {
 /// Grafana's step: the range spread over the panel's pixels, rounded to a "nice"
 /// interval, no finer than the minimum interval, and coarse enough for at most
 /// 11,000 points.
-pub fn step_ms(range_ms: i64, max_data_points: i64, min_interval_ms: i64) -> i64 {
+fn step_ms(range_ms: i64, max_data_points: i64, min_interval_ms: i64) -> i64 {
     let raw = range_ms / max_data_points.max(1);
     let calculated = if raw < min_interval_ms {
         min_interval_ms
@@ -156,7 +156,7 @@ pub fn step_ms(range_ms: i64, max_data_points: i64, min_interval_ms: i64) -> i64
 
 /// Grafana's `roundInterval` (pkg/tsdb/intervalv2): each bound maps to the nice
 /// interval below it.
-pub fn round_interval(ms: i64) -> i64 {
+fn round_interval(ms: i64) -> i64 {
     const S: i64 = 1000;
     const M: i64 = 60 * S;
     const H: i64 = 60 * M;
@@ -173,7 +173,9 @@ pub fn round_interval(ms: i64) -> i64 {
     TABLE
         .iter()
         .find(|(bound, _)| ms <= *bound)
-        .map_or(if ms < 42 * D { 30 * D } else { 365 * D }, |(_, nice)| *nice)
+        .map_or(if ms < 42 * D { 30 * D } else { 365 * D }, |(_, nice)| {
+            *nice
+        })
 }
 
 /// Replace Grafana's interval variables the way its Prometheus backend does:
@@ -190,7 +192,7 @@ fn interpolate(expr: &str, step_ms: i64, range_ms: i64) -> String {
 }
 
 /// A Prometheus duration in its largest whole unit: `1h`, `5m`, `75s`.
-pub fn duration(ms: i64) -> String {
+fn duration(ms: i64) -> String {
     match ms {
         _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
         _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),

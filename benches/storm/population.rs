@@ -116,7 +116,8 @@ pub fn build(shape: Shape, dashboards_dir: &Path) -> Vec<Engineer> {
             } else {
                 let (from, to) = RAMP;
                 rng.random_range(
-                    (shape.duration_ms as f64 * from) as u64..(shape.duration_ms as f64 * to) as u64,
+                    (shape.duration_ms as f64 * from) as u64
+                        ..(shape.duration_ms as f64 * to) as u64,
                 )
             };
             engineer(&mut rng, n, joins_ms, &curated)
@@ -399,7 +400,12 @@ fn explore(rng: &mut StdRng, screen: i64) -> Explore {
     let range_ms = pick(rng, &[(HOUR, 60), (6 * HOUR, 20), (DAY, 10), (7 * DAY, 10)]);
     let browse_ms = HOUR;
     let mut visits = vec![vec![
-        target(0, Call::Labels { range_ms: browse_ms }),
+        target(
+            0,
+            Call::Labels {
+                range_ms: browse_ms,
+            },
+        ),
         target(
             0,
             Call::LabelValues {
@@ -414,7 +420,12 @@ fn explore(rng: &mut StdRng, screen: i64) -> Explore {
         let matcher: Arc<str> = format!("{{__name__=\"{metric}\"}}").into();
         let label = pick(
             rng,
-            &[("instance", 1), ("service", 1), ("region", 1), ("status", 1)],
+            &[
+                ("instance", 1),
+                ("service", 1),
+                ("region", 1),
+                ("status", 1),
+            ],
         );
         visits.push(vec![
             target(

@@ -52,6 +52,16 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The 1-minute load average: how busy the machine was with everything else too.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Pids whose parent is `pid`, found by scanning /proc (works without
 /// CONFIG_PROC_CHILDREN).
 fn children(pid: u32) -> Vec<u32> {
@@ -65,7 +75,8 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 fn parent(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    let stat =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
     stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
 }
 

@@ -1,0 +1,276 @@
+//! Issue 7: the sale-night dashboard storm, replayed against real backends through
+//! four arms side by side.
+//!
+//! A seeded population of engineers (300 by default) opens the curated dashboards
+//! (`dashboards/orders.json`, `dashboards/sla.json`) and their own personal ones
+//! (panels from 30 minutes to 3 years, range selectors up to 30 days), refreshes
+//! them every 10–60 s with Grafana's request shapes, and browses metrics in Explore.
+//! A fifth of them are there from the start; the rest join during the ramp, so load
+//! grows five-fold, then holds. The same storm meets, one arm after another:
+//!
+//! 1. the backends directly (each query sent where promguard would route it);
+//! 2. nginx with proxy_cache in front of each backend;
+//! 3. promguard in normal mode;
+//! 4. promguard in sale mode (the shipped `policies/`, switched on by the admin API).
+//!
+//! Per arm it reports what the backends did by their own metrics (queries, samples
+//! read, CPU, in flight), what the engineers saw (latency and outcomes of curated,
+//! personal and Explore requests), promguard's refusals, and the proxies' CPU and
+//! memory; see the "How to read it" notes in the output for definitions.
+//!
+//! Run: `cargo bench --bench storm` (about 12 minutes on 2 cores). Writes
+//! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
+//! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
+//! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
+//! STORM_INSTANCES (2), STORM_NGINX_TTL (30s), STORM_ARMS
+//! (direct,nginx,normal,sale), STORM_FONT (a TrueType font for the plots).
+//! Needs the Debian packages prometheus, victoria-metrics, nginx-light and
+//! fonts-dejavu-core.
+
+#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+
+#[path = "storm/arms.rs"]
+mod arms;
+#[path = "storm/backends.rs"]
+mod backends;
+#[path = "storm/grafana.rs"]
+mod grafana;
+#[path = "storm/load.rs"]
+mod load;
+#[path = "storm/nginx.rs"]
+mod nginx;
+#[path = "storm/plot.rs"]
+mod plot;
+#[path = "storm/population.rs"]
+mod population;
+#[path = "storm/procstat.rs"]
+mod procstat;
+#[path = "storm/report.rs"]
+mod report;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arms::Arm;
+use backends::Backends;
+use harness::{repo, scrape};
+use load::Load;
+use population::Shape;
+use report::{ArmResult, PromguardStats, RunInfo, Sample};
+
+/// How often the in-flight gauges and request counters are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// Longest wait between arms for the previous arm's abandoned queries to leave the
+/// backends.
+const SETTLE: Duration = Duration::from_secs(30);
+
+struct Settings {
+    engineers: usize,
+    seconds: u64,
+    seed: u64,
+    timeout: Duration,
+    long_term: String,
+    instances: usize,
+    nginx_ttl: String,
+    arms: Vec<Arm>,
+}
+
+fn settings() -> Settings {
+    fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
+        match std::env::var(name) {
+            Ok(v) => v
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={v} is not a valid value")),
+            Err(_) => default,
+        }
+    }
+    let arms = var("STORM_ARMS", "direct,nginx,normal,sale".to_string())
+        .split(',')
+        .map(|key| {
+            Arm::ALL
+                .into_iter()
+                .find(|a| a.key() == key.trim())
+                .unwrap_or_else(|| panic!("STORM_ARMS: unknown arm {key:?}"))
+        })
+        .collect();
+    Settings {
+        engineers: var("STORM_ENGINEERS", 300),
+        seconds: var("STORM_SECS", 120),
+        seed: var("STORM_SEED", 11),
+        timeout: Duration::from_secs(var("STORM_TIMEOUT_SECS", 30)),
+        long_term: var("STORM_LONG_TERM", "3y".to_string()),
+        instances: var("STORM_INSTANCES", 2),
+        nginx_ttl: var("STORM_NGINX_TTL", "30s".to_string()),
+        arms,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let began = Instant::now();
+    let s = settings();
+    eprintln!(
+        "storm: starting Prometheus and VictoriaMetrics with {} of data",
+        s.long_term
+    );
+    let backends = Backends::start(&s.long_term, s.instances).await;
+    let population = Arc::new(population::build(
+        Shape {
+            engineers: s.engineers,
+            seed: s.seed,
+            duration_ms: s.seconds * 1000,
+        },
+        &repo().join("dashboards"),
+    ));
+    let mut results = Vec::new();
+    for &arm in &s.arms {
+        eprintln!("storm: arm {} ({} s)", arm.name(), s.seconds);
+        let result = run_arm(arm, &backends, &population, &s).await;
+        eprintln!(
+            "storm: arm {} done: {} requests",
+            arm.name(),
+            result.records.len()
+        );
+        results.push(result);
+    }
+    let info = RunInfo {
+        engineers: s.engineers,
+        seed: s.seed,
+        seconds: s.seconds,
+        timeout_s: s.timeout.as_secs(),
+        long_term: s.long_term.clone(),
+        instances: s.instances,
+        nginx_ttl: s.nginx_ttl.clone(),
+        rules_backfilled: backends.rules_backfilled,
+        total_minutes: began.elapsed().as_secs_f64() / 60.0,
+    };
+    let dir = repo().join("benches/results");
+    let mut text = report::markdown(&results, &info);
+    match plot::write_all(&results, &dir) {
+        Ok(files) => {
+            text.push_str("\nPlots:\n\n");
+            for file in files {
+                let name = file
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                text.push_str(&format!("![{name}]({name})\n"));
+            }
+        }
+        Err(e) => eprintln!("storm: no plots: {e}"),
+    }
+    print!("{text}");
+    std::fs::write(dir.join("storm.md"), text).expect("write benches/results/storm.md");
+}
+
+/// One arm: a fresh proxy, the whole storm, and everything measured around it.
+async fn run_arm(
+    arm: Arm,
+    backends: &Backends,
+    population: &Arc<Vec<population::Engineer>>,
+    s: &Settings,
+) -> ArmResult {
+    settle(backends).await;
+    let load_average = procstat::load_average();
+    backends.reset_caches().await;
+    let (proxy, endpoints) = arms::start(arm, backends, &s.nginx_ttl).await;
+    let promguard_url = proxy.promguard_url().map(str::to_string);
+    let proxy_cpu = proxy.cpu_seconds();
+    let generator_cpu = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let before = backends.counters().await;
+
+    let load = Load::new(endpoints, Duration::from_secs(s.seconds), s.timeout);
+    let run = load.run(population);
+    tokio::pin!(run);
+    let mut timeline = Vec::new();
+    let mut ticker = tokio::time::interval(SAMPLE_EVERY);
+    let records = loop {
+        tokio::select! {
+            records = &mut run => break records,
+            _ = ticker.tick() => {
+                let at_ms = load.elapsed_ms();
+                let (gauges, in_flight) = tokio::join!(
+                    backends.gauges(),
+                    promguard_in_flight(promguard_url.as_deref()),
+                );
+                timeline.push(Sample { at_ms, backends: gauges, promguard_in_flight: in_flight });
+            }
+        }
+    };
+
+    let after = backends.counters().await;
+    let promguard = match &promguard_url {
+        Some(url) => Some(promguard_stats(url).await),
+        None => None,
+    };
+    ArmResult {
+        arm,
+        seconds: s.seconds as f64,
+        prometheus_samples: backends.prometheus_samples(&before, &after),
+        records,
+        timeline,
+        before,
+        after,
+        proxy_cpu: proxy
+            .cpu_seconds()
+            .zip(proxy_cpu)
+            .map(|(end, start)| end - start),
+        proxy_peak_rss: proxy.peak_rss_bytes(),
+        generator_cpu: procstat::cpu_seconds(std::process::id()).unwrap_or(0.0) - generator_cpu,
+        promguard,
+        peak_open: load.peak_open(),
+        load_average,
+    }
+}
+
+/// Wait until neither backend runs a query (a client that gave up does not stop
+/// the work it started), for at most [`SETTLE`].
+async fn settle(backends: &Backends) {
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        let g = backends.gauges().await;
+        if g.prometheus_in_flight == 0.0 && g.victoria_in_flight == 0.0 {
+            return;
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    eprintln!("storm: the backends are still busy after {SETTLE:?}; starting anyway");
+}
+
+async fn promguard_in_flight(url: Option<&str>) -> Option<[f64; 2]> {
+    let page = scrape(url?).await;
+    Some(["recent", "long_term"].map(|b| {
+        backends::labelled_sum(&page, "promguard_upstream_in_flight_requests", "backend", b)
+    }))
+}
+
+async fn promguard_stats(url: &str) -> PromguardStats {
+    let page = scrape(url).await;
+    let mut stats = PromguardStats {
+        points_fetched: page.sum("promguard_cache_points_fetched_total"),
+        points_served: page.sum("promguard_cache_points_served_total"),
+        ..PromguardStats::default()
+    };
+    for line in page.0.lines().filter(|l| !l.starts_with('#')) {
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if line.starts_with("promguard_limit_rejections_total{") {
+            let key = (label(line, "reason"), label(line, "class"));
+            *stats.rejections.entry(key).or_default() += value;
+        } else if line.starts_with("promguard_policy_rejections_total{") {
+            *stats.policy.entry(label(line, "rule")).or_default() += value;
+        } else if line.starts_with("promguard_cache_lookups_total{") {
+            *stats.lookups.entry(label(line, "outcome")).or_default() += value;
+        }
+    }
+    stats
+}
+
+/// The value of `name` in a metric line's labels (promguard's values have no quotes).
+fn label(line: &str, name: &str) -> String {
+    line.split_once(&format!("{name}=\""))
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map_or(String::new(), |(value, _)| value.to_string())
+}

@@ -1,0 +1,235 @@
+//! PNG plots of the arms over time, drawn with plotters' bitmap backend (pure Rust:
+//! no Python or system plotting library on the bench machine). Text needs a
+//! TrueType font: DejaVu Sans from Debian's fonts-dejavu-core, or STORM_FONT.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::arms::{Arm, CAPS};
+use crate::report::{ArmResult, Sample};
+
+const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const SIZE: (u32, u32) = (1400, 900);
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Write the three plots into `dir`; returns the files written.
+///
+/// # Errors
+///
+/// No usable font, or a drawing or encoding failure.
+pub fn write_all(results: &[ArmResult], dir: &Path) -> Result<Vec<PathBuf>, String> {
+    register_font()?;
+    let files = [
+        (
+            "storm-in-flight.png",
+            in_flight as fn(&[ArmResult], &Path) -> PlotResult,
+        ),
+        ("storm-curated-p99.png", curated_p99),
+        ("storm-upstream-rate.png", upstream_rate),
+    ];
+    files
+        .iter()
+        .map(|(name, draw)| {
+            let path = dir.join(name);
+            draw(results, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(path)
+        })
+        .collect()
+}
+
+fn register_font() -> Result<(), String> {
+    let path = std::env::var("STORM_FONT").unwrap_or_else(|_| DEFAULT_FONT.into());
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "no font for the plots at {path} ({e}): install fonts-dejavu-core or set STORM_FONT"
+        )
+    })?;
+    // plotters keeps fonts for the life of the process.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into()))
+        .map_err(|_| format!("{path} is not a usable TrueType font"))
+}
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn x_max(results: &[ArmResult]) -> f64 {
+    results
+        .iter()
+        .flat_map(|r| r.timeline.last())
+        .map(|s| seconds(s.at_ms))
+        .fold(1.0, f64::max)
+}
+
+/// One colour per arm, the same in every plot whichever arms ran.
+fn color(arm: Arm) -> RGBColor {
+    match arm {
+        Arm::Direct => RGBColor(214, 39, 40),
+        Arm::Nginx => RGBColor(255, 127, 14),
+        Arm::Normal => RGBColor(31, 119, 180),
+        Arm::Sale => RGBColor(44, 160, 44),
+    }
+}
+
+/// In flight at each backend by its own gauge, with promguard's caps.
+fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((2, 1));
+    let series: [(&str, fn(&Sample) -> f64, usize); 2] = [
+        (
+            "Prometheus: queries running or queued (prometheus_engine_queries)",
+            |s| s.backends.prometheus_in_flight,
+            CAPS[0],
+        ),
+        (
+            "VictoriaMetrics: selects running (vm_concurrent_select_current; it queues the rest)",
+            |s| s.backends.victoria_in_flight,
+            CAPS[1],
+        ),
+    ];
+    let x_max = x_max(results);
+    for (area, (title, value, cap)) in panels.iter().zip(series) {
+        let y_max = results
+            .iter()
+            .flat_map(|r| r.timeline.iter().map(value))
+            .fold(cap as f64, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds into the arm")
+            .y_desc("in flight")
+            .draw()?;
+        for r in results {
+            let c = color(r.arm);
+            chart
+                .draw_series(LineSeries::new(
+                    r.timeline.iter().map(|s| (seconds(s.at_ms), value(s))),
+                    c.stroke_width(2),
+                ))?
+                .label(r.arm.name())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(0.0, cap as f64), (x_max, cap as f64)],
+                8,
+                6,
+                BLACK.stroke_width(1),
+            ))?
+            .label(format!("promguard's cap ({cap})"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        legend(&mut chart)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Curated panels' p99 per 10-second window, on a log scale, with the 300 ms target.
+fn curated_p99(results: &[ArmResult], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let windows: Vec<Vec<(u64, f64)>> = results
+        .iter()
+        .map(|r| r.curated_p99_by_window(10_000))
+        .collect();
+    let y_max = windows
+        .iter()
+        .flatten()
+        .map(|(_, p)| *p)
+        .fold(1000.0, f64::max)
+        * 1.5;
+    let x_max = x_max(results);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Curated dashboards (orders, sla): p99 latency per 10 s window",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, (0.1..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the arm (requests by the time they were sent)")
+        .y_desc("p99, ms (log scale)")
+        .draw()?;
+    for (r, points) in results.iter().zip(&windows) {
+        let c = color(r.arm);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|(at, p)| (seconds(*at), p.max(0.1))),
+                c.stroke_width(2),
+            ))?
+            .label(r.arm.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 300.0), (x_max, 300.0)],
+            8,
+            6,
+            BLACK.stroke_width(1),
+        ))?
+        .label("target: 300 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Queries per second reaching the backends, on a log scale.
+fn upstream_rate(results: &[ArmResult], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rates: Vec<Vec<(u64, f64)>> = results.iter().map(ArmResult::upstream_rate).collect();
+    let y_max = rates.iter().flatten().map(|(_, q)| *q).fold(10.0, f64::max) * 1.5;
+    let x_max = x_max(results);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Queries reaching Prometheus + VictoriaMetrics (their own request counters)",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, (0.1..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the arm")
+        .y_desc("queries/s (log scale; 0 drawn at 0.1)")
+        .draw()?;
+    for (r, points) in results.iter().zip(&rates) {
+        let c = color(r.arm);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|(at, q)| (seconds(*at), q.max(0.1))),
+                c.stroke_width(2),
+            ))?
+            .label(r.arm.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    legend(&mut chart)?;
+    root.present()?;
+    Ok(())
+}
+
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 18))
+        .draw()
+}

@@ -1,0 +1,399 @@
+//! What one arm measured, and the side-by-side markdown table of all arms.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+use crate::arms::{Arm, CAPS};
+use crate::backends::{Counters, Gauges};
+use crate::load::{Outcome, Record};
+use crate::population::Kind;
+
+/// The gauges sampled every [`crate::SAMPLE_EVERY`] during an arm.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub backends: Gauges,
+    /// promguard's `promguard_upstream_in_flight_requests` per backend.
+    pub promguard_in_flight: Option<[f64; 2]>,
+}
+
+/// promguard's own account of an arm, from its /metrics at the end.
+#[derive(Debug, Default)]
+pub struct PromguardStats {
+    /// (reason, class) → count, from `promguard_limit_rejections_total`.
+    pub rejections: BTreeMap<(String, String), f64>,
+    /// rule → count, from `promguard_policy_rejections_total`.
+    pub policy: BTreeMap<String, f64>,
+    /// outcome → count, from `promguard_cache_lookups_total`.
+    pub lookups: BTreeMap<String, f64>,
+    pub points_fetched: f64,
+    pub points_served: f64,
+}
+
+pub struct ArmResult {
+    pub arm: Arm,
+    pub seconds: f64,
+    pub records: Vec<Record>,
+    pub timeline: Vec<Sample>,
+    pub before: Counters,
+    pub after: Counters,
+    pub prometheus_samples: f64,
+    pub proxy_cpu: Option<f64>,
+    pub proxy_peak_rss: Option<u64>,
+    pub generator_cpu: f64,
+    pub promguard: Option<PromguardStats>,
+    /// Requests the load client had open per backend (through the proxy, if any).
+    pub peak_open: [i64; 2],
+    /// The machine's 1-minute load average before the arm: other work shares it.
+    pub load_average: Option<f64>,
+}
+
+impl ArmResult {
+    fn queries(&self) -> [f64; 2] {
+        [
+            self.after.prometheus_queries - self.before.prometheus_queries,
+            self.after.victoria_queries - self.before.victoria_queries,
+        ]
+    }
+
+    fn samples(&self) -> [f64; 2] {
+        [
+            self.prometheus_samples,
+            self.after.victoria_rows_scanned - self.before.victoria_rows_scanned,
+        ]
+    }
+
+    fn of(&self, kind: Kind) -> impl Iterator<Item = &Record> {
+        self.records.iter().filter(move |r| r.kind == kind)
+    }
+
+    fn latency(&self, kind: Kind) -> Histogram<u64> {
+        let mut h = histogram();
+        for r in self.of(kind) {
+            h.saturating_record(r.latency_us.max(1));
+        }
+        h
+    }
+
+    /// p99 of curated requests sent in each `window_ms`, as (window start, ms).
+    pub fn curated_p99_by_window(&self, window_ms: u64) -> Vec<(u64, f64)> {
+        let mut windows: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
+        for r in self.of(Kind::Curated) {
+            windows
+                .entry(r.at_ms / window_ms * window_ms)
+                .or_insert_with(histogram)
+                .saturating_record(r.latency_us.max(1));
+        }
+        windows
+            .into_iter()
+            .map(|(at, h)| (at, h.value_at_quantile(0.99) as f64 / 1000.0))
+            .collect()
+    }
+
+    /// Queries per second reaching both backends, between consecutive samples.
+    pub fn upstream_rate(&self) -> Vec<(u64, f64)> {
+        self.timeline
+            .windows(2)
+            .map(|w| {
+                let total =
+                    |s: &Sample| s.backends.prometheus_queries + s.backends.victoria_queries;
+                let seconds = (w[1].at_ms - w[0].at_ms) as f64 / 1000.0;
+                (
+                    w[1].at_ms,
+                    (total(&w[1]) - total(&w[0])) / seconds.max(1e-3),
+                )
+            })
+            .collect()
+    }
+
+    fn peak(&self, f: impl Fn(&Sample) -> f64) -> f64 {
+        self.timeline.iter().map(f).fold(0.0, f64::max)
+    }
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+/// Everything the header of the report states about the run.
+pub struct RunInfo {
+    pub engineers: usize,
+    pub seed: u64,
+    pub seconds: u64,
+    pub timeout_s: u64,
+    pub long_term: String,
+    pub instances: usize,
+    pub nginx_ttl: String,
+    pub rules_backfilled: bool,
+    pub total_minutes: f64,
+}
+
+/// The side-by-side table, one column per arm.
+pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
+    let mut out = String::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = writeln!(
+        out,
+        "Sale-night storm, {} engineers ramping from 1× to 5× load, {} s per arm, seed {}, \
+         client timeout {} s, {cores} cores, release build; backends: Prometheus (2 days at 30 s) \
+         and VictoriaMetrics ({} at 1 h), {} instances per service. Arms ran one after another \
+         against the same backends (VictoriaMetrics' result cache reset before each), each with a \
+         freshly started proxy. Whole run: {:.1} min.\n",
+        info.engineers,
+        info.seconds,
+        info.seed,
+        info.timeout_s,
+        info.long_term,
+        info.instances,
+        info.total_minutes,
+    );
+    let direct = results.iter().find(|r| r.arm == Arm::Direct);
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&ArmResult) -> String| {
+        rows.push((name.to_string(), results.iter().map(f).collect()));
+    };
+    row("requests sent (curated / personal / Explore)", &|r| {
+        let n = |k| r.of(k).count();
+        format!(
+            "{} / {} / {}",
+            n(Kind::Curated),
+            n(Kind::Personal),
+            n(Kind::Explore)
+        )
+    });
+    row(
+        "**upstream queries/s** (Prometheus + VictoriaMetrics)",
+        &|r| {
+            let [p, v] = r.queries().map(|q| q / r.seconds);
+            let ratio = direct.map_or(String::new(), |d| {
+                fewer(d.queries().iter().sum(), r.queries().iter().sum())
+            });
+            format!("**{:.1}** ({p:.1} + {v:.1}){ratio}", p + v)
+        },
+    );
+    row("**samples read** (Prometheus + VictoriaMetrics)", &|r| {
+        let [p, v] = r.samples();
+        let ratio = direct.map_or(String::new(), |d| {
+            fewer(d.samples().iter().sum(), r.samples().iter().sum())
+        });
+        format!("**{}** ({} + {}){ratio}", si(p + v), si(p), si(v))
+    });
+    row("VictoriaMetrics rows read from storage", &|r| {
+        si(r.after.victoria_rows_read - r.before.victoria_rows_read)
+    });
+    row("backend CPU s (Prometheus + VictoriaMetrics)", &|r| {
+        let p = r.after.prometheus_cpu - r.before.prometheus_cpu;
+        let v = r.after.victoria_cpu - r.before.victoria_cpu;
+        format!("{:.1} ({p:.1} + {v:.1})", p + v)
+    });
+    row(
+        "proxy CPU s / peak RSS",
+        &|r| match (r.proxy_cpu, r.proxy_peak_rss) {
+            (Some(cpu), Some(rss)) => format!("{cpu:.1} / {:.0} MiB", rss as f64 / 1048576.0),
+            _ => "–".into(),
+        },
+    );
+    row("load generator CPU s", &|r| {
+        format!("{:.1}", r.generator_cpu)
+    });
+    row("machine load average before the arm", &|r| {
+        r.load_average.map_or("–".into(), |l| format!("{l:.2}"))
+    });
+    for kind in Kind::ALL {
+        row(
+            &format!("**{} p50 / p99 / p99.9** (ms)", kind.as_str()),
+            &|r| {
+                let h = r.latency(kind);
+                if h.is_empty() {
+                    return "–".into();
+                }
+                let q = |q| h.value_at_quantile(q) as f64 / 1000.0;
+                format!("{} / **{}** / {}", ms(q(0.5)), ms(q(0.99)), ms(q(0.999)))
+            },
+        );
+        row(&format!("{} outcomes", kind.as_str()), &|r| {
+            outcomes(r, kind)
+        });
+    }
+    row("curated p99, worst 10 s window (ms)", &|r| {
+        r.curated_p99_by_window(10_000)
+            .iter()
+            .map(|(_, p)| *p)
+            .fold(None, |m: Option<f64>, p| Some(m.map_or(p, |m| m.max(p))))
+            .map_or("–".into(), ms)
+    });
+    row("promguard refusals (reason, class)", &|r| {
+        r.promguard.as_ref().map_or("–".into(), |p| {
+            let mut parts: Vec<String> = p
+                .rejections
+                .iter()
+                .filter(|(_, n)| **n > 0.0)
+                .map(|((reason, class), n)| format!("{reason} {class}: {n:.0}"))
+                .collect();
+            parts.extend(
+                p.policy
+                    .iter()
+                    .filter(|(_, n)| **n > 0.0)
+                    .map(|(rule, n)| format!("policy {rule}: {n:.0}")),
+            );
+            if parts.is_empty() {
+                "none".into()
+            } else {
+                parts.join("<br>")
+            }
+        })
+    });
+    row("promguard cache lookups", &|r| {
+        r.promguard.as_ref().map_or("–".into(), |p| {
+            let parts: Vec<String> = p
+                .lookups
+                .iter()
+                .filter(|(_, n)| **n > 0.0)
+                .map(|(outcome, n)| format!("{outcome} {n:.0}"))
+                .collect();
+            format!(
+                "{}<br>points fetched {} of {} served",
+                parts.join(", "),
+                si(p.points_fetched),
+                si(p.points_served)
+            )
+        })
+    });
+    row("**peak in flight, promguard → backends** (cap)", &|r| {
+        if r.promguard.is_none() {
+            return "–".into();
+        }
+        let [p, v] = [0, 1].map(|i| r.peak(|s| s.promguard_in_flight.map_or(0.0, |g| g[i])));
+        format!(
+            "Prometheus **{p:.0}** ({}), VictoriaMetrics **{v:.0}** ({})",
+            CAPS[0], CAPS[1]
+        )
+    });
+    row("peak Prometheus engine queries (running + queued)", &|r| {
+        format!("{:.0}", r.peak(|s| s.backends.prometheus_in_flight))
+    });
+    row(
+        "peak VictoriaMetrics selects running (its limit: 4)",
+        &|r| format!("{:.0}", r.peak(|s| s.backends.victoria_in_flight)),
+    );
+    row(
+        "VictoriaMetrics selects queued / timed out in its queue",
+        &|r| {
+            format!(
+                "{:.0} / {:.0}",
+                r.after.victoria_select_queued - r.before.victoria_select_queued,
+                r.after.victoria_select_timeouts - r.before.victoria_select_timeouts
+            )
+        },
+    );
+    row(
+        "peak requests open from the client (recent / long-term)",
+        &|r| format!("{} / {}", r.peak_open[0], r.peak_open[1]),
+    );
+
+    let _ = writeln!(
+        out,
+        "| | {} |\n|---|{}",
+        results
+            .iter()
+            .map(|r| r.arm.name())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(results.len())
+    );
+    for (name, cells) in rows {
+        let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(
+        out,
+        "\nHow to read it:\n\
+         - Latency is from sending a request until it ended: answered (any status), or \
+         abandoned. Abandoned requests count at the moment they were abandoned: \
+         `timeout` after {} s (Grafana's data proxy default), `superseded` when the \
+         panel's next refresh fired first (Grafana cancels the running query). Fast refusals \
+         (429, 503, 422 with a reason) count at their own, short, latency; the outcome rows \
+         show how many there were.\n\
+         - Upstream queries are the backends' own request counters for the query and \
+         metadata endpoints (`prometheus_http_requests_total`, `vm_http_requests_total`). \
+         Samples read: Prometheus' `totalQueryableSamples` from its query log (2.42 exports \
+         no counter), plus VictoriaMetrics' `vm_rows_scanned_per_query`; both count a sample \
+         once per evaluation step that reads it.\n\
+         - In flight: promguard's `promguard_upstream_in_flight_requests`, and the backends' \
+         own `prometheus_engine_queries` and `vm_concurrent_select_current`, sampled every \
+         {} ms (a shorter peak can be missed); Prometheus' figure also counts the \
+         recording-rule evaluations it runs every 30 s.\n\
+         - nginx caches every 200 for {} with the cache lock, stale-while-updating and \
+         background refresh on, its key the method, URI and form body; the direct and nginx \
+         arms send each query to the backend promguard would pick (its own PromQL analysis).\n\
+         - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`; their \
+         recording rules were {}.",
+        info.timeout_s,
+        crate::SAMPLE_EVERY.as_millis(),
+        info.nginx_ttl,
+        if info.rules_backfilled {
+            "backfilled with history by scripts/backends.sh"
+        } else {
+            "loaded into Prometheus at the start of the bench (scripts/backends.sh does not \
+             backfill them), so curated panels found at most the run's own minutes of recorded \
+             data and cost the backends less than they would with 6 hours of history"
+        },
+    );
+    out
+}
+
+/// Client-side outcomes of `kind`'s requests: share answered 2xx, then the rest by
+/// status or way of failing.
+fn outcomes(r: &ArmResult, kind: Kind) -> String {
+    let mut by: BTreeMap<Outcome, usize> = BTreeMap::new();
+    let mut total = 0;
+    for rec in r.of(kind) {
+        *by.entry(rec.outcome).or_default() += 1;
+        total += 1;
+    }
+    if total == 0 {
+        return "–".into();
+    }
+    let ok: usize = by.iter().filter(|(o, _)| o.ok()).map(|(_, n)| n).sum();
+    let mut parts = vec![format!("{:.1}% ok", 100.0 * ok as f64 / total as f64)];
+    parts.extend(
+        by.iter()
+            .filter(|(o, _)| !o.ok())
+            .map(|(o, n)| format!("{} {n}", o.label())),
+    );
+    parts.join(", ")
+}
+
+/// " (N× fewer)" against the direct arm.
+fn fewer(direct: f64, arm: f64) -> String {
+    if arm >= direct || direct == 0.0 {
+        return String::new();
+    }
+    if arm == 0.0 {
+        " (none)".into()
+    } else {
+        format!(" (**{:.0}× fewer**)", direct / arm)
+    }
+}
+
+/// A count with an SI suffix: 12.3k, 4.56M, 7.89G.
+fn si(v: f64) -> String {
+    match v.abs() {
+        x if x >= 1e9 => format!("{:.2}G", v / 1e9),
+        x if x >= 1e6 => format!("{:.2}M", v / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", v / 1e3),
+        _ => format!("{v:.0}"),
+    }
+}
+
+/// Milliseconds with precision that suits their size.
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
