@@ -130,13 +130,11 @@ pub async fn handle(
     let backend = routing::route(&state.routing, req.endpoint, &shape, ctx.now);
     ctx.backend = Some(backend);
 
-    // policy: the rules of the mode in force allow it, or refuse it with a reason
-    decide(
-        state,
-        &policy,
-        &mode,
-        &facts(state, &req, &shape, backend, ctx),
-    )?;
+    // policy: the rules of the mode in force allow it, or refuse it with a reason;
+    // exempt callers (curated dashboards, on-call) keep the normal-mode budgets
+    let facts = facts(state, &req, &shape, backend, ctx);
+    let exempt = decide(state, &policy, &mode, &facts)?;
+    let budgets = if exempt { Mode::Normal } else { mode.mode };
 
     // cache: answer from cache, fetching (once for all identical requests) only
     // what is missing; forward: the bounded, cancellable upstream calls it makes
@@ -157,7 +155,7 @@ pub async fn handle(
         .serve(
             plan,
             req.endpoint,
-            forwarder(state, policy, mode.mode, backend, class, user, req.clone()),
+            forwarder(state, policy, budgets, backend, class, user, req.clone()),
         )
         .await?;
     ctx.cache = Some(served.cache);
@@ -208,13 +206,13 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// Apply the rules of the mode in force: refuse, or allow and count the dry-run
-/// rules that would have refused.
+/// rules that would have refused. `Ok(true)` when the caller is exempt.
 fn decide(
     state: &AppState,
     policy: &Compiled,
     mode: &Effective,
     facts: &Facts<'_>,
-) -> Result<(), ProxyError> {
+) -> Result<bool, ProxyError> {
     let rules = policy.rules(mode.mode);
     let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
         counter
@@ -240,9 +238,9 @@ fn decide(
                     refusal.message
                 );
             }
-            Ok(())
+            Ok(false)
         }
-        Decision::Exempt => Ok(()),
+        Decision::Exempt => Ok(true),
     }
 }
 

@@ -325,3 +325,33 @@ fn window_only() -> String {
     let full = policy_now();
     full[..full.find("sale:").unwrap_or(full.len())].to_string()
 }
+
+#[tokio::test]
+async fn exempt_dashboards_keep_normal_budgets_in_sale_mode() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = policy_now().replace(
+        "sale:\n",
+        "sale:\n  limits: {upstream: {per_second: 1, burst: 1}}\n",
+    );
+    std::fs::write(dir.path().join("p.yaml"), policy).expect("write policy");
+    let pg = start(dir.path(), &dir.path().join("state.json"));
+    let query = |n: i64, dashboard: &'static str| {
+        let form = [
+            ("query", "sum(rate(http_requests_total[5m]))".to_string()),
+            ("time", (now_secs() - 120 - n).to_string()),
+        ];
+        let url = format!("{}/api/v1/query", pg.url);
+        async move {
+            post_form(&url, &form, &[("X-Dashboard-Uid", dashboard)])
+                .await
+                .0
+        }
+    };
+    // A personal dashboard spends the sale-mode upstream budget of one call...
+    assert_eq!(query(1, "personal").await, 200);
+    assert_eq!(query(2, "personal").await, 429);
+    // ...while the curated, exempt dashboard keeps the normal budget.
+    for n in 3..8 {
+        assert_eq!(query(n, "orders").await, 200, "curated query {n}");
+    }
+}
