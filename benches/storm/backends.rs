@@ -1,10 +1,11 @@
 //! The storm's own real backends, and what they say about their work.
 //!
-//! Starts Prometheus (2 days at 30 s) and VictoriaMetrics (the long-term range at
-//! 1 h, 3 years by default) with scripts/backends.sh, like the test harness does but
-//! with the storm's data span, and stops them when the bench ends, however it ends.
-//! Prometheus 2.42 exports no count of samples read, so its query log is switched on
-//! (a config reload) and the `totalQueryableSamples` of every query summed;
+//! Starts Prometheus (2 days at 30 s, with the curated dashboards' recording rules)
+//! and VictoriaMetrics (3 years by default: 1 h steps, then the last 2 days at 30 s)
+//! with scripts/backends.sh, like the test harness does but with the storm's data
+//! span, and stops them when the bench ends, however it ends. Prometheus 2.42
+//! exports no count of samples read, so its query log is switched on (a config
+//! reload) and the `totalQueryableSamples` of every API query summed;
 //! VictoriaMetrics exports `vm_rows_scanned_per_query` and `vm_rows_read_per_query`.
 //! CPU comes from /proc for the backends' pids.
 
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Scrape, free_port, repo, scrape};
+use crate::harness::{Scrape, free_port, repo};
 use crate::procstat;
 
 /// Query endpoints, as Prometheus labels its handlers and VictoriaMetrics its paths.
@@ -39,9 +40,6 @@ pub struct Backends {
     query_log: PathBuf,
     prometheus_pid: u32,
     victoria_pid: u32,
-    /// Whether the curated dashboards' recording rules have history, or only
-    /// evaluate from this run's start.
-    pub rules_backfilled: bool,
 }
 
 /// The backends' cumulative counters at one moment.
@@ -61,17 +59,28 @@ pub struct Counters {
     pub victoria_cpu: f64,
 }
 
-/// The backends' own in-flight gauges and request counters, sampled over time.
+/// The backends' own gauges, sampled over time; `None` when a backend did not
+/// answer its /metrics within [`SAMPLE_TIMEOUT`], which happens under overload.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Gauges {
-    /// `prometheus_engine_queries`: queries executing or waiting in its engine.
-    pub prometheus_in_flight: f64,
-    /// `vm_concurrent_select_current`: selects executing (VictoriaMetrics queues the
-    /// rest without a gauge).
-    pub victoria_in_flight: f64,
-    pub prometheus_queries: f64,
-    pub victoria_queries: f64,
+    pub prometheus: Option<Gauge>,
+    pub victoria: Option<Gauge>,
 }
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauge {
+    /// Prometheus: `prometheus_engine_queries`, queries executing or waiting in its
+    /// engine. VictoriaMetrics: `vm_concurrent_select_current`, selects executing
+    /// (it queues the rest without a gauge).
+    pub in_flight: f64,
+    /// Query and metadata requests served so far.
+    pub queries: f64,
+}
+
+/// How long a sample waits for a backend's /metrics.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the counters at an arm's end may wait for an overloaded backend.
+const COUNTERS_PATIENCE: Duration = Duration::from_secs(180);
 
 impl Backends {
     /// Start both backends with `long_term` of history (`3y`) for `instances`
@@ -137,36 +146,40 @@ impl Backends {
                 .and_then(|p| p.trim().parse().ok())
                 .unwrap_or_else(|| panic!("no pid file for {name} in {}", dir.display()))
         };
-        let mut backends = Backends {
+        let backends = Backends {
             prometheus: var("PROMETHEUS_URL"),
             victoria: var("VM_URL"),
             query_log: dir.join("query.log"),
             prometheus_pid: pid("prometheus"),
             victoria_pid: pid("victoria-metrics"),
             dir,
-            rules_backfilled: false,
         };
-        backends.rules_backfilled = backends.has_recorded_history().await;
-        backends.reconfigure_prometheus().await;
+        backends.enable_query_log().await;
         backends
     }
 
-    /// Switch on Prometheus' query log and, when scripts/backends.sh did not load
-    /// them, the curated dashboards' recording rules, by editing the config it
-    /// wrote and reloading (SIGHUP). VictoriaMetrics reads the same file for its
-    /// scrape config but only at start, so it is unaffected.
-    async fn reconfigure_prometheus(&self) {
-        let path = self.dir.join("scrape.yml");
+    /// Switch on Prometheus' query log: add `query_log_file` to the config file it
+    /// runs with (as it reports in its flags) and reload it (SIGHUP).
+    async fn enable_query_log(&self) {
+        let flags = crate::harness::get(&format!("{}/api/v1/status/flags", self.prometheus), &[])
+            .await
+            .2;
+        let path = flags
+            .pointer("/data/config.file")
+            .and_then(serde_json::Value::as_str)
+            .map(PathBuf::from)
+            .expect("Prometheus reports its config file");
         let config = std::fs::read_to_string(&path).expect("read the Prometheus config");
-        let mut config = config.replacen(
+        assert!(
+            config.starts_with("global:\n"),
+            "{} does not start with a global section",
+            path.display()
+        );
+        let config = config.replacen(
             "global:\n",
             &format!("global:\n  query_log_file: {}\n", self.query_log.display()),
             1,
         );
-        if !config.contains("rule_files:") {
-            let rules = repo().join("dashboards/rules");
-            config.push_str(&format!("rule_files:\n  - {}/*.yml\n", rules.display()));
-        }
         std::fs::write(&path, config).expect("write the Prometheus config");
         let reloaded = Command::new("kill")
             .args(["-HUP", &self.prometheus_pid.to_string()])
@@ -179,7 +192,7 @@ impl Backends {
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.query_log.exists()
-            || scrape(&self.prometheus)
+            || patient_scrape(&self.prometheus)
                 .await
                 .sum("prometheus_engine_query_log_enabled")
                 < 1.0
@@ -193,27 +206,6 @@ impl Backends {
         }
     }
 
-    /// Whether the orders dashboard's recorded series reach back 6 hours.
-    async fn has_recorded_history(&self) -> bool {
-        let at = crate::harness::now_secs() - 6 * 3600 + 600;
-        let answer = crate::harness::get(
-            &format!("{}/api/v1/query", self.prometheus),
-            &[
-                (
-                    "query",
-                    "count(region_channel_status:shop_orders:rate1m)".into(),
-                ),
-                ("time", at.to_string()),
-            ],
-        )
-        .await;
-        answer
-            .2
-            .pointer("/data/result")
-            .and_then(serde_json::Value::as_array)
-            .is_some_and(|r| !r.is_empty())
-    }
-
     /// Drop VictoriaMetrics' rollup result cache, so no arm inherits answers an
     /// earlier arm computed.
     pub async fn reset_caches(&self) {
@@ -224,8 +216,12 @@ impl Backends {
             .expect("reset VictoriaMetrics' result cache");
     }
 
+    /// The counters now, waiting as long as an overloaded backend needs to answer.
     pub async fn counters(&self) -> Counters {
-        let (prom, vm) = tokio::join!(scrape(&self.prometheus), scrape(&self.victoria));
+        let (prom, vm) = tokio::join!(
+            patient_scrape(&self.prometheus),
+            patient_scrape(&self.victoria)
+        );
         Counters {
             prometheus_queries: prometheus_queries(&prom),
             victoria_queries: victoria_queries(&vm),
@@ -240,12 +236,19 @@ impl Backends {
     }
 
     pub async fn gauges(&self) -> Gauges {
-        let (prom, vm) = tokio::join!(scrape(&self.prometheus), scrape(&self.victoria));
+        let (prom, vm) = tokio::join!(
+            scrape_within(&self.prometheus, SAMPLE_TIMEOUT),
+            scrape_within(&self.victoria, SAMPLE_TIMEOUT)
+        );
         Gauges {
-            prometheus_in_flight: prom.sum("prometheus_engine_queries "),
-            victoria_in_flight: vm.sum("vm_concurrent_select_current"),
-            prometheus_queries: prometheus_queries(&prom),
-            victoria_queries: victoria_queries(&vm),
+            prometheus: prom.map(|p| Gauge {
+                in_flight: p.sum("prometheus_engine_queries "),
+                queries: prometheus_queries(&p),
+            }),
+            victoria: vm.map(|v| Gauge {
+                in_flight: v.sum("vm_concurrent_select_current"),
+                queries: victoria_queries(&v),
+            }),
         }
     }
 
@@ -277,6 +280,36 @@ impl Drop for Backends {
             .stderr(Stdio::inherit())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A /metrics page, or `None` when it does not come within `timeout`.
+pub async fn scrape_within(base: &str, timeout: Duration) -> Option<Scrape> {
+    tokio::time::timeout(timeout, async {
+        let response = crate::harness::client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .ok()?;
+        Some(Scrape(response.text().await.ok()?))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A /metrics page, however long an overloaded backend takes, up to
+/// [`COUNTERS_PATIENCE`].
+async fn patient_scrape(base: &str) -> Scrape {
+    let deadline = Instant::now() + COUNTERS_PATIENCE;
+    loop {
+        if let Some(page) = scrape_within(base, Duration::from_secs(10)).await {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base} did not answer /metrics for {COUNTERS_PATIENCE:?}"
+        );
     }
 }
 

@@ -73,20 +73,23 @@ fn color(arm: Arm) -> RGBColor {
     }
 }
 
+/// A panel of the in-flight plot: its title, the sampled value and promguard's cap.
+type Gauge = (&'static str, fn(&Sample) -> Option<f64>, usize);
+
 /// In flight at each backend by its own gauge, with promguard's caps.
 fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 1));
-    let series: [(&str, fn(&Sample) -> f64, usize); 2] = [
+    let series: [Gauge; 2] = [
         (
             "Prometheus: queries running or queued (prometheus_engine_queries)",
-            |s| s.backends.prometheus_in_flight,
+            |s| s.backends.prometheus.map(|g| g.in_flight),
             CAPS[0],
         ),
         (
-            "VictoriaMetrics: selects running (vm_concurrent_select_current; it queues the rest)",
-            |s| s.backends.victoria_in_flight,
+            "VictoriaMetrics: selects running (vm_concurrent_select_current; it queues the rest); gaps: no /metrics answer in 2 s",
+            |s| s.backends.victoria.map(|g| g.in_flight),
             CAPS[1],
         ),
     ];
@@ -94,7 +97,7 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
     for (area, (title, value, cap)) in panels.iter().zip(series) {
         let y_max = results
             .iter()
-            .flat_map(|r| r.timeline.iter().map(value))
+            .flat_map(|r| r.timeline.iter().filter_map(value))
             .fold(cap as f64, f64::max)
             * 1.1;
         let mut chart = ChartBuilder::on(area)
@@ -110,13 +113,19 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
             .draw()?;
         for r in results {
             let c = color(r.arm);
-            chart
-                .draw_series(LineSeries::new(
-                    r.timeline.iter().map(|s| (seconds(s.at_ms), value(s))),
-                    c.stroke_width(2),
-                ))?
-                .label(r.arm.name())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+            // A backend too busy to answer its /metrics leaves a gap in its line.
+            let answered = r.timeline.split(|s| value(s).is_none());
+            for (i, run) in answered.filter(|run| !run.is_empty()).enumerate() {
+                let points = run
+                    .iter()
+                    .filter_map(|s| Some((seconds(s.at_ms), value(s)?)));
+                let drawn = chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
+                if i == 0 {
+                    drawn
+                        .label(r.arm.name())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+                }
+            }
         }
         chart
             .draw_series(DashedLineSeries::new(

@@ -92,24 +92,32 @@ impl ArmResult {
             .collect()
     }
 
-    /// Queries per second reaching both backends, between consecutive samples.
+    /// Queries per second reaching both backends, between consecutive samples in
+    /// which both answered.
     pub fn upstream_rate(&self) -> Vec<(u64, f64)> {
-        self.timeline
+        let total =
+            |s: &Sample| Some(s.backends.prometheus?.queries + s.backends.victoria?.queries);
+        let answered: Vec<(u64, f64)> = self
+            .timeline
+            .iter()
+            .filter_map(|s| Some((s.at_ms, total(s)?)))
+            .collect();
+        answered
             .windows(2)
             .map(|w| {
-                let total =
-                    |s: &Sample| s.backends.prometheus_queries + s.backends.victoria_queries;
-                let seconds = (w[1].at_ms - w[0].at_ms) as f64 / 1000.0;
-                (
-                    w[1].at_ms,
-                    (total(&w[1]) - total(&w[0])) / seconds.max(1e-3),
-                )
+                let seconds = (w[1].0 - w[0].0) as f64 / 1000.0;
+                (w[1].0, (w[1].1 - w[0].1) / seconds.max(1e-3))
             })
             .collect()
     }
 
-    fn peak(&self, f: impl Fn(&Sample) -> f64) -> f64 {
-        self.timeline.iter().map(f).fold(0.0, f64::max)
+    fn peak(&self, f: impl Fn(&Sample) -> Option<f64>) -> f64 {
+        self.timeline.iter().filter_map(f).fold(0.0, f64::max)
+    }
+
+    /// Samples in which a backend did not answer its /metrics in time.
+    fn unanswered(&self, f: impl Fn(&Sample) -> bool) -> usize {
+        self.timeline.iter().filter(|s| f(s)).count()
     }
 }
 
@@ -126,7 +134,6 @@ pub struct RunInfo {
     pub long_term: String,
     pub instances: usize,
     pub nginx_ttl: String,
-    pub rules_backfilled: bool,
     pub total_minutes: f64,
 }
 
@@ -138,7 +145,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         out,
         "Sale-night storm, {} engineers ramping from 1× to 5× load, {} s per arm, seed {}, \
          client timeout {} s, {cores} cores, release build; backends: Prometheus (2 days at 30 s) \
-         and VictoriaMetrics ({} at 1 h), {} instances per service. Arms ran one after another \
+         and VictoriaMetrics ({} at 1 h, the last 2 days at 30 s), {} instances per service. Arms ran one after another \
          against the same backends (VictoriaMetrics' result cache reset before each), each with a \
          freshly started proxy. Whole run: {:.1} min.\n",
         info.engineers,
@@ -265,18 +272,37 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         if r.promguard.is_none() {
             return "–".into();
         }
-        let [p, v] = [0, 1].map(|i| r.peak(|s| s.promguard_in_flight.map_or(0.0, |g| g[i])));
+        let [p, v] = [0, 1].map(|i| r.peak(|s| s.promguard_in_flight.map(|g| g[i])));
         format!(
             "Prometheus **{p:.0}** ({}), VictoriaMetrics **{v:.0}** ({})",
             CAPS[0], CAPS[1]
         )
     });
     row("peak Prometheus engine queries (running + queued)", &|r| {
-        format!("{:.0}", r.peak(|s| s.backends.prometheus_in_flight))
+        format!(
+            "{:.0}",
+            r.peak(|s| s.backends.prometheus.map(|g| g.in_flight))
+        )
     });
     row(
         "peak VictoriaMetrics selects running (its limit: 4)",
-        &|r| format!("{:.0}", r.peak(|s| s.backends.victoria_in_flight)),
+        &|r| {
+            format!(
+                "{:.0}",
+                r.peak(|s| s.backends.victoria.map(|g| g.in_flight))
+            )
+        },
+    );
+    row(
+        "samples without a /metrics answer in 2 s (Prometheus / VictoriaMetrics)",
+        &|r| {
+            format!(
+                "{} / {} of {}",
+                r.unanswered(|s| s.backends.prometheus.is_none()),
+                r.unanswered(|s| s.backends.victoria.is_none()),
+                r.timeline.len()
+            )
+        },
     );
     row(
         "VictoriaMetrics selects queued / timed out in its queue",
@@ -327,18 +353,11 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          - nginx caches every 200 for {} with the cache lock, stale-while-updating and \
          background refresh on, its key the method, URI and form body; the direct and nginx \
          arms send each query to the backend promguard would pick (its own PromQL analysis).\n\
-         - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`; their \
-         recording rules were {}.",
+         - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`, on \
+         the recording rules of `dashboards/rules/` (backfilled by scripts/backends.sh).",
         info.timeout_s,
         crate::SAMPLE_EVERY.as_millis(),
         info.nginx_ttl,
-        if info.rules_backfilled {
-            "backfilled with history by scripts/backends.sh"
-        } else {
-            "loaded into Prometheus at the start of the bench (scripts/backends.sh does not \
-             backfill them), so curated panels found at most the run's own minutes of recorded \
-             data and cost the backends less than they would with 6 hours of history"
-        },
     );
     out
 }
