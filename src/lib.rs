@@ -9,7 +9,9 @@
 //! 3. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
 //! 4. [`analysis`]: which samples the PromQL touches (oldest, newest)
 //! 5. [`routing`]: recent Prometheus or the long-term store, by the oldest sample
-//! 6. [`policy`]: the rules of the mode in force (sale or normal) allow or refuse it
+//! 6. [`policy`]: the rules of the mode in force (sale or normal) allow or refuse it;
+//!    [`refresh`] then moves live queries of callers who are not exempt onto the
+//!    mode's `min_refresh` clock
 //! 7. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
 //! 8. per upstream call: [`limits`] (upstream budget, in-flight slot), [`admission`]
 //!    (backend slot by priority class, or shed), [`upstream`] (one bounded,
@@ -30,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod refresh;
 pub mod request;
 pub mod routing;
 pub mod shutdown;

@@ -393,6 +393,9 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             for d in &e.dry_run {
                 println!("dry run:   {d}");
             }
+            if let Some(r) = &e.min_refresh {
+                println!("refresh:   from the backend at most every {r} while live");
+            }
         }
     }
     Ok(())

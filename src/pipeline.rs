@@ -1,7 +1,7 @@
 //! The request pipeline: every stage, in order, for one Prometheus API request.
 //!
-//! identify → limit → parse → analyse → route → cache → (limit, admit, forward per
-//! upstream call). Each stage is a call into its own
+//! identify → limit → parse → analyse → route → policy → refresh floor → cache →
+//! (limit, admit, forward per upstream call). Each stage is a call into its own
 //! module; this file only orders them and carries the per-request [`RequestCtx`].
 //! Early exits are errors that `error.rs` turns into Prometheus-style responses.
 
@@ -25,6 +25,7 @@ use crate::identity::{Caller, Source};
 use crate::policy::Compiled;
 use crate::policy::rules::{Decision, Facts, Refusal, RuleSet};
 use crate::policy::state::{Effective, Mode};
+use crate::refresh;
 use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
 use crate::upstream::UpstreamResponse;
@@ -136,6 +137,14 @@ pub async fn handle(
     let exempt = decide(state, &policy, &mode, &facts)?;
     let budgets = if exempt { Mode::Normal } else { mode.mode };
 
+    // refresh floor: live queries of callers who are not exempt move onto the
+    // mode's min_refresh clock, so refreshes within one interval share an answer
+    let floor = policy
+        .min_refresh(mode.mode)
+        .filter(|_| !exempt)
+        .unwrap_or_default();
+    let (req, shape) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
+
     // cache: answer from cache, fetching (once for all identical requests) only
     // what is missing; forward: the bounded, cancellable upstream calls it makes
     let no_cache = headers
@@ -149,6 +158,7 @@ pub async fn handle(
         backend,
         no_cache,
         ctx.now,
+        floor,
     );
     let served = state
         .cache
@@ -331,6 +341,29 @@ fn facts<'a>(
         backend,
         query: query.map(|q| q.text.as_str()),
     }
+}
+
+/// `req` snapped to the refresh floor, with its shape, when the floor moves it and
+/// it still goes to the backend the policy decided on; as it was otherwise.
+fn on_refresh_floor(
+    state: &AppState,
+    req: Arc<ApiRequest>,
+    shape: QueryShape,
+    backend: BackendId,
+    floor: Duration,
+    now: Millis,
+) -> (Arc<ApiRequest>, QueryShape) {
+    let live_after = now.saturating_sub(
+        i64::try_from(state.cache.config().fresh_window.0.as_millis()).unwrap_or(i64::MAX),
+    );
+    let Some(snapped) = refresh::snap(&req, floor, live_after) else {
+        return (req, shape);
+    };
+    let snapped_shape = shape_of(&snapped, state);
+    if routing::route(&state.routing, snapped.endpoint, &snapped_shape, now) != backend {
+        return (req, shape);
+    }
+    (Arc::new(snapped), snapped_shape)
 }
 
 /// What to do instead of a refused query.

@@ -539,6 +539,20 @@ pub fn parse_duration(param: &'static str, value: &str) -> Result<Duration> {
 }
 
 /// Format milliseconds as Unix seconds with millisecond precision, as Prometheus parses them.
+/// `params` with each of `values` set: a parameter of that name is dropped and the
+/// new value appended, so the result holds it exactly once.
+pub fn with_params(
+    params: &[(String, String)],
+    values: &[(&str, String)],
+) -> Vec<(String, String)> {
+    params
+        .iter()
+        .filter(|(k, _)| !values.iter().any(|(name, _)| k == name))
+        .cloned()
+        .chain(values.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .collect()
+}
+
 pub fn format_time(ms: Millis) -> String {
     let sign = if ms < 0 { "-" } else { "" };
     let abs = ms.unsigned_abs();

@@ -25,7 +25,7 @@ use crate::analysis::QueryShape;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{ApiRequest, Endpoint, Millis, RequestKind, format_time};
+use crate::request::{ApiRequest, Endpoint, Millis, RequestKind, format_time, with_params};
 use crate::routing::BackendId;
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use coalesce::{Coalescer, Role};
@@ -74,6 +74,9 @@ pub struct WholePlan {
     key: CacheKey,
     params: Vec<(String, String)>,
     fresh: Duration,
+    /// A stored answer younger than this is a hit for this caller however fresh
+    /// it is for others (the policy's `min_refresh`).
+    floor: Duration,
 }
 
 /// A range query cached as extents.
@@ -87,6 +90,7 @@ pub struct RangePlan {
     /// may still change as late samples arrive.
     stable_to: Millis,
     params: Vec<(String, String)>,
+    floor: Duration,
 }
 
 /// How one request uses the cache; decided by [`plan`] before any I/O.
@@ -102,7 +106,8 @@ pub enum Plan {
 }
 
 /// Decide how `req` (routed to `backend`) is cached. `no_cache` is the client's
-/// `Cache-Control: no-cache`. Pure.
+/// `Cache-Control: no-cache`; `floor` is how old a stored answer this caller
+/// accepts as a hit regardless of its freshness (zero: none). Pure.
 pub fn plan(
     config: &CacheConfig,
     req: &ApiRequest,
@@ -110,6 +115,7 @@ pub fn plan(
     backend: BackendId,
     no_cache: bool,
     now: Millis,
+    floor: Duration,
 ) -> Plan {
     let volatile_after = now - millis(config.fresh_window.0);
     let fresh_for = |newest: Option<Millis>| match newest {
@@ -145,12 +151,14 @@ pub fn plan(
                         want,
                         stable_to,
                         params: req.params.clone(),
+                        floor,
                     }))
                 }
                 _ => Some(Plan::Whole(WholePlan {
                     key,
                     params: req.params.clone(),
                     fresh: fresh_for(shape.newest),
+                    floor,
                 })),
             }
         }
@@ -158,6 +166,7 @@ pub fn plan(
             key: answer_key(req, backend, Some(&query.canonical), &format!("@{time}")),
             params: req.params.clone(),
             fresh: fresh_for(shape.newest),
+            floor,
         })),
         RequestKind::Metadata { start, end, .. } => {
             // Snap to the minute so the metric browser's storms share answers.
@@ -167,6 +176,7 @@ pub fn plan(
                 key: answer_key(req, backend, None, &span),
                 params,
                 fresh: config.metadata_ttl.0,
+                floor,
             }))
         }
         RequestKind::Static
@@ -179,6 +189,7 @@ pub fn plan(
                 key: answer_key(req, backend, None, ""),
                 params: req.params.clone(),
                 fresh: config.metadata_ttl.0,
+                floor,
             }))
         }
         RequestKind::Static | RequestKind::Exemplars { .. } => None,
@@ -229,15 +240,13 @@ fn snap_span(
 
 /// Replace (or add) `start` and `end` in a parameter list.
 fn with_span(params: &[(String, String)], span: Span) -> Vec<(String, String)> {
-    params
-        .iter()
-        .filter(|(k, _)| k != "start" && k != "end")
-        .cloned()
-        .chain([
-            ("start".to_string(), format_time(span.from)),
-            ("end".to_string(), format_time(span.to)),
-        ])
-        .collect()
+    with_params(
+        params,
+        &[
+            ("start", format_time(span.from)),
+            ("end", format_time(span.to)),
+        ],
+    )
 }
 
 /// Cache metrics, cloned out of [`Metrics`].
@@ -313,7 +322,7 @@ impl Cache {
                     stored: None,
                 })
             }
-            Plan::Whole(w) => match self.fresh(&w.key) {
+            Plan::Whole(w) => match self.fresh(&w.key, w.floor) {
                 Some(hit) => Ok(hit),
                 None => {
                     let this = self.clone();
@@ -322,7 +331,7 @@ impl Cache {
                         .await
                 }
             },
-            Plan::Range(r) => match self.fresh(&r.key) {
+            Plan::Range(r) => match self.fresh(&r.key, r.floor) {
                 Some(hit) => Ok(hit),
                 None => {
                     let this = self.clone();
@@ -348,10 +357,10 @@ impl Cache {
         result
     }
 
-    /// A fresh stored answer, as a hit.
-    fn fresh(&self, key: &CacheKey) -> Option<Served> {
+    /// A stored answer that is fresh, or younger than `floor`, as a hit.
+    fn fresh(&self, key: &CacheKey, floor: Duration) -> Option<Served> {
         let answer = self.store.answer(key)?;
-        (Instant::now() < answer.fresh_until).then(|| {
+        (Instant::now() < answer.fresh_until || answer.stored.elapsed() < floor).then(|| {
             self.metrics.points_served.inc_by(answer.points);
             Served {
                 status: StatusCode::OK,

@@ -45,6 +45,8 @@ pub struct Explanation {
     pub message: Option<String>,
     /// Dry-run rules that would have refused it.
     pub dry_run: Vec<String>,
+    /// For allowed live queries: how often at most they reach the backend.
+    pub min_refresh: Option<String>,
 }
 
 pub fn explain(
@@ -62,10 +64,11 @@ pub fn explain(
         Endpoint::Query
     };
     let backend = route(routing, endpoint, &shape, q.at);
-    let rules = match mode.mode {
-        super::state::Mode::Normal => &policy.normal.rules,
-        super::state::Mode::Sale => &policy.sale.rules,
+    let mode_policy = match mode.mode {
+        super::state::Mode::Normal => &policy.normal,
+        super::state::Mode::Sale => &policy.sale,
     };
+    let rules = &mode_policy.rules;
     let facts = Facts {
         now: q.at,
         user: q.user,
@@ -102,6 +105,10 @@ pub fn explain(
         furthest: shape.furthest,
         rule,
         message,
+        min_refresh: mode_policy
+            .min_refresh
+            .filter(|_| decision == "allow")
+            .map(human),
         dry_run,
     }
 }
@@ -152,5 +159,19 @@ mod tests {
             },
         );
         assert_eq!(exempt.decision, "exempt");
+        assert_eq!(exempt.min_refresh, None);
+        let short = promql_parser::parser::parse("sum(rate(shop_orders_total[5m]))").unwrap();
+        let allowed = explain(
+            &policy,
+            &routing,
+            Duration::from_secs(300),
+            &Question {
+                expr: &short,
+                text: "sum(rate(shop_orders_total[5m]))",
+                ..q
+            },
+        );
+        assert_eq!(allowed.decision, "allow");
+        assert_eq!(allowed.min_refresh.as_deref(), Some("60 seconds"));
     }
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
@@ -30,6 +31,10 @@ pub struct ModeLimits {
 pub struct ModePolicy {
     pub rules: RuleSet,
     pub limits: ModeLimits,
+    /// Live queries of callers that are not exempt reach the backend at most
+    /// once per this interval: their windows are snapped to it and their answers
+    /// stay fresh for it.
+    pub min_refresh: Option<Duration>,
 }
 
 /// Everything the policy files say, compiled.
@@ -78,6 +83,7 @@ struct RawMode {
     #[serde(default)]
     exempt: RawExempt,
     limits: Option<ModeLimits>,
+    min_refresh: Option<HumanDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -120,6 +126,21 @@ impl<'de> Deserialize<'de> for Window {
             start,
             end,
         })
+    }
+}
+
+/// Settings that one file alone may set: the second file to set `what` is an error
+/// naming the first.
+fn set_once(seen: &mut BTreeMap<String, PathBuf>, what: String, file: &Path) -> Result<(), String> {
+    match seen.get(&what) {
+        Some(first) => Err(format!(
+            "{what} is already set in {}; set it in one file",
+            first.display()
+        )),
+        None => {
+            seen.insert(what, file.to_path_buf());
+            Ok(())
+        }
     }
 }
 
@@ -218,7 +239,7 @@ pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
 /// As [`load_dir`].
 pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
     let mut policy = Policy::default();
-    let mut limits_from: BTreeMap<&str, PathBuf> = BTreeMap::new();
+    let mut limits_from: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (file, text) in sources {
         let fail = |line: Option<usize>, message: String| PolicyError {
             file: file.clone(),
@@ -239,16 +260,20 @@ pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
                 .extend(raw_mode.exempt.dashboards);
             mode.rules.exempt_users.extend(raw_mode.exempt.users);
             if let Some(limits) = raw_mode.limits {
-                if let Some(first) = limits_from.insert(mode_name, file.clone()) {
+                set_once(&mut limits_from, format!("{mode_name}.limits"), file)
+                    .map_err(|m| fail(None, m))?;
+                mode.limits = limits;
+            }
+            if let Some(floor) = raw_mode.min_refresh {
+                set_once(&mut limits_from, format!("{mode_name}.min_refresh"), file)
+                    .map_err(|m| fail(None, m))?;
+                if floor.0 < Duration::from_secs(1) {
                     return Err(fail(
                         None,
-                        format!(
-                            "{mode_name}.limits is already set in {}; set it in one file",
-                            first.display()
-                        ),
+                        format!("{mode_name}.min_refresh must be at least 1s"),
                     ));
                 }
-                mode.limits = limits;
+                mode.min_refresh = Some(floor.0);
             }
         }
         policy.files.push(file.clone());
@@ -347,5 +372,26 @@ mod tests {
             (PathBuf::from("c.yaml"), a.1.replace("r1", "r3")),
         ]);
         assert!(twice.unwrap_err().message.contains("already set in a.yaml"));
+    }
+
+    #[test]
+    fn min_refresh_is_set_once_and_at_least_a_second() {
+        let p = compile_one("sale:\n  min_refresh: 1m\n").unwrap();
+        assert_eq!(p.sale.min_refresh, Some(Duration::from_secs(60)));
+        assert_eq!(p.normal.min_refresh, None);
+        let err = compile_one("sale:\n  min_refresh: 500ms\n").unwrap_err();
+        assert!(err.message.contains("at least 1s"), "{err}");
+        let file = |name: &str| {
+            (
+                PathBuf::from(name),
+                "sale: {min_refresh: 30s}\n".to_string(),
+            )
+        };
+        let err = compile(&[file("a.yaml"), file("b.yaml")]).unwrap_err();
+        assert!(
+            err.message
+                .contains("sale.min_refresh is already set in a.yaml"),
+            "{err}"
+        );
     }
 }

@@ -49,6 +49,14 @@ impl Compiled {
         }
     }
 
+    /// How often a live query of a caller who is not exempt may reach a backend.
+    pub fn min_refresh(&self, mode: Mode) -> Option<Duration> {
+        match mode {
+            Mode::Normal => self.policy.normal.min_refresh,
+            Mode::Sale => self.policy.sale.min_refresh,
+        }
+    }
+
     pub fn limits(&self, mode: Mode) -> &UserLimits {
         match mode {
             Mode::Normal => &self.normal_limits,

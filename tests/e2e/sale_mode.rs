@@ -355,3 +355,69 @@ async fn exempt_dashboards_keep_normal_budgets_in_sale_mode() {
         assert_eq!(query(n, "orders").await, 200, "curated query {n}");
     }
 }
+
+#[tokio::test]
+async fn min_refresh_makes_live_refreshes_of_personal_panels_one_backend_call() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = policy_now().replace("sale:\n", "sale:\n  min_refresh: 1m\n");
+    std::fs::write(dir.path().join("p.yaml"), policy).expect("write policy");
+    let pg = start(dir.path(), &dir.path().join("state.json"));
+    let upstream_calls = || async {
+        scrape(&pg.url)
+            .await
+            .sum("promguard_upstream_request_duration_seconds_count")
+    };
+    // Three refreshes of a live 1-hour panel at a 15 s step, all within the last
+    // whole minute (and within the cache's 5-minute live window).
+    let minute = now_secs() / 60 * 60 - 60;
+    let refresh = |end: i64, dashboard: &'static str| {
+        let form = [
+            ("query", "sum(rate(http_requests_total[5m]))".to_string()),
+            ("start", (end - 3600).to_string()),
+            ("end", end.to_string()),
+            ("step", "15".to_string()),
+        ];
+        let url = format!("{}/api/v1/query_range", pg.url);
+        async move { post_form(&url, &form, &[("X-Dashboard-Uid", dashboard)]).await }
+    };
+    let last_point = |body: &Value| {
+        body["data"]["result"][0]["values"]
+            .as_array()
+            .and_then(|v| v.last())
+            .and_then(|p| p[0].as_f64())
+    };
+
+    let before = upstream_calls().await;
+    let (status, _, first) = refresh(minute + 15, "personal").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        last_point(&first),
+        Some(minute as f64),
+        "snapped to the minute: {first}"
+    );
+    let after_first = upstream_calls().await;
+    assert!(after_first > before, "the first load reaches the backend");
+    for end in [minute + 30, minute + 45] {
+        let (status, _, body) = refresh(end, "personal").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body, first,
+            "the refresh ending at {end} is the first answer"
+        );
+    }
+    assert_eq!(
+        upstream_calls().await,
+        after_first,
+        "refreshes within the minute cost the backend nothing"
+    );
+
+    // The curated, exempt dashboard keeps its own refresh: every one reaches the
+    // backend for the newest points, and ends where it asked.
+    for end in [minute + 15, minute + 30, minute + 45] {
+        let calls = upstream_calls().await;
+        let (status, _, body) = refresh(end, "orders").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(last_point(&body), Some(end as f64), "{body}");
+        assert!(upstream_calls().await > calls, "curated refresh at {end}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The refresh floor (policy `min_refresh`): between policy and cache, live
+//! queries of callers that are not exempt are moved onto a coarser clock.
+//!
+//! A personal panel refreshing every 10 s asks for a window that slides with
+//! every step, so each refresh is a new answer and a new tail fetch, even when
+//! nothing it shows has changed much. Snapping the window's start and end down to
+//! a multiple of the floor (on the query's own step grid) makes every refresh
+//! within one floor interval the same question, which the cache then answers
+//! once: the panel costs the backend one refresh per floor at most, and its
+//! newest point is at most one floor older than it would have been. Grafana's
+//! own `min_refresh_interval` does the same by refusing faster refresh rates; this
+//! applies it from the proxy, only to whom the policy chooses. Pure.
+
+use std::time::Duration;
+
+use crate::cache::extent::Grid;
+use crate::request::{ApiRequest, Millis, RequestKind, format_time, with_params};
+
+/// `req` with its evaluation times snapped down to a multiple of `floor`, or
+/// `None` when nothing moves. Only live queries move (a range ending, or an
+/// instant at, later than `live_after`): older answers never change and are
+/// cached exactly as asked.
+pub fn snap(req: &ApiRequest, floor: Duration, live_after: Millis) -> Option<ApiRequest> {
+    let floor = i64::try_from(floor.as_millis()).ok().filter(|f| *f > 0)?;
+    let down = |t: Millis| t.div_euclid(floor).saturating_mul(floor);
+    let (kind, params) = match &req.kind {
+        RequestKind::Range {
+            query,
+            start,
+            end,
+            step_ms,
+        } if *end > live_after => {
+            // Both ends move by whole steps, so the answer stays on the grid (and
+            // in the extents) the caller asked for.
+            let grid = Grid::new(*start, *step_ms);
+            let (from, to) = (
+                grid.at_or_before(down(*start)),
+                grid.at_or_before(down(*end)),
+            );
+            if (from, to) == (*start, *end) {
+                return None;
+            }
+            (
+                RequestKind::Range {
+                    query: query.clone(),
+                    start: from,
+                    end: to,
+                    step_ms: *step_ms,
+                },
+                with_params(
+                    &req.params,
+                    &[("start", format_time(from)), ("end", format_time(to))],
+                ),
+            )
+        }
+        RequestKind::Instant { query, time } if *time > live_after => {
+            let at = down(*time);
+            if at == *time {
+                return None;
+            }
+            (
+                RequestKind::Instant {
+                    query: query.clone(),
+                    time: at,
+                },
+                with_params(&req.params, &[("time", format_time(at))]),
+            )
+        }
+        _ => return None,
+    };
+    Some(ApiRequest {
+        kind,
+        params,
+        ..req.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{QueryParser, parse};
+    use axum::http::Method;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+    /// 2026-11-27T09:00:00Z, a whole minute.
+    const T: Millis = 1_795_770_000_000;
+
+    fn range(start: Millis, end: Millis, step: &str) -> ApiRequest {
+        let params = [
+            ("query", "sum(rate(shop_orders_total[5m]))".to_string()),
+            ("start", format_time(start)),
+            ("end", format_time(end)),
+            ("step", step.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        parse(
+            &Method::POST,
+            "/api/v1/query_range",
+            params,
+            T,
+            &QueryParser::default(),
+        )
+        .unwrap()
+    }
+
+    fn span(req: &ApiRequest) -> (Millis, Millis) {
+        match req.kind {
+            RequestKind::Range { start, end, .. } => (start, end),
+            _ => panic!("not a range query"),
+        }
+    }
+
+    fn param<'a>(req: &'a ApiRequest, name: &str) -> Vec<&'a str> {
+        req.params
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn refreshes_within_one_floor_become_the_same_question() {
+        let live = T - 300_000;
+        let at = |end: Millis| {
+            let req = range(end - 3_600_000, end, "15");
+            snap(&req, MINUTE, live).unwrap_or(req)
+        };
+        let first = at(T + 15_000);
+        assert_eq!(span(&first), (T - 3_600_000, T));
+        for end in [T + 30_000, T + 45_000] {
+            assert_eq!(span(&at(end)), span(&first));
+        }
+        assert_eq!(span(&at(T + 60_000)), (T - 3_540_000, T + 60_000));
+        assert_eq!(param(&first, "start"), [format_time(T - 3_600_000)]);
+        assert_eq!(param(&first, "end"), [format_time(T)]);
+        assert_eq!(param(&first, "step"), ["15"]);
+    }
+
+    #[test]
+    fn snapped_windows_stay_on_the_callers_step_grid() {
+        // A 7 s step from an odd start: the grid is start + k·7 s.
+        let start = T - 600_000 + 3_000;
+        let req = range(start, start + 7_000 * 80, "7");
+        let snapped = snap(&req, MINUTE, T - 3_600_000).unwrap();
+        let (from, to) = span(&snapped);
+        assert_eq!((from - start) % 7_000, 0);
+        assert_eq!((to - start) % 7_000, 0);
+        assert!(from <= start && to <= start + 7_000 * 80);
+        assert!(start + 7_000 * 80 - to < 60_000 + 7_000);
+    }
+
+    #[test]
+    fn old_and_already_aligned_windows_are_left_alone() {
+        let old = range(T - 86_400_000, T - 3_600_000 + 15_000, "15");
+        assert!(snap(&old, MINUTE, T - 300_000).is_none());
+        let aligned = range(T - 3_600_000, T, "15");
+        assert!(snap(&aligned, MINUTE, T - 300_000).is_none());
+    }
+
+    #[test]
+    fn instant_queries_at_now_move_to_the_floor() {
+        let params = vec![
+            ("query".to_string(), "up".to_string()),
+            ("time".to_string(), format_time(T + 42_123)),
+        ];
+        let req = parse(
+            &Method::GET,
+            "/api/v1/query",
+            params,
+            T + 42_123,
+            &QueryParser::default(),
+        )
+        .unwrap();
+        let snapped = snap(&req, MINUTE, T - 300_000).unwrap();
+        assert!(matches!(snapped.kind, RequestKind::Instant { time: T, .. }));
+        assert_eq!(param(&snapped, "time"), [format_time(T)]);
+    }
+}
