@@ -22,7 +22,7 @@
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
-//! STORM_INSTANCES (2), STORM_NGINX_TTL (30s), STORM_ARMS
+//! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl), STORM_ARMS
 //! (direct,nginx,normal,sale), STORM_FONT (a TrueType font for the plots).
 //! Needs the Debian packages prometheus, victoria-metrics, nginx-light and
 //! fonts-dejavu-core.
@@ -58,8 +58,11 @@ use backends::Backends;
 use harness::{repo, scrape};
 use load::Load;
 use population::Shape;
-use report::{ArmResult, PromguardStats, RunInfo, Sample};
+use report::{ArmResult, PromguardStats, Rate, RunInfo, Sample, Steady};
 
+/// The steady state is measured from here (a share of the run) to its end: the ramp
+/// ends at 60%, and the last engineers' first loads are over a few seconds later.
+const STEADY_FROM: f64 = 0.7;
 /// How often the in-flight gauges and request counters are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 /// Longest wait between arms for the previous arm's abandoned queries to leave the
@@ -102,7 +105,7 @@ fn settings() -> Settings {
         timeout: Duration::from_secs(var("STORM_TIMEOUT_SECS", 30)),
         long_term: var("STORM_LONG_TERM", "3y".to_string()),
         instances: var("STORM_INSTANCES", 2),
-        nginx_ttl: var("STORM_NGINX_TTL", "30s".to_string()),
+        nginx_ttl: var("STORM_NGINX_TTL", "10s".to_string()),
         arms,
     }
 }
@@ -201,6 +204,7 @@ async fn run_arm(
     };
 
     let after = backends.counters().await;
+    let prometheus_log = backends.prometheus_log(before.query_log_len, after.query_log_len);
     let promguard = match &promguard_url {
         Some(url) => Some(promguard_stats(url).await),
         None => None,
@@ -208,7 +212,13 @@ async fn run_arm(
     ArmResult {
         arm,
         seconds: s.seconds as f64,
-        prometheus_samples: backends.prometheus_samples(&before, &after),
+        prometheus_samples: prometheus_log.iter().map(|(_, samples)| samples).sum(),
+        steady: steady_state(
+            &timeline,
+            &prometheus_log,
+            load.started_unix_ms(),
+            s.seconds * 1000,
+        ),
         records,
         timeline,
         before,
@@ -222,6 +232,47 @@ async fn run_arm(
         promguard,
         peak_open: load.peak_open(),
         load_average,
+    }
+}
+
+/// What reached the backends while the whole population was on, from
+/// [`STEADY_FROM`] of the run to its end. Prometheus' figures come from its query
+/// log (queries by the time they finished), since under overload it stops answering
+/// /metrics; VictoriaMetrics' from the first and last samples of the window.
+fn steady_state(
+    timeline: &[Sample],
+    prometheus_log: &[(i64, f64)],
+    started_unix_ms: i64,
+    run_ms: u64,
+) -> Steady {
+    let from = (run_ms as f64 * STEADY_FROM) as u64;
+    let window = |at: u64| (from..=run_ms).contains(&at);
+    let logged: Vec<f64> = prometheus_log
+        .iter()
+        .filter(|(finished, _)| u64::try_from(finished - started_unix_ms).is_ok_and(window))
+        .map(|(_, samples)| *samples)
+        .collect();
+    let mut answered = timeline
+        .iter()
+        .filter(|s| window(s.at_ms))
+        .filter_map(|s| Some((s.at_ms, s.backends.victoria?)));
+    let victoria = answered
+        .next()
+        .zip(answered.next_back())
+        .and_then(|((t0, v0), (t1, v1))| {
+            Some(Rate {
+                seconds: (t1 - t0) as f64 / 1000.0,
+                queries: v1.queries - v0.queries,
+                samples: v1.samples? - v0.samples?,
+            })
+        });
+    Steady {
+        prometheus: Rate {
+            seconds: (run_ms - from) as f64 / 1000.0,
+            queries: logged.len() as f64,
+            samples: logged.iter().sum(),
+        },
+        victoria,
     }
 }
 
@@ -252,6 +303,7 @@ async fn promguard_stats(url: &str) -> PromguardStats {
     let mut stats = PromguardStats {
         points_fetched: page.sum("promguard_cache_points_fetched_total"),
         points_served: page.sum("promguard_cache_points_served_total"),
+        cache_bytes: page.sum("promguard_cache_bytes"),
         ..PromguardStats::default()
     };
     for line in page.0.lines().filter(|l| !l.starts_with('#')) {

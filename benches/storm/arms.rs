@@ -18,6 +18,8 @@ pub const RECENT_WINDOW: Duration = Duration::from_secs(2 * 86_400);
 /// concurrent selects on 2 cores (`-search.maxConcurrentRequests`), so 3 never
 /// queue inside it. One slot in three is reserved for the curated dashboards.
 pub const CAPS: [usize; 2] = [8, 3];
+/// promguard's cache bound (`cache.max_bytes`), its default.
+pub const CACHE_MIB: u64 = 512;
 const ADMIN_TOKEN: &str = "storm-bench-admin";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,8 @@ priority:
 admission:
   recent: {{max_in_flight: {recent_cap}, reserved: 3, max_queue: 64, max_wait: 2s, retry_after: 5s}}
   long_term: {{max_in_flight: {long_term_cap}, reserved: 1, max_queue: 32, max_wait: 2s, retry_after: 10s}}
+cache:
+  max_bytes: {CACHE_MIB}MiB
 limits:
   requests: {{per_second: 20, burst: 100}}
   upstream: {{per_second: 5, burst: 50}}

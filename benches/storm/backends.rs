@@ -10,11 +10,11 @@
 //! CPU comes from /proc for the backends' pids.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Scrape, free_port, repo};
+use crate::harness::{Scrape, repo, run_backends_script};
 use crate::procstat;
 
 /// Query endpoints, as Prometheus labels its handlers and VictoriaMetrics its paths.
@@ -75,6 +75,9 @@ pub struct Gauge {
     pub in_flight: f64,
     /// Query and metadata requests served so far.
     pub queries: f64,
+    /// Samples read so far, where the backend exports it: VictoriaMetrics' rows
+    /// scanned. Prometheus 2.42 does not; its query log has them.
+    pub samples: Option<f64>,
 }
 
 /// How long a sample waits for a backend's /metrics.
@@ -91,55 +94,18 @@ impl Backends {
     /// When scripts/backends.sh fails; its log is on stderr.
     pub async fn start(long_term: &str, instances: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("promguard-storm-{}", std::process::id()));
-        let script = repo().join("scripts/backends.sh");
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_demo-data"))
-            .parent()
-            .expect("binary has a directory")
-            .to_path_buf();
-        // Stop the backends when this process exits, however it exits (a panic, a
-        // Ctrl-C). The watchdog outlives us on purpose, so it is never waited for.
-        #[allow(clippy::zombie_processes)]
-        Command::new("bash")
-            .arg("-c")
-            .arg(format!(
-                "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash {script} stop --dir {dir}; rm -rf {dir}",
-                pid = std::process::id(),
-                script = script.display(),
-                dir = dir.display(),
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the backend watchdog");
         // Blocking the runtime is fine here: nothing else runs before the backends.
-        let output = Command::new("bash")
-            .arg(&script)
-            .args(["start", "--dir"])
-            .arg(&dir)
-            .args(["--prom-port", &free_port().to_string()])
-            .args(["--vm-port", &free_port().to_string()])
-            .args(["--exporter-port", &free_port().to_string()])
-            .args(["--instances", &instances.to_string()])
-            .args(["--long-term", long_term])
-            .arg("--bin-dir")
-            .arg(&bin_dir)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/backends.sh");
-        assert!(
-            output.status.success(),
-            "scripts/backends.sh start failed ({}); its log is above",
-            output.status
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let var = |name: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .map(str::to_string)
-                .unwrap_or_else(|| panic!("backends.sh printed no {name}: {stdout}"))
-        };
+        let started = run_backends_script(
+            &dir,
+            &[
+                "--instances",
+                &instances.to_string(),
+                "--long-term",
+                long_term,
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let var = |name: &str| started.var(name).unwrap_or_else(|e| panic!("{e}"));
         let pid = |name: &str| {
             std::fs::read_to_string(dir.join(format!("{name}.pid")))
                 .ok()
@@ -225,7 +191,7 @@ impl Backends {
         Counters {
             prometheus_queries: prometheus_queries(&prom),
             victoria_queries: victoria_queries(&vm),
-            query_log_len: std::fs::metadata(&self.query_log).map_or(0, |m| m.len()),
+            query_log_len: self.query_log_len(),
             victoria_rows_scanned: vm.sum("vm_rows_scanned_per_query_sum"),
             victoria_rows_read: vm.sum("vm_rows_read_per_query_sum"),
             victoria_select_queued: vm.sum("vm_concurrent_select_limit_reached_total"),
@@ -244,29 +210,42 @@ impl Backends {
             prometheus: prom.map(|p| Gauge {
                 in_flight: p.sum("prometheus_engine_queries "),
                 queries: prometheus_queries(&p),
+                samples: None,
             }),
             victoria: vm.map(|v| Gauge {
                 in_flight: v.sum("vm_concurrent_select_current"),
                 queries: victoria_queries(&v),
+                samples: Some(v.sum("vm_rows_scanned_per_query_sum")),
             }),
         }
     }
 
-    /// Samples Prometheus read for the API queries logged between two snapshots.
-    pub fn prometheus_samples(&self, from: &Counters, to: &Counters) -> f64 {
+    fn query_log_len(&self) -> u64 {
+        std::fs::metadata(&self.query_log).map_or(0, |m| m.len())
+    }
+
+    /// The API queries Prometheus logged between two lengths of its query log: when
+    /// each finished (Unix ms) and how many samples it read. Rule evaluations are
+    /// logged too, and left out.
+    pub fn prometheus_log(&self, from: u64, to: u64) -> Vec<(i64, f64)> {
         let mut file = std::fs::File::open(&self.query_log).expect("open the query log");
-        file.seek(SeekFrom::Start(from.query_log_len))
+        file.seek(SeekFrom::Start(from))
             .expect("seek in the query log");
         let mut text = String::new();
-        file.take(to.query_log_len - from.query_log_len)
+        file.take(to.saturating_sub(from))
             .read_to_string(&mut text)
             .expect("read the query log");
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            // Rule evaluations are logged too; only API queries count.
             .filter(|v| v.get("httpRequest").is_some())
-            .filter_map(|v| v.pointer("/stats/samples/totalQueryableSamples")?.as_f64())
-            .sum()
+            .filter_map(|v| {
+                let finished = chrono::DateTime::parse_from_rfc3339(v["ts"].as_str()?).ok()?;
+                let samples = v
+                    .pointer("/stats/samples/totalQueryableSamples")?
+                    .as_f64()?;
+                Some((finished.timestamp_millis(), samples))
+            })
+            .collect()
     }
 }
 

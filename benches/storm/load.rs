@@ -73,6 +73,8 @@ pub struct Record {
     pub kind: Kind,
     pub latency_us: u64,
     pub outcome: Outcome,
+    /// The proxy's `X-Cache` header: how promguard or nginx produced the answer.
+    pub cache: Option<&'static str>,
 }
 
 /// One arm's run in progress.
@@ -80,6 +82,7 @@ pub struct Load {
     http: reqwest::Client,
     endpoints: Endpoints,
     started: Instant,
+    started_unix_ms: i64,
     ends: Instant,
     timeout: Duration,
     records: Mutex<Vec<Record>>,
@@ -99,12 +102,18 @@ impl Load {
                 .expect("build the load client"),
             endpoints,
             started,
+            started_unix_ms: unix_ms(),
             ends: started + duration,
             timeout,
             records: Mutex::new(Vec::new()),
             open: Default::default(),
             peak_open: Default::default(),
         })
+    }
+
+    /// The wall-clock time the run started, for matching backend logs.
+    pub fn started_unix_ms(&self) -> i64 {
+        self.started_unix_ms
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -248,25 +257,45 @@ impl Load {
         let answer = tokio::time::timeout_at(deadline, async {
             let response = request.send().await?;
             let status = response.status().as_u16();
+            let cache = response
+                .headers()
+                .get("x-cache")
+                .and_then(|v| cache_tag(v.as_bytes()));
             // The whole body, as Grafana reads it before drawing.
             response.bytes().await?;
-            Ok::<_, reqwest::Error>(status)
+            Ok::<_, reqwest::Error>((status, cache))
         })
         .await;
         open.fetch_sub(1, Ordering::Relaxed);
-        let outcome = match answer {
-            Ok(Ok(status)) => Outcome::Status(status),
-            Ok(Err(_)) => Outcome::Failed,
-            Err(_) => expiry,
+        let (outcome, cache) = match answer {
+            Ok(Ok((status, cache))) => (Outcome::Status(status), cache),
+            Ok(Err(_)) => (Outcome::Failed, None),
+            Err(_) => (expiry, None),
         };
         let record = Record {
             at_ms: sent.duration_since(self.started).as_millis() as u64,
             kind,
             latency_us: sent.elapsed().as_micros() as u64,
             outcome,
+            cache,
         };
         self.records.lock().expect("records lock").push(record);
     }
+}
+
+/// promguard's and nginx's `X-Cache` values, kept without allocating per request.
+fn cache_tag(value: &[u8]) -> Option<&'static str> {
+    const TAGS: &[&str] = &[
+        "HIT",
+        "MISS",
+        "PARTIAL",
+        "STALE",
+        "BYPASS",
+        "EXPIRED",
+        "UPDATING",
+        "REVALIDATED",
+    ];
+    TAGS.iter().copied().find(|t| t.as_bytes() == value)
 }
 
 fn unix_ms() -> i64 {

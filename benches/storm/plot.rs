@@ -144,87 +144,100 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
 
 /// Curated panels' p99 per 10-second window, on a log scale, with the 300 ms target.
 fn curated_p99(results: &[ArmResult], path: &Path) -> PlotResult {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
     let windows: Vec<Vec<(u64, f64)>> = results
         .iter()
         .map(|r| r.curated_p99_by_window(10_000))
         .collect();
-    let y_max = windows
+    over_time(
+        results,
+        &windows,
+        path,
+        &LogChart {
+            caption: "Curated dashboards (orders, sla): p99 latency per 10 s window",
+            x_desc: "seconds into the arm (requests by the time they were sent)",
+            y_desc: "p99, ms (log scale)",
+            y_max_at_least: 1000.0,
+            reference: Some((300.0, "target: 300 ms")),
+        },
+    )
+}
+
+/// Queries per second reaching the backends, on a log scale.
+fn upstream_rate(results: &[ArmResult], path: &Path) -> PlotResult {
+    let rates: Vec<Vec<(u64, f64)>> = results.iter().map(ArmResult::upstream_rate).collect();
+    over_time(
+        results,
+        &rates,
+        path,
+        &LogChart {
+            caption: "Queries reaching Prometheus + VictoriaMetrics (their own request counters)",
+            x_desc: "seconds into the arm",
+            y_desc: "queries/s (log scale; 0 drawn at 0.1)",
+            y_max_at_least: 10.0,
+            reference: None,
+        },
+    )
+}
+
+/// What an arm-by-arm line chart on a log scale says.
+struct LogChart<'a> {
+    caption: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    /// The y axis reaches at least this far, so small values are not blown up.
+    y_max_at_least: f64,
+    /// A dashed horizontal line: its value and legend.
+    reference: Option<(f64, &'a str)>,
+}
+
+/// One line per arm of `(ms into the arm, value)` points, values below 0.1 drawn
+/// at 0.1.
+fn over_time(
+    results: &[ArmResult],
+    lines: &[Vec<(u64, f64)>],
+    path: &Path,
+    spec: &LogChart<'_>,
+) -> PlotResult {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let y_max = lines
         .iter()
         .flatten()
-        .map(|(_, p)| *p)
-        .fold(1000.0, f64::max)
+        .map(|(_, v)| *v)
+        .fold(spec.y_max_at_least, f64::max)
         * 1.5;
     let x_max = x_max(results);
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Curated dashboards (orders, sla): p99 latency per 10 s window",
-            ("sans-serif", 24),
-        )
+        .caption(spec.caption, ("sans-serif", 24))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max, (0.1..y_max).log_scale())?;
     chart
         .configure_mesh()
-        .x_desc("seconds into the arm (requests by the time they were sent)")
-        .y_desc("p99, ms (log scale)")
+        .x_desc(spec.x_desc)
+        .y_desc(spec.y_desc)
         .draw()?;
-    for (r, points) in results.iter().zip(&windows) {
+    for (r, points) in results.iter().zip(lines) {
         let c = color(r.arm);
         chart
             .draw_series(LineSeries::new(
-                points.iter().map(|(at, p)| (seconds(*at), p.max(0.1))),
+                points.iter().map(|(at, v)| (seconds(*at), v.max(0.1))),
                 c.stroke_width(2),
             ))?
             .label(r.arm.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
     }
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(0.0, 300.0), (x_max, 300.0)],
-            8,
-            6,
-            BLACK.stroke_width(1),
-        ))?
-        .label("target: 300 ms")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    legend(&mut chart)?;
-    root.present()?;
-    Ok(())
-}
-
-/// Queries per second reaching the backends, on a log scale.
-fn upstream_rate(results: &[ArmResult], path: &Path) -> PlotResult {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE)?;
-    let rates: Vec<Vec<(u64, f64)>> = results.iter().map(ArmResult::upstream_rate).collect();
-    let y_max = rates.iter().flatten().map(|(_, q)| *q).fold(10.0, f64::max) * 1.5;
-    let x_max = x_max(results);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Queries reaching Prometheus + VictoriaMetrics (their own request counters)",
-            ("sans-serif", 24),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, (0.1..y_max).log_scale())?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds into the arm")
-        .y_desc("queries/s (log scale; 0 drawn at 0.1)")
-        .draw()?;
-    for (r, points) in results.iter().zip(&rates) {
-        let c = color(r.arm);
+    if let Some((value, label)) = spec.reference {
         chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|(at, q)| (seconds(*at), q.max(0.1))),
-                c.stroke_width(2),
+            .draw_series(DashedLineSeries::new(
+                [(0.0, value), (x_max, value)],
+                8,
+                6,
+                BLACK.stroke_width(1),
             ))?
-            .label(r.arm.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+            .label(label)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     }
     legend(&mut chart)?;
     root.present()?;

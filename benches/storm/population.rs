@@ -93,7 +93,7 @@ pub struct Shape {
 /// else joins during the ramp, so load grows five-fold.
 const NORMAL_SHARE: f64 = 0.2;
 /// The ramp runs from 10% to 60% of the run; the rest holds the peak.
-const RAMP: (f64, f64) = (0.1, 0.6);
+pub const RAMP: (f64, f64) = (0.1, 0.6);
 
 /// Build the population for `shape`, with the curated dashboards read from
 /// `dashboards_dir`.

@@ -19,6 +19,34 @@ pub struct Sample {
     pub promguard_in_flight: Option<[f64; 2]>,
 }
 
+/// The windows curated p99 is reported over.
+const WINDOW_MS: u64 = 10_000;
+
+/// What reached the backends at full load, after the ramp.
+#[derive(Debug, Clone, Copy)]
+pub struct Steady {
+    /// Query API calls (query, query_range) by Prometheus' query log.
+    pub prometheus: Rate,
+    /// Query and metadata calls; `None` when it did not answer /metrics then.
+    pub victoria: Option<Rate>,
+}
+
+/// Requests and samples over `seconds`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub seconds: f64,
+    pub queries: f64,
+    pub samples: f64,
+}
+
+impl Steady {
+    /// Per second, Prometheus and VictoriaMetrics added up.
+    fn per_second(&self, f: impl Fn(&Rate) -> f64) -> Option<f64> {
+        let v = self.victoria?;
+        Some(f(&self.prometheus) / self.prometheus.seconds + f(&v) / v.seconds)
+    }
+}
+
 /// promguard's own account of an arm, from its /metrics at the end.
 #[derive(Debug, Default)]
 pub struct PromguardStats {
@@ -30,6 +58,9 @@ pub struct PromguardStats {
     pub lookups: BTreeMap<String, f64>,
     pub points_fetched: f64,
     pub points_served: f64,
+    /// `promguard_cache_bytes` at the arm's end: what the cache held, by its own
+    /// account, against its `max_bytes`.
+    pub cache_bytes: f64,
 }
 
 pub struct ArmResult {
@@ -40,6 +71,8 @@ pub struct ArmResult {
     pub before: Counters,
     pub after: Counters,
     pub prometheus_samples: f64,
+    /// The steady state at full load, after the ramp.
+    pub steady: Steady,
     pub proxy_cpu: Option<f64>,
     pub proxy_peak_rss: Option<u64>,
     pub generator_cpu: f64,
@@ -187,6 +220,28 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         });
         format!("**{}** ({} + {}){ratio}", si(p + v), si(p), si(v))
     });
+    row("samples read per answered (2xx) request", &|r| {
+        let answered = r.records.iter().filter(|x| x.outcome.ok()).count();
+        let per = r.samples().iter().sum::<f64>() / answered.max(1) as f64;
+        let ratio = direct.map_or(String::new(), |d| {
+            let answered = d.records.iter().filter(|x| x.outcome.ok()).count();
+            fewer(
+                d.samples().iter().sum::<f64>() / answered.max(1) as f64,
+                per,
+            )
+        });
+        format!("{}{ratio}", si(per))
+    });
+    row(
+        &format!(
+            "**steady state at 5×** (last {:.0}% of the run): upstream queries/s",
+            100.0 * (1.0 - crate::STEADY_FROM)
+        ),
+        &|r| steady(r, direct, |rate| rate.queries, |q| format!("{q:.1}")),
+    );
+    row("**steady state at 5×**: samples read/s", &|r| {
+        steady(r, direct, |rate| rate.samples, si)
+    });
     row("VictoriaMetrics rows read from storage", &|r| {
         si(r.after.victoria_rows_read - r.before.victoria_rows_read)
     });
@@ -200,6 +255,17 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         &|r| match (r.proxy_cpu, r.proxy_peak_rss) {
             (Some(cpu), Some(rss)) => format!("{cpu:.1} / {:.0} MiB", rss as f64 / 1048576.0),
             _ => "–".into(),
+        },
+    );
+    row(
+        &format!(
+            "promguard cache held at the end (of its {} MiB bound)",
+            crate::arms::CACHE_MIB
+        ),
+        &|r| {
+            r.promguard.as_ref().map_or("–".into(), |p| {
+                format!("{:.0} MiB", p.cache_bytes / 1048576.0)
+            })
         },
     );
     row("load generator CPU s", &|r| {
@@ -223,14 +289,26 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         row(&format!("{} outcomes", kind.as_str()), &|r| {
             outcomes(r, kind)
         });
+        row(&format!("{} answers by X-Cache", kind.as_str()), &|r| {
+            caches(r, kind)
+        });
     }
-    row("curated p99, worst 10 s window (ms)", &|r| {
-        r.curated_p99_by_window(10_000)
+    let worst = |r: &ArmResult, from_ms: u64| {
+        r.curated_p99_by_window(WINDOW_MS)
             .iter()
+            .filter(|(at, _)| *at >= from_ms)
             .map(|(_, p)| *p)
             .fold(None, |m: Option<f64>, p| Some(m.map_or(p, |m| m.max(p))))
             .map_or("–".into(), ms)
-    });
+    };
+    row("curated p99, worst 10 s window (ms)", &|r| worst(r, 0));
+    row(
+        "curated p99, worst 10 s window from the ramp on (ms)",
+        &|r| {
+            let ramp_ms = (r.seconds * 1000.0 * crate::population::RAMP.0) as u64;
+            worst(r, ramp_ms / WINDOW_MS * WINDOW_MS)
+        },
+    );
     row("promguard refusals (reason, class)", &|r| {
         r.promguard.as_ref().map_or("–".into(), |p| {
             let mut parts: Vec<String> = p
@@ -345,14 +423,22 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          metadata endpoints (`prometheus_http_requests_total`, `vm_http_requests_total`). \
          Samples read: Prometheus' `totalQueryableSamples` from its query log (2.42 exports \
          no counter), plus VictoriaMetrics' `vm_rows_scanned_per_query`; both count a sample \
-         once per evaluation step that reads it.\n\
+         once per evaluation step that reads it. The whole-run totals include every \
+         panel's first load, which no cache avoids; the steady state (the last 30% of the \
+         run, everyone on, the ramp's first loads over) is what each further minute of the \
+         storm costs. There Prometheus is counted from its query log (query and query_range \
+         calls by when they finished), because under overload it stops answering /metrics. \
+         When an arm leaves requests unanswered (direct), its totals are bounded by what the \
+         backends managed to do, not by what was asked; samples per answered request \
+         corrects for that.\n\
          - In flight: promguard's `promguard_upstream_in_flight_requests`, and the backends' \
          own `prometheus_engine_queries` and `vm_concurrent_select_current`, sampled every \
          {} ms (a shorter peak can be missed); Prometheus' figure also counts the \
          recording-rule evaluations it runs every 30 s.\n\
          - nginx caches every 200 for {} with the cache lock, stale-while-updating and \
          background refresh on, its key the method, URI and form body; the direct and nginx \
-         arms send each query to the backend promguard would pick (its own PromQL analysis).\n\
+         arms send each query to the backend promguard would pick (its own PromQL analysis). \
+         `X-Cache` shares are of answered requests, as the proxy labelled them.\n\
          - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`, on \
          the recording rules of `dashboards/rules/` (backfilled by scripts/backends.sh).",
         info.timeout_s,
@@ -382,6 +468,50 @@ fn outcomes(r: &ArmResult, kind: Kind) -> String {
             .map(|(o, n)| format!("{} {n}", o.label())),
     );
     parts.join(", ")
+}
+
+/// A steady-state rate of both backends, with its parts and the factor against the
+/// direct arm.
+fn steady(
+    r: &ArmResult,
+    direct: Option<&ArmResult>,
+    f: impl Fn(&Rate) -> f64 + Copy,
+    show: impl Fn(f64) -> String,
+) -> String {
+    let Some(total) = r.steady.per_second(f) else {
+        return "VictoriaMetrics did not answer /metrics".into();
+    };
+    let p = f(&r.steady.prometheus) / r.steady.prometheus.seconds;
+    let ratio = direct
+        .and_then(|d| d.steady.per_second(f))
+        .map_or(String::new(), |d| fewer(d, total));
+    format!(
+        "**{}** ({} + {}){ratio}",
+        show(total),
+        show(p),
+        show(total - p)
+    )
+}
+
+/// How `kind`'s answers were produced, by the proxy's `X-Cache` header, as shares.
+fn caches(r: &ArmResult, kind: Kind) -> String {
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for rec in r.of(kind) {
+        if let Some(tag) = rec.cache {
+            *by.entry(tag).or_default() += 1;
+        }
+    }
+    let total: usize = by.values().sum();
+    if total == 0 {
+        return "–".into();
+    }
+    let mut parts: Vec<(&str, usize)> = by.into_iter().collect();
+    parts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    parts
+        .iter()
+        .map(|(tag, n)| format!("{tag} {:.1}%", 100.0 * *n as f64 / total as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// " (N× fewer)" against the direct arm.

@@ -52,60 +52,81 @@ pub fn backends() -> &'static Backends {
 }
 
 fn start_backends() -> Result<Backends, String> {
+    // An hour more than the 2-day routing window, so a query whose lookback
+    // reaches just past the window's edge still finds data in Prometheus.
     let dir = std::env::temp_dir().join(format!("promguard-e2e-{}", std::process::id()));
+    let started = run_backends_script(
+        &dir,
+        &["--instances", "1", "--recent", "49h", "--long-term", "60d"],
+    )?;
+    Ok(Backends {
+        prometheus: started.var("PROMETHEUS_URL")?,
+        victoria: started.var("VM_URL")?,
+        promguard_targets: started.var("PROMGUARD_TARGETS_DIR")?.into(),
+    })
+}
+
+/// What `scripts/backends.sh start` printed: `NAME=value` lines.
+pub struct StartedBackends {
+    stdout: String,
+}
+
+impl StartedBackends {
+    pub fn var(&self, name: &str) -> Result<String, String> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+            .ok_or_else(|| format!("backends.sh printed no {name}: {}", self.stdout))
+    }
+}
+
+/// Start Prometheus, VictoriaMetrics and the exporter with `scripts/backends.sh`
+/// on free ports, in `dir`, with `args` for the data's size; block until they
+/// answer queries. A watchdog stops them and removes `dir` when this process
+/// exits, however it exits.
+pub fn run_backends_script(dir: &Path, args: &[&str]) -> Result<StartedBackends, String> {
+    let script = repo().join("scripts/backends.sh");
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_demo-data"))
         .parent()
         .expect("binary has a directory")
         .to_path_buf();
-    let output = Command::new("bash")
-        .arg(repo().join("scripts/backends.sh"))
-        .args(["start", "--dir"])
-        .arg(&dir)
-        .args(["--prom-port", &free_port().to_string()])
-        .args(["--vm-port", &free_port().to_string()])
-        .args(["--exporter-port", &free_port().to_string()])
-        // An hour more than the 2-day routing window, so a query whose lookback
-        // reaches just past the window's edge still finds data in Prometheus.
-        .args(["--instances", "1", "--recent", "49h", "--long-term", "60d"])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/backends.sh");
-    // Stop the backends when this test process exits, however it exits. The
-    // watchdog outlives us on purpose, so it is never waited for.
+    // The watchdog outlives us on purpose, so it is never waited for.
     #[allow(clippy::zombie_processes)]
     Command::new("bash")
         .arg("-c")
         .arg(format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash {script} stop --dir {dir}; rm -rf {dir}",
             pid = std::process::id(),
-            script = repo().join("scripts/backends.sh").display(),
+            script = script.display(),
             dir = dir.display(),
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn the backend watchdog");
+        .map_err(|e| format!("spawn the backend watchdog: {e}"))?;
+    let output = Command::new("bash")
+        .arg(&script)
+        .args(["start", "--dir"])
+        .arg(dir)
+        .args(["--prom-port", &free_port().to_string()])
+        .args(["--vm-port", &free_port().to_string()])
+        .args(["--exporter-port", &free_port().to_string()])
+        .args(args)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run scripts/backends.sh: {e}"))?;
     if !output.status.success() {
         return Err(format!(
             "scripts/backends.sh start failed ({}); its log is above",
             output.status
         ));
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let var = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .map(str::to_string)
-            .ok_or_else(|| format!("backends.sh printed no {name}: {stdout}"))
-    };
-    Ok(Backends {
-        prometheus: var("PROMETHEUS_URL")?,
-        victoria: var("VM_URL")?,
-        promguard_targets: var("PROMGUARD_TARGETS_DIR")?.into(),
+    Ok(StartedBackends {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
     })
 }
 
