@@ -5,16 +5,20 @@
 //! request (form POST, as Grafana sends it) over data old enough that neither
 //! refetches during the run (promguard keeps settled answers for `extent_ttl`,
 //! nginx is told to keep them for an hour), and every response is checked to be a
-//! hit (`X-Cache: HIT` from both). A lean load generator (hyper's HTTP/1.1
+//! hit (`X-Cache: HIT` from both), and gzipped when the client asked for it. A lean
+//! load generator (hyper's HTTP/1.1
 //! connections, one keep-alive connection per worker, on one thread) then sends the
 //! request back to back at fixed concurrency for a fixed time, alternating the arms
 //! round by round (A B, B A, ...) so machine noise hits both alike. Per arm: hit
 //! throughput, p50/p99/p99.9 latency of whole responses, and the server's own CPU
 //! time per hit from /proc (nginx: master and workers).
 //!
-//! The generator shares the 2 cores with the server under test, as any local load
-//! test must; CPU per hit is the figure that does not depend on that. Neither arm
-//! compresses (promguard never does; nginx's gzip is off) and neither logs requests.
+//! Each panel is served twice over: plain, and gzipped, since Grafana's client always
+//! asks for gzip. promguard gzips a stored answer once and keeps the copy; nginx
+//! passes the client's Accept-Encoding to Prometheus, caches its gzipped answer (the
+//! encoding is part of the cache key) and sends the file as it is. The generator shares
+//! the 2 cores with the server under test, as any local load test must; CPU per hit is
+//! the figure that does not depend on that. Neither arm logs requests.
 //! The load is closed-loop, so latency percentiles are per response, without
 //! coordinated-omission correction.
 //!
@@ -48,6 +52,24 @@ const CONCURRENCY: [usize; 2] = [1, 32];
 /// sending thousands per second, which the budget is not about.
 const CONFIG: &str = "limits:\n  requests: {per_second: 1000000, burst: 1000000}\n";
 
+/// How the client asks for the body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+impl Encoding {
+    const ALL: [Encoding; 2] = [Encoding::Identity, Encoding::Gzip];
+
+    fn name(self) -> &'static str {
+        match self {
+            Encoding::Identity => "plain",
+            Encoding::Gzip => "gzip",
+        }
+    }
+}
+
 /// A panel request and what it is called in the report.
 struct Panel {
     name: &'static str,
@@ -73,7 +95,8 @@ impl Arm {
 struct Cell {
     latency: Histogram<u64>,
     requests: u64,
-    misses: u64,
+    /// Answers that were not hits, or not gzipped when gzip was asked for.
+    unexpected: u64,
     seconds: f64,
     cpu: f64,
     body_bytes: usize,
@@ -84,7 +107,7 @@ impl Cell {
         Cell {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             requests: 0,
-            misses: 0,
+            unexpected: 0,
             seconds: 0.0,
             cpu: 0.0,
             body_bytes: 0,
@@ -137,44 +160,59 @@ async fn main() {
         "Cache hits: promguard against nginx proxy_cache in front of the same Prometheus, \
          {rounds} alternating rounds of {} s per cell, {} cores shared by server and load \
          generator (one thread, one keep-alive HTTP/1.1 connection per worker), release build, \
-         machine load average {:.2} before the run. Every response was checked to be a hit. \
-         CPU is the server's own (/proc), per hit.\n\n\
-         | response | concurrency | arm | hits/s | p50 | p99 | p99.9 | server CPU per hit | not hits |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         machine load average {:.2} before the run. Every response was checked to be a hit \
+         (and gzipped when asked); \"unexpected\" counts those that were not. CPU is the \
+         server's own (/proc), per hit. Sizes are bytes on the wire.\n\n\
+         | response | encoding | concurrency | arm | hits/s | p50 | p99 | p99.9 | server CPU per hit | unexpected |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         seconds.as_secs(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         procstat::load_average().unwrap_or(f64::NAN),
     );
     for panel in &panels {
-        for (_, url, _) in &servers {
-            warm(url, &panel.body).await;
-        }
-        for concurrency in CONCURRENCY {
-            let mut cells = [Cell::new(), Cell::new()];
-            for round in 0..rounds {
-                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-                for i in order {
-                    let (_, url, pid) = &servers[i];
-                    run(url, *pid, &panel.body, concurrency, seconds, &mut cells[i]).await;
-                }
+        for encoding in Encoding::ALL {
+            for (_, url, _) in &servers {
+                warm(url, &panel.body, encoding).await;
             }
-            for (i, cell) in cells.iter().enumerate() {
-                let q = |q: f64| cell.latency.value_at_quantile(q) as f64 / 1000.0;
-                let _ = writeln!(
-                    out,
-                    "| {} ({} KiB) | {concurrency} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} µs | {} |",
+            for concurrency in CONCURRENCY {
+                let mut cells = [Cell::new(), Cell::new()];
+                for round in 0..rounds {
+                    let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                    for i in order {
+                        let (_, url, pid) = &servers[i];
+                        let load = Load {
+                            url,
+                            body: &panel.body,
+                            encoding,
+                            concurrency,
+                            seconds,
+                        };
+                        load.run(*pid, &mut cells[i]).await;
+                    }
+                }
+                for (i, cell) in cells.iter().enumerate() {
+                    let q = |q: f64| cell.latency.value_at_quantile(q) as f64 / 1000.0;
+                    let _ = writeln!(
+                        out,
+                        "| {} ({} KiB) | {} | {concurrency} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} µs | {} |",
+                        panel.name,
+                        cell.body_bytes / 1024,
+                        encoding.name(),
+                        servers[i].0.name(),
+                        cell.requests as f64 / cell.seconds,
+                        q(0.5),
+                        q(0.99),
+                        q(0.999),
+                        cell.cpu * 1e6 / cell.requests.max(1) as f64,
+                        cell.unexpected,
+                    );
+                }
+                eprintln!(
+                    "hits: {} {} at concurrency {concurrency} done",
                     panel.name,
-                    cell.body_bytes / 1024,
-                    servers[i].0.name(),
-                    cell.requests as f64 / cell.seconds,
-                    q(0.5),
-                    q(0.99),
-                    q(0.999),
-                    cell.cpu * 1e6 / cell.requests.max(1) as f64,
-                    cell.misses,
+                    encoding.name()
                 );
             }
-            eprintln!("hits: {} at concurrency {concurrency} done", panel.name);
         }
     }
     let mib = |bytes: Option<u64>| bytes.unwrap_or(0) as f64 / 1048576.0;
@@ -191,62 +229,70 @@ async fn main() {
 }
 
 /// Fill the cache and check that the next answer is a hit.
-async fn warm(url: &str, body: &Bytes) {
+async fn warm(url: &str, body: &Bytes, encoding: Encoding) {
     let mut sender = connect(url).await;
     for attempt in 0..3 {
-        let (hit, _) = send(&mut sender, url, body).await;
-        if hit && attempt > 0 {
+        let (expected, _) = send(&mut sender, url, body, encoding).await;
+        if expected && attempt > 0 {
             return;
         }
     }
-    panic!("{url} does not answer the panel from its cache");
+    panic!(
+        "{url} does not answer the panel ({}) from its cache",
+        encoding.name()
+    );
 }
 
-/// `concurrency` workers sending `body` back to back for `seconds`; adds to `cell`.
-async fn run(
-    url: &str,
-    pid: u32,
-    body: &Bytes,
+/// One arm at one concurrency for one round.
+struct Load<'a> {
+    url: &'a str,
+    body: &'a Bytes,
+    encoding: Encoding,
     concurrency: usize,
     seconds: Duration,
-    cell: &mut Cell,
-) {
-    let mut senders = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        senders.push(connect(url).await);
+}
+
+impl Load<'_> {
+    /// Workers sending the request back to back for `seconds`; adds to `cell`, with
+    /// the CPU time of the server at `pid`.
+    async fn run(&self, pid: u32, cell: &mut Cell) {
+        let mut senders = Vec::with_capacity(self.concurrency);
+        for _ in 0..self.concurrency {
+            senders.push(connect(self.url).await);
+        }
+        // One request per connection before the clock starts: connections are warm.
+        for sender in &mut senders {
+            send(sender, self.url, self.body, self.encoding).await;
+        }
+        let cpu = procstat::cpu_seconds_with_children(pid);
+        let started = Instant::now();
+        let deadline = started + self.seconds;
+        let workers = senders.into_iter().map(|mut sender| {
+            let (url, body, encoding) = (self.url.to_string(), self.body.clone(), self.encoding);
+            tokio::spawn(async move {
+                let mut latency =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let (mut unexpected, mut bytes) = (0, 0);
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let (expected, size) = send(&mut sender, &url, &body, encoding).await;
+                    latency.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                    unexpected += u64::from(!expected);
+                    bytes = size;
+                }
+                (latency, unexpected, bytes)
+            })
+        });
+        for worker in workers.collect::<Vec<_>>() {
+            let (latency, unexpected, bytes) = worker.await.expect("a load worker panicked");
+            cell.requests += latency.len();
+            cell.latency.add(&latency).expect("same histogram bounds");
+            cell.unexpected += unexpected;
+            cell.body_bytes = bytes;
+        }
+        cell.seconds += started.elapsed().as_secs_f64();
+        cell.cpu += procstat::cpu_seconds_with_children(pid) - cpu;
     }
-    // One request per connection before the clock starts: connections are warm.
-    for sender in &mut senders {
-        send(sender, url, body).await;
-    }
-    let cpu = procstat::cpu_seconds_with_children(pid);
-    let started = Instant::now();
-    let deadline = started + seconds;
-    let workers = senders.into_iter().map(|mut sender| {
-        let (url, body) = (url.to_string(), body.clone());
-        tokio::spawn(async move {
-            let mut latency =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            let (mut misses, mut bytes) = (0, 0);
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let (hit, size) = send(&mut sender, &url, &body).await;
-                latency.saturating_record(sent.elapsed().as_micros().max(1) as u64);
-                misses += u64::from(!hit);
-                bytes = size;
-            }
-            (latency, misses, bytes)
-        })
-    });
-    for worker in workers.collect::<Vec<_>>() {
-        let (latency, misses, bytes) = worker.await.expect("a load worker panicked");
-        cell.requests += latency.len();
-        cell.latency.add(&latency).expect("same histogram bounds");
-        cell.misses += misses;
-        cell.body_bytes = bytes;
-    }
-    cell.seconds += started.elapsed().as_secs_f64();
-    cell.cpu += procstat::cpu_seconds_with_children(pid) - cpu;
 }
 
 async fn connect(url: &str) -> http1::SendRequest<Full<Bytes>> {
@@ -262,19 +308,25 @@ async fn connect(url: &str) -> http1::SendRequest<Full<Bytes>> {
     sender
 }
 
-/// POST the panel's form; whether the answer was a cache hit, and its size.
+/// POST the panel's form; whether the answer was a cache hit in the encoding asked
+/// for, and its size on the wire.
 async fn send(
     sender: &mut http1::SendRequest<Full<Bytes>>,
     url: &str,
     body: &Bytes,
+    encoding: Encoding,
 ) -> (bool, usize) {
     sender.ready().await.expect("the connection stays open");
-    let request = Request::post("/api/v1/query_range")
+    let mut request = Request::post("/api/v1/query_range")
         .header(hyper::header::HOST, url.trim_start_matches("http://"))
         .header(
             hyper::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
-        )
+        );
+    if encoding == Encoding::Gzip {
+        request = request.header(hyper::header::ACCEPT_ENCODING, "gzip");
+    }
+    let request = request
         .body(Full::new(body.clone()))
         .expect("a valid request");
     let response = sender
@@ -286,15 +338,15 @@ async fn send(
         "{url} answered {}",
         response.status()
     );
-    let hit = response
-        .headers()
-        .get("x-cache")
-        .is_some_and(|v| v.as_bytes() == b"HIT");
+    let header = |name| response.headers().get(name).map(|v| v.as_bytes());
+    let hit = header("x-cache") == Some(b"HIT".as_slice());
+    let gzipped = header("content-encoding") == Some(b"gzip".as_slice());
+    let expected = hit && gzipped == (encoding == Encoding::Gzip);
     let body = response
         .into_body()
         .collect()
         .await
         .expect("read the body")
         .to_bytes();
-    (hit, body.len())
+    (expected, body.len())
 }
