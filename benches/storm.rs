@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arms::Arm;
-use backends::Backends;
+use backends::{Backends, Logged};
 use harness::{repo, scrape};
 use load::Load;
 use population::Shape;
@@ -204,7 +204,11 @@ async fn run_arm(
     };
 
     let after = backends.counters().await;
-    let prometheus_log = backends.prometheus_log(before.query_log_len, after.query_log_len);
+    let prometheus_log = backends.prometheus_log(
+        before.query_log_len,
+        after.query_log_len,
+        load.started_unix_ms(),
+    );
     let promguard = match &promguard_url {
         Some(url) => Some(promguard_stats(url).await),
         None => None,
@@ -212,13 +216,8 @@ async fn run_arm(
     ArmResult {
         arm,
         seconds: s.seconds as f64,
-        prometheus_samples: prometheus_log.iter().map(|(_, samples)| samples).sum(),
-        steady: steady_state(
-            &timeline,
-            &prometheus_log,
-            load.started_unix_ms(),
-            s.seconds * 1000,
-        ),
+        steady: steady_state(&timeline, &prometheus_log, s.seconds * 1000),
+        prometheus_log,
         records,
         timeline,
         before,
@@ -239,18 +238,13 @@ async fn run_arm(
 /// [`STEADY_FROM`] of the run to its end. Prometheus' figures come from its query
 /// log (queries by the time they finished), since under overload it stops answering
 /// /metrics; VictoriaMetrics' from the first and last samples of the window.
-fn steady_state(
-    timeline: &[Sample],
-    prometheus_log: &[(i64, f64)],
-    started_unix_ms: i64,
-    run_ms: u64,
-) -> Steady {
+fn steady_state(timeline: &[Sample], prometheus_log: &[Logged], run_ms: u64) -> Steady {
     let from = (run_ms as f64 * STEADY_FROM) as u64;
     let window = |at: u64| (from..=run_ms).contains(&at);
     let logged: Vec<f64> = prometheus_log
         .iter()
-        .filter(|(finished, _)| u64::try_from(finished - started_unix_ms).is_ok_and(window))
-        .map(|(_, samples)| *samples)
+        .filter(|q| u64::try_from(q.finished_ms).is_ok_and(window))
+        .map(|q| q.samples)
         .collect();
     let mut answered = timeline
         .iter()

@@ -224,10 +224,10 @@ impl Backends {
         std::fs::metadata(&self.query_log).map_or(0, |m| m.len())
     }
 
-    /// The API queries Prometheus logged between two lengths of its query log: when
-    /// each finished (Unix ms) and how many samples it read. Rule evaluations are
-    /// logged too, and left out.
-    pub fn prometheus_log(&self, from: u64, to: u64) -> Vec<(i64, f64)> {
+    /// The API queries Prometheus logged between two lengths of its query log, with
+    /// times relative to `origin_unix_ms`. Rule evaluations are logged too, and
+    /// left out; queries a client abandoned are logged when the engine stops them.
+    pub fn prometheus_log(&self, from: u64, to: u64, origin_unix_ms: i64) -> Vec<Logged> {
         let mut file = std::fs::File::open(&self.query_log).expect("open the query log");
         file.seek(SeekFrom::Start(from))
             .expect("seek in the query log");
@@ -240,12 +240,38 @@ impl Backends {
             .filter(|v| v.get("httpRequest").is_some())
             .filter_map(|v| {
                 let finished = chrono::DateTime::parse_from_rfc3339(v["ts"].as_str()?).ok()?;
-                let samples = v
-                    .pointer("/stats/samples/totalQueryableSamples")?
-                    .as_f64()?;
-                Some((finished.timestamp_millis(), samples))
+                let took_s = v
+                    .pointer("/stats/timings/execTotalTime")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0);
+                Some(Logged {
+                    finished_ms: finished.timestamp_millis() - origin_unix_ms,
+                    took_ms: (took_s * 1000.0) as i64,
+                    samples: v
+                        .pointer("/stats/samples/totalQueryableSamples")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0),
+                })
             })
             .collect()
+    }
+}
+
+/// One API query from Prometheus' query log.
+#[derive(Debug, Clone, Copy)]
+pub struct Logged {
+    /// When it finished, in ms from the arm's start.
+    pub finished_ms: i64,
+    /// Its time in the engine, the engine's queue included (`execTotalTime`).
+    pub took_ms: i64,
+    /// Samples it read (`totalQueryableSamples`); 0 where not reported.
+    pub samples: f64,
+}
+
+impl Logged {
+    /// Whether it was in Prometheus' engine, running or queued, at `at_ms`.
+    pub fn in_flight_at(&self, at_ms: i64) -> bool {
+        (self.finished_ms - self.took_ms..self.finished_ms).contains(&at_ms)
     }
 }
 

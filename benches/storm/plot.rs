@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::arms::{Arm, CAPS};
-use crate::report::{ArmResult, Sample};
+use crate::report::ArmResult;
 
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SIZE: (u32, u32) = (1400, 900);
@@ -73,31 +73,48 @@ fn color(arm: Arm) -> RGBColor {
     }
 }
 
-/// A panel of the in-flight plot: its title, the sampled value and promguard's cap.
-type Gauge = (&'static str, fn(&Sample) -> Option<f64>, usize);
+/// A panel of the in-flight plot: its title, each arm's values over time (`None`
+/// where not known) and promguard's cap.
+type Panel = (
+    &'static str,
+    fn(&ArmResult) -> Vec<(u64, Option<f64>)>,
+    usize,
+);
 
-/// In flight at each backend by its own gauge, with promguard's caps.
+/// In flight at each backend, with promguard's caps.
 fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((2, 1));
-    let series: [Gauge; 2] = [
+    let areas = root.split_evenly((2, 1));
+    let panels: [Panel; 2] = [
         (
-            "Prometheus: queries running or queued (prometheus_engine_queries)",
-            |s| s.backends.prometheus.map(|g| g.in_flight),
+            "Prometheus: API queries running or queued in its engine (from its query log)",
+            |r| {
+                r.prometheus_in_flight()
+                    .into_iter()
+                    .map(|(at, n)| (at, Some(n)))
+                    .collect()
+            },
             CAPS[0],
         ),
         (
             "VictoriaMetrics: selects running (vm_concurrent_select_current; it queues the rest); gaps: no /metrics answer in 2 s",
-            |s| s.backends.victoria.map(|g| g.in_flight),
+            |r| {
+                r.timeline
+                    .iter()
+                    .map(|s| (s.at_ms, s.backends.victoria.map(|g| g.in_flight)))
+                    .collect()
+            },
             CAPS[1],
         ),
     ];
     let x_max = x_max(results);
-    for (area, (title, value, cap)) in panels.iter().zip(series) {
-        let y_max = results
+    for (area, (title, values, cap)) in areas.iter().zip(panels) {
+        let lines: Vec<Vec<(u64, Option<f64>)>> = results.iter().map(values).collect();
+        let y_max = lines
             .iter()
-            .flat_map(|r| r.timeline.iter().filter_map(value))
+            .flatten()
+            .filter_map(|(_, v)| *v)
             .fold(cap as f64, f64::max)
             * 1.1;
         let mut chart = ChartBuilder::on(area)
@@ -111,14 +128,12 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
             .x_desc("seconds into the arm")
             .y_desc("in flight")
             .draw()?;
-        for r in results {
+        for (r, line) in results.iter().zip(&lines) {
             let c = color(r.arm);
             // A backend too busy to answer its /metrics leaves a gap in its line.
-            let answered = r.timeline.split(|s| value(s).is_none());
-            for (i, run) in answered.filter(|run| !run.is_empty()).enumerate() {
-                let points = run
-                    .iter()
-                    .filter_map(|s| Some((seconds(s.at_ms), value(s)?)));
+            let known = line.split(|(_, v)| v.is_none());
+            for (i, run) in known.filter(|run| !run.is_empty()).enumerate() {
+                let points = run.iter().filter_map(|(at, v)| Some((seconds(*at), (*v)?)));
                 let drawn = chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
                 if i == 0 {
                     drawn
@@ -170,7 +185,7 @@ fn upstream_rate(results: &[ArmResult], path: &Path) -> PlotResult {
         &rates,
         path,
         &LogChart {
-            caption: "Queries reaching Prometheus + VictoriaMetrics (their own request counters)",
+            caption: "Queries reaching Prometheus (its query log) + VictoriaMetrics (its counters), per 2 s",
             x_desc: "seconds into the arm",
             y_desc: "queries/s (log scale; 0 drawn at 0.1)",
             y_max_at_least: 10.0,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 
 use crate::arms::{Arm, CAPS};
-use crate::backends::{Counters, Gauges};
+use crate::backends::{Counters, Gauges, Logged};
 use crate::load::{Outcome, Record};
 use crate::population::Kind;
 
@@ -21,6 +21,10 @@ pub struct Sample {
 
 /// The windows curated p99 is reported over.
 const WINDOW_MS: u64 = 10_000;
+/// The windows the upstream rate is plotted over.
+const RATE_WINDOW_MS: u64 = 2_000;
+/// How often Prometheus' in-flight queries are counted from its query log.
+const IN_FLIGHT_EVERY_MS: u64 = 250;
 
 /// What reached the backends at full load, after the ramp.
 #[derive(Debug, Clone, Copy)]
@@ -70,7 +74,8 @@ pub struct ArmResult {
     pub timeline: Vec<Sample>,
     pub before: Counters,
     pub after: Counters,
-    pub prometheus_samples: f64,
+    /// Prometheus' query log for the arm: its API queries, relative to the start.
+    pub prometheus_log: Vec<Logged>,
     /// The steady state at full load, after the ramp.
     pub steady: Steady,
     pub proxy_cpu: Option<f64>,
@@ -93,7 +98,7 @@ impl ArmResult {
 
     fn samples(&self) -> [f64; 2] {
         [
-            self.prometheus_samples,
+            self.prometheus_log.iter().map(|q| q.samples).sum(),
             self.after.victoria_rows_scanned - self.before.victoria_rows_scanned,
         ]
     }
@@ -125,21 +130,53 @@ impl ArmResult {
             .collect()
     }
 
-    /// Queries per second reaching both backends, between consecutive samples in
-    /// which both answered.
+    /// Queries per second reaching both backends per [`RATE_WINDOW_MS`]:
+    /// Prometheus' API queries by when they finished (its query log), plus
+    /// VictoriaMetrics' request counter over the window.
     pub fn upstream_rate(&self) -> Vec<(u64, f64)> {
-        let total =
-            |s: &Sample| Some(s.backends.prometheus?.queries + s.backends.victoria?.queries);
-        let answered: Vec<(u64, f64)> = self
-            .timeline
-            .iter()
-            .filter_map(|s| Some((s.at_ms, total(s)?)))
-            .collect();
-        answered
-            .windows(2)
+        let victoria_at = |t: u64| {
+            self.timeline
+                .iter()
+                .take_while(|s| s.at_ms <= t)
+                .filter_map(|s| Some(s.backends.victoria?.queries))
+                .last()
+        };
+        let end = self.timeline.last().map_or(0, |s| s.at_ms);
+        (0..end / RATE_WINDOW_MS)
             .map(|w| {
-                let seconds = (w[1].0 - w[0].0) as f64 / 1000.0;
-                (w[1].0, (w[1].1 - w[0].1) / seconds.max(1e-3))
+                let (from, to) = (w * RATE_WINDOW_MS, (w + 1) * RATE_WINDOW_MS);
+                let prometheus = self
+                    .prometheus_log
+                    .iter()
+                    .filter(|q| (from as i64..to as i64).contains(&q.finished_ms))
+                    .count() as f64;
+                let victoria = victoria_at(to)
+                    .zip(victoria_at(from))
+                    .map_or(0.0, |(b, a)| b - a);
+                (to, (prometheus + victoria) * 1000.0 / RATE_WINDOW_MS as f64)
+            })
+            .collect()
+    }
+
+    /// API queries in Prometheus' engine (running or queued), from its query log,
+    /// every [`IN_FLIGHT_EVERY_MS`] of the arm: complete even while Prometheus is
+    /// too busy to answer its /metrics.
+    pub fn prometheus_in_flight(&self) -> Vec<(u64, f64)> {
+        let end = self
+            .prometheus_log
+            .iter()
+            .map(|q| q.finished_ms)
+            .max()
+            .map_or(0, |e| u64::try_from(e).unwrap_or(0));
+        (0..=end / IN_FLIGHT_EVERY_MS)
+            .map(|i| {
+                let at = i * IN_FLIGHT_EVERY_MS;
+                let n = self
+                    .prometheus_log
+                    .iter()
+                    .filter(|q| q.in_flight_at(at as i64))
+                    .count();
+                (at, n as f64)
             })
             .collect()
     }
@@ -356,12 +393,17 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
             CAPS[0], CAPS[1]
         )
     });
-    row("peak Prometheus engine queries (running + queued)", &|r| {
-        format!(
-            "{:.0}",
-            r.peak(|s| s.backends.prometheus.map(|g| g.in_flight))
-        )
-    });
+    row(
+        "peak Prometheus API queries in its engine, running + queued (query log)",
+        &|r| {
+            let peak = r
+                .prometheus_in_flight()
+                .iter()
+                .map(|(_, n)| *n)
+                .fold(0.0, f64::max);
+            format!("{peak:.0}")
+        },
+    );
     row(
         "peak VictoriaMetrics selects running (its limit: 4)",
         &|r| {
