@@ -473,12 +473,14 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          When an arm leaves requests unanswered (direct), its totals are bounded by what the \
          backends managed to do, not by what was asked; samples per answered request \
          corrects for that.\n\
-         - In flight: promguard's `promguard_upstream_in_flight_requests`, and the backends' \
-         own `prometheus_engine_queries` and `vm_concurrent_select_current`, sampled every \
-         {} ms (a shorter peak can be missed); Prometheus' figure also counts the \
-         recording-rule evaluations it runs every 30 s.\n\
+         - In flight: promguard's `promguard_upstream_in_flight_requests` and \
+         VictoriaMetrics' `vm_concurrent_select_current`, sampled every {} ms (a shorter \
+         peak can be missed); Prometheus' API queries in its engine, running or queued, \
+         from its query log (each from its finish less its `execTotalTime`), every 250 ms; \
+         its recording-rule evaluations are not counted.\n\
          - nginx caches every 200 for {} with the cache lock, stale-while-updating and \
-         background refresh on, its key the method, URI and form body; the direct and nginx \
+         background refresh on, its key the method, URI, form body and Accept-Encoding; the \
+         direct and nginx \
          arms send each query to the backend promguard would pick (its own PromQL analysis). \
          `X-Cache` shares are of answered requests, as the proxy labelled them.\n\
          - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`, on \
