@@ -878,12 +878,14 @@ async fn sale_night_storm(pg: &Promguard) {
     assert!(own_metric(pg, "promguard_cache_coalesced_waiters_total").await > 0.0);
 
     // One user's distinct uncached queries past the sale-mode upstream burst: 429.
+    // An hour back, past the cache's live window: the sale policy's refresh floor
+    // would make live instants within one minute the same query.
     let query = format!("{}/api/v1/query", pg.url);
     let mut throttled = 0;
     for n in 0..(sale_upstream_burst() as i64 + 15) {
         let form = [
             ("query", "vector(1)".to_string()),
-            ("time", (end - n).to_string()),
+            ("time", (end - 3600 - n).to_string()),
         ];
         let (status, _, _) = post_form(
             &query,
