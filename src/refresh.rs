@@ -3,11 +3,11 @@
 //!
 //! A personal panel refreshing every 10 s asks for a window that slides with
 //! every step, so each refresh is a new answer and a new tail fetch, even when
-//! nothing it shows has changed much. Snapping the window's start and end down to
-//! a multiple of the floor (on the query's own step grid) makes every refresh
+//! nothing it shows has changed much. Moving the window back, by whole steps of
+//! its own grid, until its end is on a multiple of the floor makes every refresh
 //! within one floor interval the same question, which the cache then answers
-//! once: the panel costs the backend one refresh per floor at most, and its
-//! newest point is at most one floor older than it would have been. Grafana's
+//! once: the panel costs the backend one refresh per floor at most, and shows the
+//! same length of time ending at most one floor earlier. Grafana's
 //! own `min_refresh_interval` does the same by refusing faster refresh rates; this
 //! applies it from the proxy, only to whom the policy chooses. Pure.
 
@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::cache::extent::Grid;
 use crate::request::{ApiRequest, Millis, RequestKind, format_time, with_params};
 
-/// `req` with its evaluation times snapped down to a multiple of `floor`, or
+/// `req` with its evaluation times moved back to a multiple of `floor`, or
 /// `None` when nothing moves. Only live queries move (a range ending, or an
 /// instant at, later than `live_after`): older answers never change and are
 /// cached exactly as asked.
@@ -30,16 +30,15 @@ pub fn snap(req: &ApiRequest, floor: Duration, live_after: Millis) -> Option<Api
             end,
             step_ms,
         } if *end > live_after => {
-            // Both ends move by whole steps, so the answer stays on the grid (and
-            // in the extents) the caller asked for.
-            let grid = Grid::new(*start, *step_ms);
-            let (from, to) = (
-                grid.at_or_before(down(*start)),
-                grid.at_or_before(down(*end)),
-            );
-            if (from, to) == (*start, *end) {
+            // The window moves back by whole steps: it stays on the grid (and in
+            // the extents) the caller asked for, and keeps its length, so its
+            // point count, its range for the rules and its key within one floor
+            // interval do not change.
+            let to = Grid::new(*start, *step_ms).at_or_before(down(*end));
+            if to == *end {
                 return None;
             }
+            let from = start - (end - to);
             (
                 RequestKind::Range {
                     query: query.clone(),
@@ -149,6 +148,11 @@ mod tests {
         assert_eq!((to - start) % 7_000, 0);
         assert!(from <= start && to <= start + 7_000 * 80);
         assert!(start + 7_000 * 80 - to < 60_000 + 7_000);
+        assert_eq!(
+            to - from,
+            7_000 * 80,
+            "the same length, so the same point count"
+        );
     }
 
     #[test]
