@@ -353,9 +353,7 @@ fn on_refresh_floor(
     floor: Duration,
     now: Millis,
 ) -> (Arc<ApiRequest>, QueryShape) {
-    let live_after = now.saturating_sub(
-        i64::try_from(state.cache.config().fresh_window.0.as_millis()).unwrap_or(i64::MAX),
-    );
+    let live_after = cache::live_after(state.cache.config(), now);
     let Some(snapped) = refresh::snap(&req, floor, live_after) else {
         return (req, shape);
     };

@@ -117,7 +117,7 @@ pub fn plan(
     now: Millis,
     floor: Duration,
 ) -> Plan {
-    let volatile_after = now - millis(config.fresh_window.0);
+    let volatile_after = live_after(config, now);
     let fresh_for = |newest: Option<Millis>| match newest {
         Some(n) if n > volatile_after => config.fresh_ttl.0,
         _ => config.extent_ttl.0,
@@ -209,6 +209,12 @@ pub fn plan(
         },
         Some(p) => p,
     }
+}
+
+/// Where the live window starts at `now`: points after it may still change as
+/// late samples arrive (`cache.fresh_window`).
+pub fn live_after(config: &CacheConfig, now: Millis) -> Millis {
+    now.saturating_sub(millis(config.fresh_window.0))
 }
 
 fn millis(d: Duration) -> i64 {

@@ -32,15 +32,17 @@ pub struct Answer {
     gzipped: OnceLock<Option<Bytes>>,
 }
 
-/// Bodies smaller than this are not worth compressing.
-const GZIP_MIN_BYTES: usize = 1024;
+/// Whether a body is worth compressing: small ones are not.
+fn worth_gzipping(body: &[u8]) -> bool {
+    body.len() >= 1024
+}
 
 impl Answer {
     /// The gzipped body, compressed once; `None` for small bodies.
     pub fn gzipped(&self) -> Option<&Bytes> {
         self.gzipped
             .get_or_init(|| {
-                if self.body.len() < GZIP_MIN_BYTES {
+                if !worth_gzipping(&self.body) {
                     return None;
                 }
                 // Fast compression: JSON shrinks about tenfold even at level 1.
@@ -149,10 +151,10 @@ impl Store {
         // The gzip copy is made later, on the first hit from a client that takes
         // it (Grafana always does), so its room is booked now: JSON answers shrink
         // about tenfold at the fast level, and an eighth leaves a margin.
-        let gzip_room = if body.len() < GZIP_MIN_BYTES {
-            0
-        } else {
+        let gzip_room = if worth_gzipping(&body) {
             body.len() / 8
+        } else {
+            0
         };
         let bytes = weight(key.0.len() + body.len() + gzip_room);
         let answer = Answer {

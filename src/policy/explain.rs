@@ -64,10 +64,7 @@ pub fn explain(
         Endpoint::Query
     };
     let backend = route(routing, endpoint, &shape, q.at);
-    let mode_policy = match mode.mode {
-        super::state::Mode::Normal => &policy.normal,
-        super::state::Mode::Sale => &policy.sale,
-    };
+    let mode_policy = policy.mode(mode.mode);
     let rules = &mode_policy.rules;
     let facts = Facts {
         now: q.at,

@@ -14,6 +14,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use super::rules::{Limit, Rule, RuleSet};
+use super::state::Mode;
 use super::window::{Window, resolve};
 use crate::config::{HumanDuration, RateConfig};
 
@@ -45,6 +46,16 @@ pub struct Policy {
     pub sale: ModePolicy,
     /// The files it came from, in load order.
     pub files: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// The rules, exemptions and limits of `mode`.
+    pub fn mode(&self, mode: Mode) -> &ModePolicy {
+        match mode {
+            Mode::Normal => &self.normal,
+            Mode::Sale => &self.sale,
+        }
+    }
 }
 
 /// A policy file that cannot be used, located as precisely as the parser allows.
@@ -239,7 +250,7 @@ pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
 /// As [`load_dir`].
 pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
     let mut policy = Policy::default();
-    let mut limits_from: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut set_in: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (file, text) in sources {
         let fail = |line: Option<usize>, message: String| PolicyError {
             file: file.clone(),
@@ -260,12 +271,12 @@ pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
                 .extend(raw_mode.exempt.dashboards);
             mode.rules.exempt_users.extend(raw_mode.exempt.users);
             if let Some(limits) = raw_mode.limits {
-                set_once(&mut limits_from, format!("{mode_name}.limits"), file)
+                set_once(&mut set_in, format!("{mode_name}.limits"), file)
                     .map_err(|m| fail(None, m))?;
                 mode.limits = limits;
             }
             if let Some(floor) = raw_mode.min_refresh {
-                set_once(&mut limits_from, format!("{mode_name}.min_refresh"), file)
+                set_once(&mut set_in, format!("{mode_name}.min_refresh"), file)
                     .map_err(|m| fail(None, m))?;
                 if floor.0 < Duration::from_secs(1) {
                     return Err(fail(

@@ -43,18 +43,12 @@ impl Compiled {
     }
 
     pub fn rules(&self, mode: Mode) -> &RuleSet {
-        match mode {
-            Mode::Normal => &self.policy.normal.rules,
-            Mode::Sale => &self.policy.sale.rules,
-        }
+        &self.policy.mode(mode).rules
     }
 
     /// How often a live query of a caller who is not exempt may reach a backend.
     pub fn min_refresh(&self, mode: Mode) -> Option<Duration> {
-        match mode {
-            Mode::Normal => self.policy.normal.min_refresh,
-            Mode::Sale => self.policy.sale.min_refresh,
-        }
+        self.policy.mode(mode).min_refresh
     }
 
     pub fn limits(&self, mode: Mode) -> &UserLimits {
