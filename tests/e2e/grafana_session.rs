@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::harness::{
-    Promguard, assert_same_answer, backends, get, now_secs, post_form, sorted_by_metric,
+    Promguard, assert_same_answer, backends, eventually, get, now_secs, post_form, sorted_by_metric,
 };
 
 const GRAFANA_HEADERS: &[(&str, &str)] = &[
@@ -208,13 +208,11 @@ async fn explore_metric_browser_matches_the_backend() {
     };
     // Metadata comes from scrapes: wait for Prometheus' first scrape of the exporter.
     let metadata = format!("{}/api/v1/metadata", b.prometheus);
-    for _ in 0..60 {
+    eventually(60, std::time::Duration::from_millis(500), async || {
         let (_, _, m) = get(&metadata, &[("metric", "shop_orders_total".into())]).await;
-        if m["data"].as_object().is_some_and(|o| !o.is_empty()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+        m["data"].as_object().is_some_and(|o| !o.is_empty())
+    })
+    .await;
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("/api/v1/labels", hour(&[])),
         ("/api/v1/label/__name__/values", hour(&[])),

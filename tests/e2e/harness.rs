@@ -285,6 +285,22 @@ mod probe {
     }
 }
 
+/// Check `holds` up to `tries` times, `pause` apart, until it is true; whether it
+/// became true.
+pub async fn eventually(
+    tries: usize,
+    pause: Duration,
+    mut holds: impl AsyncFnMut() -> bool,
+) -> bool {
+    for _ in 0..tries {
+        if holds().await {
+            return true;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    false
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, scrape};
+use crate::harness::{Promguard, client, eventually, scrape};
 
 fn config(backend: &str, extra: &str) -> String {
     format!(
@@ -219,16 +219,12 @@ async fn cancelled_clients_free_their_slots_and_queue_places() {
         patient_for(100).get(query_url(&pg, 2)).send().await
     });
     assert!(a.is_err() && b.is_err());
-    let mut freed = false;
-    for _ in 0..100 {
+    let freed = eventually(100, Duration::from_millis(20), async || {
         let queued = metric(&pg, "promguard_admission_queue_length{backend=\"recent\"}").await;
         let running = metric(&pg, "promguard_admission_in_flight{backend=\"recent\"").await;
-        if queued == 0.0 && running == 0.0 {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        queued == 0.0 && running == 0.0
+    })
+    .await;
     assert!(freed, "the slot and the queue place were released");
     assert_eq!(backend.counters.abandoned.load(Ordering::SeqCst), 1);
     // The slot is usable again: the next call reaches the backend.

@@ -6,11 +6,14 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 
-use crate::harness::{Promguard, VM_COUNTERS, client, now_secs, post_form, scrape, vm_query_count};
+use crate::harness::{
+    Promguard, VM_COUNTERS, client, eventually, now_secs, post_form, scrape, vm_query_count,
+};
 
 const TOKEN: &str = "test-admin-token";
 
@@ -283,14 +286,10 @@ async fn policies_reload_when_their_files_change_and_on_sighup() {
     assert_eq!(instant_status(&pg).await, 200);
     // An edit is picked up by the content poll.
     std::fs::write(&file, format!("{}{REFUSE_ALL}", window_only())).expect("write");
-    let mut refused = false;
-    for _ in 0..50 {
-        if instant_status(&pg).await == 422 {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let refused = eventually(50, Duration::from_millis(100), async || {
+        instant_status(&pg).await == 422
+    })
+    .await;
     assert!(refused, "the edited policy took effect without a restart");
 
     // SIGHUP reloads at once, even with a long poll interval.
@@ -309,14 +308,10 @@ async fn policies_reload_when_their_files_change_and_on_sighup() {
         .status()
         .expect("send SIGHUP");
     assert!(hup.success());
-    let mut allowed = false;
-    for _ in 0..50 {
-        if instant_status(&pg2).await == 200 {
-            allowed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let allowed = eventually(50, Duration::from_millis(100), async || {
+        instant_status(&pg2).await == 200
+    })
+    .await;
     assert!(allowed, "SIGHUP reloaded the policy");
 }
 
