@@ -456,12 +456,7 @@ impl Cache {
     {
         let response = fetch(w.params.clone()).await?;
         self.keep(&w, &response);
-        Ok(Served {
-            status: response.status,
-            body: response.body,
-            cache: CacheStatus::Miss,
-            stored: None,
-        })
+        Ok(uncached(response))
     }
 
     /// Fetch the spans the extents lack, keep their immutable part, and stitch the
@@ -568,6 +563,7 @@ impl Cache {
     }
 }
 
+/// An upstream answer passed on as it came, as a miss.
 fn uncached(response: UpstreamResponse) -> Served {
     Served {
         status: response.status,
