@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use tower::ServiceExt;
 
 use promguard::admission::{Class, Gate};
-use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse};
+use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
 use promguard::app::{AppState, app};
 use promguard::cache::extent::{Matrix, Span, assemble};
 use promguard::cache::key::series_key;
@@ -28,6 +28,7 @@ use promguard::policy::file::load_dir;
 use promguard::policy::rules::Facts;
 use promguard::request::{ApiRequest, QueryParser, RequestKind, parse};
 use promguard::routing::BackendId;
+use promguard::scan::ScanLimits;
 
 const QUERY: &str = r#"sum by (region) (rate(shop_orders_total{status="created",channel=~"web|app"}[5m])) / on (region) group_left shop_orders_forecast_per_minute"#;
 const NOW: i64 = 1_795_770_000_000;
@@ -79,7 +80,7 @@ fn stages(c: &mut Criterion) {
         "parse a Grafana query_range form (first sight of the query)",
         |b| {
             b.iter(|| {
-                let fresh = QueryParser::new(1);
+                let fresh = QueryParser::new(0, ScanLimits::default());
                 parse(
                     &Method::POST,
                     "/api/v1/query_range",
@@ -108,13 +109,24 @@ fn stages(c: &mut Criterion) {
 
     let req = request();
     let RequestKind::Range {
-        query, start, end, ..
+        query,
+        start,
+        end,
+        step_ms,
     } = &req.kind
     else {
         unreachable!("a range request")
     };
     c.bench_function("analyse lookback of a dashboard query", |b| {
-        b.iter(|| analyse(black_box(&query.expr), *start, *end, DEFAULT_LOOKBACK_DELTA))
+        b.iter(|| {
+            analyse_query(
+                black_box(query),
+                *start,
+                *end,
+                *step_ms,
+                DEFAULT_LOOKBACK_DELTA,
+            )
+        })
     });
 
     let policy = load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
@@ -177,12 +189,15 @@ fn stages(c: &mut Criterion) {
 
 fn decide(policy: &promguard::policy::file::Policy, req: &ApiRequest) -> bool {
     let RequestKind::Range {
-        query, start, end, ..
+        query,
+        start,
+        end,
+        step_ms,
     } = &req.kind
     else {
         return false;
     };
-    let shape = analyse(&query.expr, *start, *end, DEFAULT_LOOKBACK_DELTA);
+    let shape = analyse_query(query, *start, *end, *step_ms, DEFAULT_LOOKBACK_DELTA);
     let facts = Facts {
         now: NOW,
         user: "bob",

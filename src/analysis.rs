@@ -3,13 +3,17 @@
 //! Input: the parsed expression and its evaluation span (`start..=end`, equal for an
 //! instant query). Output: a [`QueryShape`] with the oldest and newest sample
 //! timestamps any selector can read, resolving range selectors, subqueries (nested),
-//! offsets and `@` modifiers. Routing, policy and the cache key all share it. Pure.
+//! offsets and `@` modifiers. Queries promguard's parser cannot read are analysed
+//! from the tolerant scan instead, conservatively. Routing, policy and the cache key
+//! all share it. Pure.
 
 use std::time::{Duration, SystemTime};
 
 use promql_parser::parser::{AtModifier, Expr, Offset, VectorSelector};
 
-use crate::request::Millis;
+use crate::request::{Expression, Query};
+use crate::scan::Scanned;
+use crate::units::{Millis, millis};
 
 /// Prometheus' default `--query.lookback-delta`: how far back an instant selector
 /// looks for the latest sample.
@@ -31,6 +35,9 @@ pub struct QueryShape {
     pub uses_range_bounds: bool,
     /// Number of series selectors, a first proxy for cost.
     pub selectors: usize,
+    /// Analysed from the tolerant scan, not a syntax tree: the bounds are
+    /// conservative (every range and offset added up).
+    pub tolerant: bool,
 }
 
 impl QueryShape {
@@ -44,16 +51,70 @@ impl QueryShape {
     }
 }
 
-/// Analyse `expr` evaluated over `start..=end`.
+/// Analyse `query` evaluated over `start..=end` at `step_ms` (the step matters
+/// only to MetricsQL ranges written in steps, such as `[1i]`).
+pub fn analyse_query(
+    query: &Query,
+    start: Millis,
+    end: Millis,
+    step_ms: i64,
+    lookback_delta: Duration,
+) -> QueryShape {
+    match &query.expr {
+        Expression::Parsed(expr) => analyse(expr, start, end, lookback_delta),
+        Expression::Scanned(scanned) => {
+            analyse_scanned(scanned, start, end, step_ms, lookback_delta)
+        }
+    }
+}
+
+/// Analyse a parsed `expr` evaluated over `start..=end`.
 pub fn analyse(expr: &Expr, start: Millis, end: Millis, lookback_delta: Duration) -> QueryShape {
     let mut walker = Walker {
         query: (start, end),
         lookback: millis(lookback_delta),
         shape: QueryShape::default(),
     };
-    walker.walk(expr, (start, end), None);
+    walker.walk(expr, (start, end), None, 0);
     walker.shape
 }
+
+/// The scan's facts as a shape, erring towards reading more: however ranges,
+/// subqueries and offsets nest, the oldest sample lies no further back than all
+/// of them added up (plus the lookback delta) from the earliest evaluation time
+/// or `@` timestamp, and no later than the negative offsets added to the latest.
+pub fn analyse_scanned(
+    scanned: &Scanned,
+    start: Millis,
+    end: Millis,
+    step_ms: i64,
+    lookback_delta: Duration,
+) -> QueryShape {
+    let mut shape = QueryShape {
+        uses_range_bounds: scanned.uses_range_bounds,
+        tolerant: true,
+        furthest: scanned.furthest.clone(),
+        ..QueryShape::default()
+    };
+    if !scanned.selects_series {
+        return shape;
+    }
+    let back = scanned
+        .ranges
+        .at_step(step_ms)
+        .saturating_add(scanned.offsets_back.at_step(step_ms))
+        .saturating_add(millis(lookback_delta));
+    let first = scanned.at_min.map_or(start, |at| at.min(start));
+    let last = scanned.at_max.map_or(end, |at| at.max(end));
+    shape.oldest = Some(first.saturating_sub(back));
+    shape.newest = Some(last.saturating_add(scanned.offsets_ahead.at_step(step_ms)));
+    shape.selectors = 1;
+    shape
+}
+
+/// Deeper trees than this are not walked further: the scan's nesting bound keeps
+/// real ones far below it, and a walk must never exhaust the stack.
+const MAX_WALK_DEPTH: usize = 4096;
 
 struct Walker {
     /// The top-level evaluation span: `@ start()` and `@ end()` always refer to it,
@@ -66,7 +127,15 @@ struct Walker {
 impl Walker {
     /// Visit `expr` evaluated at steps within `eval`; `call` is the enclosing
     /// function, named in the `furthest` description.
-    fn walk(&mut self, expr: &Expr, eval: (Millis, Millis), call: Option<&str>) {
+    fn walk(&mut self, expr: &Expr, eval: (Millis, Millis), call: Option<&str>, depth: usize) {
+        if depth > MAX_WALK_DEPTH {
+            // Beyond the bound: assume the worst, that it reads everything.
+            self.touch(Millis::MIN, Millis::MAX, || {
+                "a deeply nested expression".into()
+            });
+            return;
+        }
+        let depth = depth + 1;
         match expr {
             Expr::VectorSelector(vs) => {
                 let (s, e) = self.shift(eval, vs.at.as_ref(), vs.offset.as_ref());
@@ -85,25 +154,30 @@ impl Walker {
                 let (s, e) = self.shift(eval, sq.at.as_ref(), sq.offset.as_ref());
                 // The inner expression is evaluated at steps covering (t - range, t]
                 // for every outer step t.
-                self.walk(&sq.expr, (s.saturating_sub(millis(sq.range)), e), call);
+                self.walk(
+                    &sq.expr,
+                    (s.saturating_sub(millis(sq.range)), e),
+                    call,
+                    depth,
+                );
             }
             Expr::Call(c) => {
                 for arg in &c.args.args {
-                    self.walk(arg, eval, Some(c.func.name));
+                    self.walk(arg, eval, Some(c.func.name), depth);
                 }
             }
             Expr::Aggregate(a) => {
                 if let Some(param) = &a.param {
-                    self.walk(param, eval, call);
+                    self.walk(param, eval, call, depth);
                 }
-                self.walk(&a.expr, eval, call);
+                self.walk(&a.expr, eval, call, depth);
             }
             Expr::Binary(b) => {
-                self.walk(&b.lhs, eval, call);
-                self.walk(&b.rhs, eval, call);
+                self.walk(&b.lhs, eval, call, depth);
+                self.walk(&b.rhs, eval, call, depth);
             }
-            Expr::Unary(u) => self.walk(&u.expr, eval, call),
-            Expr::Paren(p) => self.walk(&p.expr, eval, call),
+            Expr::Unary(u) => self.walk(&u.expr, eval, call, depth),
+            Expr::Paren(p) => self.walk(&p.expr, eval, call, depth),
             Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
         }
     }
@@ -170,10 +244,6 @@ fn describe(vs: &VectorSelector, call: Option<&str>, range: Option<Duration>) ->
         Some(f) => format!("{f}({text})"),
         None => text,
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// `@` timestamps may lie before the epoch.
@@ -359,6 +429,60 @@ mod tests {
             Some("rate(orders_total[30d] offset 1d)")
         );
         assert_eq!(s.selectors, 2);
+    }
+
+    #[test]
+    fn scanned_queries_read_at_least_as_far_as_the_tree_says() {
+        use crate::scan::{ScanLimits, scan};
+        let scanned = |q: &str, start, end| {
+            analyse_scanned(
+                &scan(q, ScanLimits::default()).unwrap(),
+                start,
+                end,
+                60_000,
+                DEFAULT_LOOKBACK_DELTA,
+            )
+        };
+        // Every parseable case of the table: the scan's bounds contain the tree's.
+        for q in [
+            "rate(x[30d])",
+            "max_over_time(rate(x[5m])[1d:5m] offset 1w)",
+            "avg_over_time(max_over_time(x[1h])[1d:1h])[7d:1d]",
+            "x @ 1000 offset 1m",
+            "rate(x[1h] offset -30m)",
+            "(x @ start()) and on() (y offset -1d)",
+            "sum_over_time(x[1d:1h] @ 0)",
+        ] {
+            let tree = shape(q, T - H, T);
+            let scan = scanned(q, T - H, T);
+            assert!(scan.oldest <= tree.oldest, "{q}: {scan:?} vs {tree:?}");
+            assert!(scan.newest >= tree.newest, "{q}: {scan:?} vs {tree:?}");
+            assert_eq!(scan.uses_range_bounds, tree.uses_range_bounds, "{q}");
+            assert!(scan.tolerant);
+        }
+        let mql = scanned("rate(x) keep_metric_names", T - H, T);
+        assert_eq!(mql.oldest, Some(T - H - 5 * MIN));
+        let steps = scanned("rate(x[10i])", T, T);
+        assert_eq!(steps.oldest, Some(T - 10 * MIN - 5 * MIN));
+        assert_eq!(scanned("time() + 1", T, T).oldest, None);
+    }
+
+    #[test]
+    fn deep_trees_are_walked_only_so_far() {
+        // Parsing and dropping a tree this deep needs a big stack; promguard's own
+        // requests never get there (the scan's nesting bound), but the walk must
+        // not depend on that.
+        let oldest = std::thread::Builder::new()
+            .stack_size(512 << 20)
+            .spawn(|| {
+                let deep = format!("{}x{}", "(".repeat(5000), ")".repeat(5000));
+                let expr = promql_parser::parser::parse(&deep).unwrap();
+                analyse(&expr, T, T, DEFAULT_LOOKBACK_DELTA).oldest
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(oldest, Some(Millis::MIN));
     }
 
     #[test]

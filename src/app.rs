@@ -4,6 +4,7 @@
 //! are answered here; every other path goes to [`pipeline::handle`], wrapped with
 //! the per-request log line and request metrics.
 
+use std::any::Any;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,8 +14,10 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use prometheus::IntCounter;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::admission::{Class, Gate};
 use crate::cache::Cache;
@@ -24,9 +27,10 @@ use crate::identity::Identifier;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Incoming, RequestCtx};
 use crate::policy::state::Mode;
-use crate::policy::{Policies, Setting};
-use crate::request::{Millis, QueryParser};
+use crate::policy::{Policies, Setting, SwitchError};
+use crate::request::QueryParser;
 use crate::routing::{BackendId, RoutingTable};
+use crate::units::Millis;
 use crate::upstream::Upstream;
 
 /// Everything the handlers share, built once at startup.
@@ -71,11 +75,12 @@ impl AppState {
             &config.policy,
             &config.limits,
             metrics.policy_reloads.clone(),
+            &metrics.state_file_errors,
         )?;
         record_settings(config, &metrics);
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
-            queries: QueryParser::default(),
+            queries: QueryParser::new(config.query.memo_bytes.0, config.query.limits()),
             policies,
             admin_token: config.policy.admin_token.clone().or_else(|| {
                 std::env::var("PROMGUARD_ADMIN_TOKEN")
@@ -158,6 +163,7 @@ fn record_settings(config: &Config, metrics: &Metrics) {
 
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
+    let panics = state.metrics.http_panics.clone();
     Router::new()
         .route("/metrics", get(metrics))
         .route("/-/healthy", get(healthy))
@@ -167,6 +173,30 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/admin/policies/reload", post(admin_reload))
         .fallback(api)
         .with_state(state)
+        .layer(panic_guard(panics))
+}
+
+/// Known bad input never reaches a panic (every stage refuses it first); this keeps
+/// a bug from closing the connection without an answer: the request gets a 500
+/// Prometheus-style error, and the panic is logged and counted in `panics`.
+fn panic_guard(
+    panics: IntCounter,
+) -> CatchPanicLayer<impl Fn(Box<dyn Any + Send>) -> Response + Clone> {
+    CatchPanicLayer::custom(move |panic: Box<dyn Any + Send>| {
+        panics.inc();
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %message, "a request handler panicked; answered 500");
+        error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "promguard failed while handling this request (a bug, logged and counted in \
+             promguard_http_panics_total); other requests are not affected",
+        )
+    })
 }
 
 fn now_millis() -> Millis {
@@ -339,8 +369,9 @@ fn unauthorized(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     (!bool::from(presented.as_bytes().ct_eq(token.0.as_bytes()))).then(|| {
         error_response(
             StatusCode::UNAUTHORIZED,
@@ -401,8 +432,12 @@ async fn admin_set_mode(
         chrono::Utc::now(),
     ) {
         Ok((effective, audit)) => Json(json!({"mode": effective, "audit": audit})).into_response(),
-        Err(e) if e.contains("needs a duration") => bad(e),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e),
+        Err(e @ SwitchError::Persist(_)) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
+        Err(e) => bad(e.to_string()),
     }
 }
 
@@ -417,5 +452,39 @@ async fn admin_reload(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             "bad_data",
             &format!("{e}; the previous policy stays in force"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_json_and_is_counted() {
+        let panics = IntCounter::new("p", "p").unwrap();
+        let router = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    let empty: Vec<u8> = Vec::new();
+                    // An out-of-bounds index: a bug the guard must contain.
+                    let at = empty.len() + 1;
+                    format!("{}", empty[at])
+                }),
+            )
+            .layer(panic_guard(panics.clone()));
+        let response = router
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["status"], "error");
+        assert_eq!(json["errorType"], "internal");
+        assert_eq!(panics.get(), 1);
     }
 }

@@ -44,7 +44,47 @@ pub struct Config {
     pub priority: PriorityConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub query: QueryConfig,
 }
+
+/// Bounds on the PromQL text promguard reads, checked before any parser runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Longest query text accepted.
+    pub max_length: ByteSize,
+    /// Deepest nesting accepted: brackets opened plus operators chained, an upper
+    /// bound on the depth of the query's syntax tree.
+    pub max_depth: usize,
+    /// Memory for remembered parses of recent query texts.
+    pub memo_bytes: ByteSize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        let limits = crate::scan::ScanLimits::default();
+        QueryConfig {
+            max_length: ByteSize(limits.max_length as u64),
+            max_depth: limits.max_depth,
+            memo_bytes: ByteSize(32 << 20),
+        }
+    }
+}
+
+impl QueryConfig {
+    /// The scan's limits from these settings.
+    pub fn limits(&self) -> crate::scan::ScanLimits {
+        crate::scan::ScanLimits {
+            max_length: usize::try_from(self.max_length.0).unwrap_or(usize::MAX),
+            max_depth: self.max_depth,
+        }
+    }
+}
+
+/// The deepest `query.max_depth` may be: promguard's runtime threads have stacks
+/// sized for this, with room to spare, for the parser and every walk over a tree.
+pub const MAX_QUERY_DEPTH: usize = 2048;
 
 /// Sale-mode policies and the SRE switch.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +99,8 @@ pub struct PolicyConfig {
     pub admin_token: Option<Secret>,
     /// How often the policy files are checked for changes.
     pub reload_interval: HumanDuration,
+    /// The longest an SRE's manual switch may last before the schedule is back.
+    pub max_override: HumanDuration,
 }
 
 impl Default for PolicyConfig {
@@ -68,6 +110,7 @@ impl Default for PolicyConfig {
             state_file: PathBuf::from("promguard-state/sale-mode.json"),
             admin_token: None,
             reload_interval: HumanDuration(Duration::from_secs(5)),
+            max_override: HumanDuration(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -385,7 +428,7 @@ impl<T> serde::de::Visitor<'_> for ScalarVisitor<T> {
 ///
 /// A message naming the value when it is not a positive duration.
 pub fn parse_human_duration(text: &str) -> Result<HumanDuration, String> {
-    promql_parser::util::parse_duration(text)
+    crate::units::parse_duration(text)
         .map(HumanDuration)
         .map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
@@ -492,6 +535,7 @@ impl Config {
             admission: AdmissionConfig::default(),
             priority: PriorityConfig::default(),
             policy: PolicyConfig::default(),
+            query: QueryConfig::default(),
         }
     }
 
@@ -560,6 +604,18 @@ impl Config {
                     message: "max_in_flight must be positive and larger than reserved".into(),
                 });
             }
+        }
+        if self.query.max_depth == 0 || self.query.max_depth > MAX_QUERY_DEPTH {
+            return Err(ConfigError::Invalid {
+                field: "query.max_depth",
+                message: format!("must be between 1 and {MAX_QUERY_DEPTH}"),
+            });
+        }
+        if self.query.max_length.0 == 0 {
+            return Err(ConfigError::Invalid {
+                field: "query.max_length",
+                message: "must be positive".into(),
+            });
         }
         if self.limits.max_in_flight == 0 {
             return Err(ConfigError::Invalid {

@@ -58,6 +58,11 @@ pub enum IdentityError {
     BadCredentials,
     #[error("unknown bearer token")]
     UnknownToken,
+    #[error(
+        "the Authorization header is not valid Basic or Bearer credentials; send \
+         `Basic <base64 of user:password>` or `Bearer <token>`, or no Authorization header"
+    )]
+    Malformed,
 }
 
 /// Credentials from the configuration, prepared for lookups.
@@ -132,15 +137,18 @@ impl Identifier {
                 .filter(|v| !v.is_empty())
                 .map(str::to_string)
         };
-        let basic = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_basic);
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let credentials = match headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(parse_authorization(value.as_bytes())?),
+        };
+        let basic = match &credentials {
+            Some(Credentials::Basic(user, password)) => Some((user.clone(), password.clone())),
+            _ => None,
+        };
+        let bearer = match &credentials {
+            Some(Credentials::Bearer(token)) => Some(token.as_str()),
+            _ => None,
+        };
 
         let via_grafana = self.grafana_header.as_ref().is_some_and(|(name, secret)| {
             headers
@@ -204,14 +212,34 @@ impl Identifier {
     }
 }
 
-fn parse_basic(value: &str) -> Option<(String, String)> {
-    let encoded = value.strip_prefix("Basic ")?.trim();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, password) = text.split_once(':')?;
-    Some((user.to_string(), password.to_string()))
+/// What an `Authorization` header presents.
+enum Credentials {
+    Basic(String, String),
+    Bearer(String),
+}
+
+/// Read an `Authorization` header. Scheme names are case-insensitive (RFC 9110);
+/// anything that is not well-formed Basic or Bearer credentials is refused, since a
+/// header promguard cannot verify must never turn into an anonymous caller.
+fn parse_authorization(value: &[u8]) -> Result<Credentials, IdentityError> {
+    let text = std::str::from_utf8(value).map_err(|_| IdentityError::Malformed)?;
+    let (scheme, rest) = text
+        .trim()
+        .split_once(' ')
+        .ok_or(IdentityError::Malformed)?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .map_err(|_| IdentityError::Malformed)?;
+        let text = String::from_utf8(decoded).map_err(|_| IdentityError::Malformed)?;
+        let (user, password) = text.split_once(':').ok_or(IdentityError::Malformed)?;
+        Ok(Credentials::Basic(user.to_string(), password.to_string()))
+    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+        Ok(Credentials::Bearer(rest.to_string()))
+    } else {
+        Err(IdentityError::Malformed)
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +340,55 @@ mod tests {
         assert_eq!(
             who(&[("authorization", "Bearer nope")]).unwrap_err(),
             IdentityError::UnknownToken
+        );
+    }
+
+    #[test]
+    fn credentials_that_cannot_be_verified_are_refused_never_anonymous() {
+        for value in [
+            "Basic !!!notbase64!!!".to_string(),
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("justauser")
+            ),
+            "Digest username=alice".to_string(),
+            "Bearer".to_string(),
+            "Bearer ".to_string(),
+            "garbage".to_string(),
+            String::new(),
+        ] {
+            let result = who(&[("authorization", value.as_str())]);
+            assert!(result.is_err(), "{value:?} was accepted: {result:?}");
+        }
+        assert_eq!(
+            who(&[("authorization", &basic("alice", "wrong"))]).unwrap_err(),
+            IdentityError::BadCredentials
+        );
+        // Scheme names are case-insensitive.
+        let lower = basic("alice", "apass").replacen("Basic", "basic", 1);
+        assert_eq!(
+            &*who(&[("authorization", &lower)]).unwrap().caller.user,
+            "alice"
+        );
+        let upper = basic("alice", "apass").replacen("Basic", "BASIC", 1);
+        assert_eq!(
+            &*who(&[("authorization", &upper)]).unwrap().caller.user,
+            "alice"
+        );
+        assert_eq!(
+            &*who(&[("authorization", "bearer tok-123")])
+                .unwrap()
+                .caller
+                .user,
+            "alerting"
+        );
+        // With nothing configured, credentials still cannot be verified.
+        let unconfigured = Identifier::default();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", basic("alice", "apass").parse().unwrap());
+        assert_eq!(
+            unconfigured.identify(&h, CLIENT).unwrap_err(),
+            IdentityError::BadCredentials
         );
     }
 

@@ -35,5 +35,7 @@ pub mod policy;
 pub mod refresh;
 pub mod request;
 pub mod routing;
+pub mod scan;
 pub mod shutdown;
+pub mod units;
 pub mod upstream;

@@ -15,8 +15,9 @@ use promguard::metrics::Metrics;
 use promguard::policy::explain::{Question, explain};
 use promguard::policy::file::load_dir;
 use promguard::policy::state::Mode;
-use promguard::request::parse_time;
+use promguard::request::{Query, QueryParser};
 use promguard::routing::RoutingTable;
+use promguard::units::{parse_api_duration, parse_time};
 
 #[derive(Parser)]
 #[command(
@@ -74,7 +75,8 @@ struct ExplainArgs {
     /// Range query end.
     #[arg(long, requires = "start")]
     end: Option<String>,
-    /// Range query step (informational; the decision does not depend on it).
+    /// Range query step (the decision depends on it only for MetricsQL ranges
+    /// written in steps, such as `[1i]`); default 60s.
     #[arg(long)]
     step: Option<String>,
     /// Instant query time; default `--at`.
@@ -218,6 +220,10 @@ fn main() -> anyhow::Result<()> {
             init_tracing(config.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                // Sized for the deepest query the configuration allows
+                // (config::MAX_QUERY_DEPTH) with a wide margin; untouched stack
+                // pages cost no memory.
+                .thread_stack_size(16 << 20)
                 .build()
                 .context("starting the async runtime")?
                 .block_on(serve(config))
@@ -340,14 +346,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     let policy = load_dir(&args.policies)?;
-    let time =
-        |param: &'static str, text: &str| parse_time(param, text).map_err(anyhow::Error::msg);
+    let time = |param: &str, text: &str| {
+        parse_time(text).map_err(|e| anyhow::anyhow!("invalid --{param}: {e}"))
+    };
     let at = match &args.at {
         Some(t) => time("at", t)?,
         None => chrono::Utc::now().timestamp_millis(),
     };
-    let expr = promql_parser::parser::parse(&args.query)
+    let (expr, canonical) = QueryParser::default()
+        .parse(&args.query)
         .map_err(|e| anyhow::anyhow!("invalid --query: {e}"))?;
+    let query = Query {
+        text: args.query.clone(),
+        expr,
+        canonical,
+    };
     let (start, end, range_query) = match (&args.start, &args.end, &args.time) {
         (Some(s), Some(e), _) => (time("start", s)?, time("end", e)?, true),
         (_, _, Some(t)) => {
@@ -355,6 +368,12 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             (t, t, false)
         }
         _ => (at, at, false),
+    };
+    let step_ms = match &args.step {
+        Some(step) => parse_api_duration(step)
+            .map(|d| promguard::units::millis(d).max(1))
+            .map_err(|e| anyhow::anyhow!("invalid --step: {e}"))?,
+        None => 60_000,
     };
     let routing = RoutingTable {
         recent_window: args.recent_window.0,
@@ -365,10 +384,10 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
         &routing,
         promguard::analysis::DEFAULT_LOOKBACK_DELTA,
         &Question {
-            expr: &expr,
-            text: &args.query,
+            query: &query,
             start,
             end,
+            step_ms,
             range_query,
             at,
             user: &args.user,
@@ -386,6 +405,13 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             }
             if let Some(f) = &e.furthest {
                 println!("furthest:  {f}");
+            }
+            if e.analysis != "parsed" {
+                println!(
+                    "analysis:  {} (promguard's parser cannot read this query; its bounds \
+                     add up every range and offset, and the backend judges the query)",
+                    e.analysis
+                );
             }
             if let Some(m) = &e.message {
                 println!("why:       {m}");

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub policy_rejections: IntCounterVec,
     pub policy_dry_run: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    /// Requests whose handler panicked (a bug), answered with a 500.
+    pub http_panics: IntCounter,
+    /// State files that could not be read at start-up and were set aside.
+    pub state_file_errors: IntCounter,
     latency: LatencyRecorders,
 }
 
@@ -215,8 +219,20 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let http_panics = IntCounter::new(
+            "http_panics_total",
+            "Requests whose handling panicked (a bug); each was answered with a 500.",
+        )
+        .expect("valid metric");
+        let state_file_errors = IntCounter::new(
+            "policy_state_file_errors_total",
+            "Sale-mode state files that were unreadable at start-up and set aside.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_panics.clone()),
+            Box::new(state_file_errors.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -276,6 +292,8 @@ impl Metrics {
             policy_rejections,
             policy_dry_run,
             policy_reloads,
+            http_panics,
+            state_file_errors,
             latency: LatencyRecorders::default(),
         }
     }

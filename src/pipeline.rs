@@ -26,8 +26,9 @@ use crate::policy::Compiled;
 use crate::policy::rules::{Decision, Facts, Refusal, RuleSet};
 use crate::policy::state::{Effective, Mode};
 use crate::refresh;
-use crate::request::{self, ApiRequest, Millis, RequestError, RequestKind};
+use crate::request::{self, ApiRequest, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
+use crate::units::Millis;
 use crate::upstream::UpstreamResponse;
 
 /// Everything known about one request as it moves through the stages.
@@ -392,17 +393,24 @@ fn count_refusal(state: &AppState, reason: &str, class: Class) {
 fn shape_of(req: &ApiRequest, state: &AppState) -> QueryShape {
     match &req.kind {
         RequestKind::Instant { query, time } => {
-            analysis::analyse(&query.expr, *time, *time, state.lookback_delta)
+            analysis::analyse_query(query, *time, *time, INSTANT_STEP_MS, state.lookback_delta)
         }
         RequestKind::Range {
-            query, start, end, ..
-        } => analysis::analyse(&query.expr, *start, *end, state.lookback_delta),
+            query,
+            start,
+            end,
+            step_ms,
+        } => analysis::analyse_query(query, *start, *end, *step_ms, state.lookback_delta),
         RequestKind::Metadata { start, end, .. } | RequestKind::Exemplars { start, end, .. } => {
             QueryShape::from_span(*start, *end)
         }
         RequestKind::Static => QueryShape::default(),
     }
 }
+
+/// The step an instant query's MetricsQL `[Ni]` ranges count in: VictoriaMetrics
+/// uses 5 minutes for instant queries.
+const INSTANT_STEP_MS: i64 = 300_000;
 
 /// Decode the URL query and, for form POSTs, the body. Body values come first, as
 /// in Prometheus (Go's `ParseForm`), so they win when a name appears in both.
@@ -426,10 +434,10 @@ async fn read_params(
                 RequestError::Body(e.to_string())
             }
         })?;
-        params.extend(url::form_urlencoded::parse(&body).into_owned());
+        params.extend(request::decode_form(&body)?);
     }
     if let Some(q) = query {
-        params.extend(url::form_urlencoded::parse(q.as_bytes()).into_owned());
+        params.extend(request::decode_form(q.as_bytes())?);
     }
     Ok(params)
 }

@@ -14,7 +14,8 @@
 use std::time::Duration;
 
 use crate::cache::extent::Grid;
-use crate::request::{ApiRequest, Millis, RequestKind, format_time, with_params};
+use crate::request::{ApiRequest, RequestKind, with_params};
+use crate::units::{Millis, format_time};
 
 /// `req` with its evaluation times moved back to a multiple of `floor`, or
 /// `None` when nothing moves. Only live queries move (a range ending, or an

@@ -1,18 +1,21 @@
 //! Stage 2, parse: raw HTTP request → typed [`ApiRequest`].
 //!
-//! Decides which Prometheus API endpoint is asked for, checks every parameter the
-//! way Prometheus would (times, steps, resolution, PromQL, matchers) and refuses
-//! writes and admin calls. Pure: no I/O, the body has already been read.
+//! Decides which Prometheus API endpoint is asked for from one canonical form of the
+//! path (anything else is refused, never normalised), checks every parameter the
+//! way Prometheus would (times, steps, resolution, matchers), bounds and analyses
+//! the PromQL, and refuses writes and admin calls. Pure: no I/O, the body has
+//! already been read.
 
+use std::hash::BuildHasher;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::Method;
-use chrono::DateTime;
 use promql_parser::parser::{self, Expr};
 
-/// Milliseconds since the Unix epoch, the unit of every timestamp in promguard.
-pub type Millis = i64;
+use crate::scan::{ScanError, ScanLimits, Scanned, scan};
+use crate::units::{self, Millis};
 
 /// Prometheus' own cap on points per series in a range query.
 pub const MAX_POINTS_PER_SERIES: i64 = 11_000;
@@ -61,32 +64,98 @@ impl Endpoint {
             Endpoint::Other => "other",
         }
     }
+
+    /// The endpoints Prometheus (and its compatible stores) accept form POSTs on;
+    /// promguard forwards these as POSTs, which keeps long PromQL out of URLs.
+    pub fn takes_form(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Query
+                | Endpoint::QueryRange
+                | Endpoint::Series
+                | Endpoint::Labels
+                | Endpoint::QueryExemplars
+        )
+    }
 }
 
-/// A parsed PromQL expression together with the text the caller sent.
+/// A path under a backend's base URL, in canonical form: `/api/v1/` and segments
+/// of letters, digits, `_` and `-` only. It can only be built by [`parse`], so the
+/// path promguard forwards is exactly the one it checked: nothing a URL library
+/// could normalise (`..`, `%2e`, `//`) can reach a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ApiPath(String);
+
+impl ApiPath {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ApiPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the scan or the parser made of a query text.
+#[derive(Debug, Clone)]
+pub enum Expression {
+    /// promql-parser understood it: the full syntax tree.
+    Parsed(Arc<Expr>),
+    /// promql-parser could not (MetricsQL, functions newer than the parser, or a
+    /// query the backend will refuse): the tolerant scan's facts. The backend
+    /// answers it, or gives its own error.
+    Scanned(Arc<Scanned>),
+}
+
+/// A PromQL expression together with the text the caller sent.
 #[derive(Debug, Clone)]
 pub struct Query {
     pub text: String,
-    pub expr: Arc<Expr>,
-    /// The expression printed back by the parser, when that round-trips; the text
-    /// otherwise. Equal for queries that differ only in formatting.
+    pub expr: Expression,
+    /// The expression printed back by the parser, when that round-trips; the
+    /// normalised token text for scanned queries; the text otherwise. Equal for
+    /// queries that differ only in formatting.
     pub canonical: Arc<str>,
 }
 
-type Parsed = std::result::Result<(Arc<Expr>, Arc<str>), String>;
+/// What is remembered per query text: the result and the text it is for, since
+/// entries are found by a hash of the text.
+struct Memo {
+    text: Box<str>,
+    parsed: std::result::Result<(Expression, Arc<str>), ScanError>,
+}
 
 /// Parses PromQL and remembers recent results. Dashboards send the same few
 /// hundred queries again and again, and parsing one costs tens of microseconds
 /// (plus as much again to check the canonical form), far more than a cache hit.
 pub struct QueryParser {
-    memo: moka::sync::Cache<String, Parsed>,
+    /// Keyed by a hash of the text (so the map does not hold a second copy of every
+    /// query) and bounded by the bytes its entries hold.
+    memo: moka::sync::Cache<u64, Arc<Memo>>,
+    hasher: std::collections::hash_map::RandomState,
+    limits: ScanLimits,
 }
 
+/// Refusals are remembered only for short texts: a flood of large invalid queries
+/// must not fill the memo, and scanning one again is cheap.
+const MEMO_ERRORS_UP_TO: usize = 1024;
+/// A parsed tree takes a few times its text in memory.
+const MEMO_BYTES_PER_TEXT_BYTE: usize = 6;
+
 impl QueryParser {
-    /// Remember up to `capacity` distinct query texts.
-    pub fn new(capacity: u64) -> Self {
+    /// Remember up to `max_bytes` of parsed queries; refuse texts beyond `limits`.
+    pub fn new(max_bytes: u64, limits: ScanLimits) -> Self {
         QueryParser {
-            memo: moka::sync::Cache::new(capacity),
+            memo: moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, m: &Arc<Memo>| {
+                    u32::try_from(m.text.len() * MEMO_BYTES_PER_TEXT_BYTE + 256).unwrap_or(u32::MAX)
+                })
+                .build(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            limits,
         }
     }
 
@@ -94,23 +163,62 @@ impl QueryParser {
     ///
     /// # Errors
     ///
-    /// The parser's message for invalid PromQL.
-    pub fn parse(&self, text: &str) -> Parsed {
-        if let Some(hit) = self.memo.get(text) {
-            return hit;
+    /// [`ScanError`] for text no backend could accept or beyond the limits. Text
+    /// promql-parser cannot parse is not an error: it is analysed by the scan.
+    pub fn parse(&self, text: &str) -> std::result::Result<(Expression, Arc<str>), ScanError> {
+        let hash = self.hasher.hash_one(text);
+        if let Some(hit) = self.memo.get(&hash).filter(|m| &*m.text == text) {
+            return hit.parsed.clone();
         }
-        let parsed = parser::parse(text).map(|expr| {
-            let canonical: Arc<str> = canonical_form(&expr, text).into();
-            (Arc::new(expr), canonical)
-        });
-        self.memo.insert(text.to_string(), parsed.clone());
+        let parsed = self.parse_uncached(text);
+        if parsed.is_ok() || text.len() <= MEMO_ERRORS_UP_TO {
+            self.memo.insert(
+                hash,
+                Arc::new(Memo {
+                    text: text.into(),
+                    parsed: parsed.clone(),
+                }),
+            );
+        }
         parsed
     }
+
+    fn parse_uncached(&self, text: &str) -> std::result::Result<(Expression, Arc<str>), ScanError> {
+        // The scan bounds what the parser and every recursive walk over its tree
+        // will meet; a panic inside the parser (it has some for inputs the scan
+        // does not foresee) makes the query one the parser does not understand.
+        let scanned = scan(text, self.limits)?;
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            parser::parse(text).map(|expr| {
+                let canonical: Arc<str> = canonical_form(&expr, text).into();
+                (expr, canonical)
+            })
+        }));
+        Ok(match parsed {
+            Ok(Ok((expr, canonical))) => (Expression::Parsed(Arc::new(expr)), canonical),
+            Ok(Err(reason)) => {
+                tracing::debug!(%reason, "promql-parser cannot parse a query; analysing it tolerantly");
+                scanned_expression(scanned)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    query_bytes = text.len(),
+                    "promql-parser panicked on a query; analysing it tolerantly"
+                );
+                scanned_expression(scanned)
+            }
+        })
+    }
+}
+
+fn scanned_expression(scanned: Scanned) -> (Expression, Arc<str>) {
+    let canonical: Arc<str> = scanned.normalized.as_str().into();
+    (Expression::Scanned(Arc::new(scanned)), canonical)
 }
 
 impl Default for QueryParser {
     fn default() -> Self {
-        Self::new(10_000)
+        Self::new(32 << 20, ScanLimits::default())
     }
 }
 
@@ -139,7 +247,6 @@ pub enum RequestKind {
     },
     /// `/series`, `/labels`, `/label/<name>/values`: selectors over a time span.
     Metadata {
-        matchers: Vec<Arc<Expr>>,
         start: Option<Millis>,
         end: Option<Millis>,
     },
@@ -158,7 +265,7 @@ pub enum RequestKind {
 pub struct ApiRequest {
     pub endpoint: Endpoint,
     /// Path under the backend's base URL, e.g. `/api/v1/query_range`.
-    pub path: String,
+    pub path: ApiPath,
     pub kind: RequestKind,
     /// The caller's parameters in order, with `time` filled in when the caller left
     /// it to default to "now", so the backend evaluates the instant we routed for.
@@ -172,6 +279,8 @@ pub struct ApiRequest {
 pub enum RequestError {
     #[error("invalid parameter \"{param}\": {reason}")]
     InvalidParam { param: &'static str, reason: String },
+    #[error("parameter {param:?} is not valid UTF-8 once percent-decoded")]
+    Encoding { param: String },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
@@ -188,6 +297,11 @@ pub enum RequestError {
     Forbidden { path: String },
     #[error("{path} is not a Prometheus query API endpoint")]
     NotFound { path: String },
+    #[error(
+        "the path {path:?} is not in canonical form ({why}); promguard only forwards paths \
+         of plain segments"
+    )]
+    NonCanonicalPath { path: String, why: &'static str },
 }
 
 type Result<T> = std::result::Result<T, RequestError>;
@@ -214,37 +328,43 @@ pub fn parse(
     now: Millis,
     queries: &QueryParser,
 ) -> Result<ApiRequest> {
-    let Some(api_path) = path.strip_prefix("/api/v1/") else {
-        return Err(if is_backend_admin_path(path) {
-            RequestError::Forbidden { path: path.into() }
-        } else {
-            RequestError::NotFound { path: path.into() }
-        });
+    let segments = canonical_segments(path)?;
+    let api = match segments.as_slice() {
+        ["api", "v1", rest @ ..] if !rest.is_empty() => rest,
+        _ => {
+            return Err(if is_backend_admin_path(&segments) {
+                RequestError::Forbidden { path: path.into() }
+            } else {
+                RequestError::NotFound { path: path.into() }
+            });
+        }
     };
-    let first = api_path.split('/').next().unwrap_or_default();
-    if FORBIDDEN_API_PREFIXES.contains(&first) {
+    if FORBIDDEN_API_PREFIXES.contains(&api[0]) {
         return Err(RequestError::Forbidden { path: path.into() });
     }
-    let endpoint = match api_path {
-        "query" => Endpoint::Query,
-        "query_range" => Endpoint::QueryRange,
-        "series" => Endpoint::Series,
-        "labels" => Endpoint::Labels,
-        "metadata" => Endpoint::Metadata,
-        "query_exemplars" => Endpoint::QueryExemplars,
-        "rules" => Endpoint::Rules,
-        "status/buildinfo" => Endpoint::BuildInfo,
-        p if label_values_name(p).is_some() => Endpoint::LabelValues,
+    let endpoint = match api {
+        ["query"] => Endpoint::Query,
+        ["query_range"] => Endpoint::QueryRange,
+        ["series"] => Endpoint::Series,
+        ["labels"] => Endpoint::Labels,
+        ["metadata"] => Endpoint::Metadata,
+        ["query_exemplars"] => Endpoint::QueryExemplars,
+        ["rules"] => Endpoint::Rules,
+        ["status", "buildinfo"] => Endpoint::BuildInfo,
+        ["label", name, "values"] => {
+            check_label_name(name)?;
+            Endpoint::LabelValues
+        }
         _ => Endpoint::Other,
     };
     check_method(method, path, endpoint)?;
 
     let mut req = ApiRequest {
         endpoint,
-        path: path.to_string(),
+        path: ApiPath(format!("/{}", segments.join("/"))),
         kind: RequestKind::Static,
         timeout: optional(&params, "timeout")
-            .map(|t| parse_duration("timeout", t))
+            .map(|t| duration_param("timeout", t))
             .transpose()?,
         params,
     };
@@ -252,9 +372,9 @@ pub fn parse(
         Endpoint::Query => {
             let query = parse_query(&req.params, queries)?;
             let time = match optional(&req.params, "time") {
-                Some(t) => parse_time("time", t)?,
+                Some(t) => time_param("time", t)?,
                 None => {
-                    req.params.push(("time".into(), format_time(now)));
+                    req.params.push(("time".into(), units::format_time(now)));
                     now
                 }
             };
@@ -262,17 +382,10 @@ pub fn parse(
         }
         Endpoint::QueryRange => parse_range(&req.params, queries)?,
         Endpoint::Series | Endpoint::Labels | Endpoint::LabelValues => {
-            if let Some(name) = label_values_name(api_path) {
-                check_label_name(name)?;
-            }
-            let matchers = parse_matchers(&req.params, endpoint == Endpoint::Series, queries)?;
+            check_matchers(&req.params, endpoint == Endpoint::Series, queries)?;
             let (start, end) = parse_span(&req.params)?;
             check_limit(&req.params)?;
-            RequestKind::Metadata {
-                matchers,
-                start,
-                end,
-            }
+            RequestKind::Metadata { start, end }
         }
         Endpoint::QueryExemplars => {
             let query = parse_query(&req.params, queries)?;
@@ -288,34 +401,53 @@ pub fn parse(
     Ok(req)
 }
 
-/// Lifecycle and admin paths of Prometheus, Thanos, Mimir and VictoriaMetrics.
-fn is_backend_admin_path(path: &str) -> bool {
-    path.starts_with("/-/")
-        || path.starts_with("/internal/")
-        || path.starts_with("/admin/")
-        || path.starts_with("/snapshot/")
-        || path.starts_with("/write")
-        || path.starts_with("/insert/")
+/// The path's segments, when it is canonical: it starts with `/`, has no empty,
+/// `.` or `..` segments and no percent-encoding, and uses only letters, digits,
+/// `_`, `-` and `.` inside segments. Anything else is refused rather than
+/// normalised, because the HTTP client would normalise it differently on the way
+/// to the backend.
+fn canonical_segments(path: &str) -> Result<Vec<&str>> {
+    let refuse = |why| {
+        Err(RequestError::NonCanonicalPath {
+            path: path.chars().take(200).collect(),
+            why,
+        })
+    };
+    let Some(rest) = path.strip_prefix('/') else {
+        return refuse("it does not start with /");
+    };
+    if path.contains('%') {
+        return refuse("percent-encoded characters");
+    }
+    let mut segments = Vec::new();
+    for segment in rest.split('/') {
+        match segment {
+            "" => return refuse("an empty segment"),
+            "." | ".." => return refuse("a dot segment"),
+            s if !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) =>
+            {
+                return refuse("characters other than letters, digits, _, - and .");
+            }
+            s => segments.push(s),
+        }
+    }
+    Ok(segments)
 }
 
-fn label_values_name(api_path: &str) -> Option<&str> {
-    api_path
-        .strip_prefix("label/")?
-        .strip_suffix("/values")
-        .filter(|name| !name.contains('/'))
+/// Lifecycle and admin paths of Prometheus, Thanos, Mimir and VictoriaMetrics.
+fn is_backend_admin_path(segments: &[&str]) -> bool {
+    matches!(
+        segments.first(),
+        Some(&("-" | "internal" | "admin" | "snapshot" | "write" | "insert" | "federate"))
+    )
 }
 
 fn check_method(method: &Method, path: &str, endpoint: Endpoint) -> Result<()> {
     // Prometheus accepts POST (form-encoded) on the query and selector endpoints and
     // GET only on the rest; mirror that so behaviour does not change behind us.
-    let post_ok = matches!(
-        endpoint,
-        Endpoint::Query
-            | Endpoint::QueryRange
-            | Endpoint::Series
-            | Endpoint::Labels
-            | Endpoint::QueryExemplars
-    );
+    let post_ok = endpoint.takes_form();
     let allowed = if post_ok { "GET or POST" } else { "GET" };
     if *method == Method::GET || (post_ok && *method == Method::POST) {
         Ok(())
@@ -326,6 +458,59 @@ fn check_method(method: &Method, path: &str, endpoint: Endpoint) -> Result<()> {
             allowed,
         })
     }
+}
+
+/// Decode `application/x-www-form-urlencoded` bytes (a body or a URL query string)
+/// strictly: a name or value that is not UTF-8 once decoded is refused, where a
+/// lossy decoder would forward replacement characters the caller never sent.
+///
+/// # Errors
+///
+/// [`RequestError::Encoding`] naming the parameter.
+pub fn decode_form(bytes: &[u8]) -> Result<Vec<(String, String)>> {
+    bytes
+        .split(|b| *b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = match pair.iter().position(|b| *b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &pair[..0]),
+            };
+            let name = percent_decode(name).map_err(|raw| RequestError::Encoding {
+                param: String::from_utf8_lossy(&raw).chars().take(64).collect(),
+            })?;
+            let value = percent_decode(value).map_err(|_| RequestError::Encoding {
+                param: name.chars().take(64).collect(),
+            })?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// `+` is a space and `%XX` a byte; a `%` not followed by two hex digits stays as
+/// it is, as Go's form parser leaves it to fail later. Err carries the raw bytes.
+fn percent_decode(input: &[u8]) -> std::result::Result<String, Vec<u8>> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                input.get(i + 1).copied().and_then(hex),
+                input.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|e| e.into_bytes())
 }
 
 /// The first value of `name`: Prometheus reads forms with `FormValue`, which does the same.
@@ -346,13 +531,21 @@ fn required<'a>(params: &'a [(String, String)], name: &'static str) -> Result<&'
     }
 }
 
+fn time_param(param: &'static str, value: &str) -> Result<Millis> {
+    units::parse_time(value).map_err(|reason| RequestError::InvalidParam { param, reason })
+}
+
+fn duration_param(param: &'static str, value: &str) -> Result<Duration> {
+    units::parse_api_duration(value).map_err(|reason| RequestError::InvalidParam { param, reason })
+}
+
 fn parse_query(params: &[(String, String)], queries: &QueryParser) -> Result<Query> {
     let text = required(params, "query")?;
     let (expr, canonical) = queries
         .parse(text)
-        .map_err(|reason| RequestError::InvalidParam {
+        .map_err(|e| RequestError::InvalidParam {
             param: "query",
-            reason,
+            reason: e.to_string(),
         })?;
     Ok(Query {
         text: text.to_string(),
@@ -363,16 +556,16 @@ fn parse_query(params: &[(String, String)], queries: &QueryParser) -> Result<Que
 
 fn parse_range(params: &[(String, String)], queries: &QueryParser) -> Result<RequestKind> {
     let query = parse_query(params, queries)?;
-    let start = parse_time("start", required(params, "start")?)?;
-    let end = parse_time("end", required(params, "end")?)?;
+    let start = time_param("start", required(params, "start")?)?;
+    let end = time_param("end", required(params, "end")?)?;
     if end < start {
         return Err(RequestError::InvalidParam {
             param: "end",
             reason: "end timestamp must not be before start time".into(),
         });
     }
-    let step = parse_duration("step", required(params, "step")?)?;
-    let step_ms = i64::try_from(step.as_millis()).unwrap_or(i64::MAX);
+    let step = duration_param("step", required(params, "step")?)?;
+    let step_ms = units::millis(step);
     if step_ms <= 0 {
         return Err(RequestError::InvalidParam {
             param: "step",
@@ -406,12 +599,15 @@ fn suggest_step(start: Millis, end: Millis) -> i64 {
 }
 
 fn parse_span(params: &[(String, String)]) -> Result<(Option<Millis>, Option<Millis>)> {
-    let start = optional(params, "start")
-        .map(|v| parse_time("start", v))
-        .transpose()?;
-    let end = optional(params, "end")
-        .map(|v| parse_time("end", v))
-        .transpose()?;
+    let time = |param: &'static str| {
+        optional(params, param)
+            .map(|v| {
+                units::parse_time_or_unbounded(v)
+                    .map_err(|reason| RequestError::InvalidParam { param, reason })
+            })
+            .transpose()
+    };
+    let (start, end) = (time("start")?, time("end")?);
     if let (Some(s), Some(e)) = (start, end)
         && e < s
     {
@@ -423,33 +619,40 @@ fn parse_span(params: &[(String, String)]) -> Result<(Option<Millis>, Option<Mil
     Ok((start, end))
 }
 
-fn parse_matchers(
+/// Every `match[]` must be a series selector. One promql-parser cannot parse
+/// (MetricsQL's extensions) is left for the backend to judge, as long as the scan
+/// accepts it.
+fn check_matchers(
     params: &[(String, String)],
     at_least_one: bool,
     queries: &QueryParser,
-) -> Result<Vec<Arc<Expr>>> {
-    let matchers = params
-        .iter()
-        .filter(|(k, _)| k == "match[]")
-        .map(|(_, v)| match queries.parse(v) {
-            Ok((expr, _)) if matches!(*expr, Expr::VectorSelector(_)) => Ok(expr),
-            Ok(_) => Err(RequestError::InvalidParam {
-                param: "match[]",
-                reason: format!("{v:?} is not a series selector"),
-            }),
-            Err(reason) => Err(RequestError::InvalidParam {
-                param: "match[]",
-                reason,
-            }),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if at_least_one && matchers.is_empty() {
+) -> Result<()> {
+    let mut seen = 0;
+    for (_, v) in params.iter().filter(|(k, _)| k == "match[]") {
+        seen += 1;
+        match queries.parse(v) {
+            Ok((Expression::Parsed(expr), _)) if !matches!(*expr, Expr::VectorSelector(_)) => {
+                return Err(RequestError::InvalidParam {
+                    param: "match[]",
+                    reason: format!("{v:?} is not a series selector"),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(RequestError::InvalidParam {
+                    param: "match[]",
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    if at_least_one && seen == 0 {
         return Err(RequestError::InvalidParam {
             param: "match[]",
             reason: "no match[] parameter provided".into(),
         });
     }
-    Ok(matchers)
+    Ok(())
 }
 
 fn check_label_name(name: &str) -> Result<()> {
@@ -484,61 +687,6 @@ fn check_limit(params: &[(String, String)]) -> Result<()> {
     Ok(())
 }
 
-/// Prometheus' spellings of the smallest and largest representable times, which its
-/// own clients send for "unbounded".
-const MIN_TIME_FORMATTED: &str = "-292273086-05-16T16:47:06Z";
-const MAX_TIME_FORMATTED: &str = "292277025-08-18T07:12:54.999999999Z";
-
-/// Parse a Prometheus timestamp: Unix seconds (fractional allowed) or RFC 3339.
-///
-/// # Errors
-///
-/// [`RequestError::InvalidParam`] naming `param` when the value is neither, or is
-/// outside the range of millisecond timestamps.
-pub fn parse_time(param: &'static str, value: &str) -> Result<Millis> {
-    if let Ok(secs) = value.parse::<f64>() {
-        // i64 milliseconds cover about ±292 million years; beyond that is nonsense.
-        let ms = (secs * 1000.0).round();
-        if ms.is_finite() && ms.abs() < 9.2e18 {
-            return Ok(ms as Millis);
-        }
-    } else if let Ok(t) = DateTime::parse_from_rfc3339(value) {
-        return Ok(t.timestamp_millis());
-    } else if value == MIN_TIME_FORMATTED {
-        return Ok(Millis::MIN);
-    } else if value == MAX_TIME_FORMATTED {
-        return Ok(Millis::MAX);
-    }
-    Err(RequestError::InvalidParam {
-        param,
-        reason: format!("cannot parse {value:?} to a valid timestamp"),
-    })
-}
-
-/// Parse a Prometheus duration: float seconds or `1h30m` style.
-///
-/// # Errors
-///
-/// [`RequestError::InvalidParam`] naming `param`.
-pub fn parse_duration(param: &'static str, value: &str) -> Result<Duration> {
-    if let Ok(secs) = value.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs)
-            .ok()
-            .filter(|d| secs.is_finite() && *d <= Duration::from_secs(1 << 40))
-            .ok_or_else(|| RequestError::InvalidParam {
-                param,
-                reason: format!(
-                    "cannot parse {value:?} to a valid duration: must be positive and finite"
-                ),
-            });
-    }
-    promql_parser::util::parse_duration(value).map_err(|e| RequestError::InvalidParam {
-        param,
-        reason: format!("cannot parse {value:?} to a valid duration: {e}"),
-    })
-}
-
-/// Format milliseconds as Unix seconds with millisecond precision, as Prometheus parses them.
 /// `params` with each of `values` set: a parameter of that name is dropped and the
 /// new value appended, so the result holds it exactly once.
 pub fn with_params(
@@ -551,12 +699,6 @@ pub fn with_params(
         .cloned()
         .chain(values.iter().map(|(k, v)| (k.to_string(), v.clone())))
         .collect()
-}
-
-pub fn format_time(ms: Millis) -> String {
-    let sign = if ms < 0 { "-" } else { "" };
-    let abs = ms.unsigned_abs();
-    format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
 }
 
 #[cfg(test)]
@@ -742,7 +884,10 @@ mod tests {
         .unwrap();
         assert!(matches!(
             req.kind,
-            RequestKind::Metadata { ref matchers, start: Some(10_000), end: None } if matchers.len() == 2
+            RequestKind::Metadata {
+                start: Some(10_000),
+                end: None
+            }
         ));
     }
 
@@ -814,13 +959,87 @@ mod tests {
     }
 
     #[test]
-    fn times_round_trip_through_format() {
-        assert_eq!(format_time(1_700_000_000_123), "1700000000.123");
-        assert_eq!(format_time(-1_500), "-1.500");
+    fn queries_the_parser_does_not_know_are_scanned_not_refused() {
+        let p = QueryParser::default();
+        for q in [
+            "holt_winters(x[5m], 0.5, 0.5)",
+            "rate(x)",
+            "rate(x[5m]) keep_metric_names",
+            "x default 0",
+            "WITH (a = up) a",
+            "quantiles(\"phi\", 0.5, 0.9, rate(x[5m]))",
+        ] {
+            let (expr, canonical) = p.parse(q).unwrap_or_else(|e| panic!("{q}: {e}"));
+            assert!(matches!(expr, Expression::Scanned(_)), "{q}");
+            assert!(!canonical.is_empty());
+        }
+        let (_, a) = p.parse("rate( x )").unwrap();
+        let (_, b) = p.parse("rate(x)").unwrap();
+        assert_eq!(a, b, "scanned queries share their normalised text");
+        assert!(matches!(p.parse("up").unwrap().0, Expression::Parsed(_)));
+    }
+
+    #[test]
+    fn inputs_that_would_crash_the_parser_are_refused_first() {
+        for q in [
+            "up[1e300]",
+            "up offset 1e300",
+            "up[1e300:1m]",
+            "up[5m:1e300]",
+        ] {
+            let err = get("/api/v1/query", &[("query", q)]).unwrap_err();
+            assert!(err.to_string().contains("292 years"), "{q}: {err}");
+        }
+        let deep = format!("{}up{}", "(".repeat(7_500), ")".repeat(7_500));
+        let err = get("/api/v1/query", &[("query", &deep)]).unwrap_err();
+        assert!(err.to_string().contains("query.max_depth"), "{err}");
+    }
+
+    #[test]
+    fn only_canonical_paths_are_accepted() {
+        for path in [
+            "/api/v1/../../-/quit",
+            "/api/v1/%2e%2e/%2e%2e/-/quit",
+            "/api/v1/status/../admin/tsdb/snapshot",
+            "/api/v1/labels/../../../federate",
+            "/api/v1/%61dmin/tsdb/snapshot",
+            "/api/v1/admin%2Ftsdb%2Fsnapshot",
+            "/api/v1//admin/tsdb/snapshot",
+            "/api/v1/status/../query_range",
+            "/api/v1/./query",
+            "/api/v1/query/",
+            "api/v1/query",
+            "/api/v1/label/a b/values",
+        ] {
+            assert!(
+                matches!(get(path, &[]), Err(RequestError::NonCanonicalPath { .. })),
+                "{path}: {:?}",
+                get(path, &[]).map(|r| r.path)
+            );
+        }
+        let req = get("/api/v1/status/flags", &[]).unwrap();
+        assert_eq!(req.path.as_str(), "/api/v1/status/flags");
+        let req = get("/api/v1/label/job/values", &[]).unwrap();
+        assert_eq!(req.path.as_str(), "/api/v1/label/job/values");
+    }
+
+    #[test]
+    fn forms_decode_strictly() {
         assert_eq!(
-            parse_time("t", "1700000000.123").unwrap(),
-            1_700_000_000_123
+            decode_form(b"query=sum(rate(x%5B5m%5D))+%2B+1&time=4&flag").unwrap(),
+            vec![
+                ("query".to_string(), "sum(rate(x[5m])) + 1".to_string()),
+                ("time".to_string(), "4".to_string()),
+                ("flag".to_string(), String::new()),
+            ]
         );
-        assert_eq!(parse_time("t", MIN_TIME_FORMATTED).unwrap(), Millis::MIN);
+        assert_eq!(
+            decode_form(b"query=%FF%FE"),
+            Err(RequestError::Encoding {
+                param: "query".into()
+            })
+        );
+        assert_eq!(decode_form(b"a=100%").unwrap()[0].1, "100%");
+        assert_eq!(decode_form(b"a=%4").unwrap()[0].1, "%4");
     }
 }

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use crate::analysis::QueryShape;
-use crate::request::{Endpoint, Millis};
+use crate::request::Endpoint;
+use crate::units::Millis;
 
 /// The configured backends. Feeds metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::config::BackendConfig;
 use crate::metrics::Metrics;
-use crate::request::{ApiRequest, Endpoint};
+use crate::request::{ApiPath, ApiRequest, Endpoint};
 use crate::routing::BackendId;
 
 /// Extra time granted past a client's own `timeout` so the backend's timeout error,
@@ -168,21 +168,14 @@ impl Upstream {
     async fn call(
         &self,
         endpoint: Endpoint,
-        path: &str,
+        path: &ApiPath,
         params: &[(String, String)],
         timeout: Duration,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let url = self.url(path);
-        // POST keeps long PromQL out of URLs (and proxy logs); Prometheus and its
-        // compatible stores accept forms on exactly these endpoints.
-        let builder = if matches!(
-            endpoint,
-            Endpoint::Query
-                | Endpoint::QueryRange
-                | Endpoint::Series
-                | Endpoint::Labels
-                | Endpoint::QueryExemplars
-        ) {
+        // Only a canonical path can be an ApiPath, so nothing here is normalised
+        // into a different path on the way out.
+        let url = self.url(path.as_str());
+        let builder = if endpoint.takes_form() {
             self.client.post(&url).form(params)
         } else {
             self.client.get(&url).query(params)

@@ -79,17 +79,20 @@ impl Span {
 }
 
 /// Chunk length for a step: about a hundred to a few hundred points per chunk, so
-/// a refresh re-reads little and a long panel is not thousands of entries.
+/// a refresh re-reads little and a long panel is not thousands of entries. Never
+/// shorter than sixty steps, so a span has at most one chunk per sixty of its
+/// points (plus its two ends), whatever its length.
 pub fn chunk_interval(step: i64) -> i64 {
     const HOUR: i64 = 3_600_000;
     match step {
         s if s <= 60_000 => HOUR,
         s if s <= 15 * 60_000 => 24 * HOUR,
-        _ => 7 * 24 * HOUR,
+        s => (7 * 24 * HOUR).max(s.saturating_mul(100)),
     }
 }
 
-/// The chunk indexes a span touches.
+/// The chunk indexes a span touches. With [`chunk_interval`]'s chunks there are
+/// at most `points / 60 + 2` of them.
 pub fn chunks_of(span: Span, interval: i64) -> std::ops::RangeInclusive<i64> {
     span.from.div_euclid(interval)..=span.to.div_euclid(interval)
 }
@@ -296,6 +299,18 @@ impl Matrix {
         self.series.iter().map(|s| s.points.len()).sum()
     }
 
+    /// Whether every point lies on `grid` within `span`: what a backend must
+    /// answer for a range query on that grid. VictoriaMetrics moves unaligned
+    /// ranges of 50 points or more onto multiples of the step, and such an answer
+    /// must never be stored as extents of the grid it was asked for.
+    pub fn on_grid(&self, grid: &Grid, span: Span) -> bool {
+        self.series.iter().all(|s| {
+            s.points.ts.iter().all(|&t| {
+                span.from <= t && t <= span.to && (t - grid.phase).rem_euclid(grid.step) == 0
+            })
+        })
+    }
+
     /// The part of this matrix within `span`; series without points there are dropped.
     pub fn slice(&self, span: Span) -> Matrix {
         assemble(&[(span, self)])
@@ -494,6 +509,49 @@ mod tests {
         assert_eq!(g.at_or_before(-1), -45_000);
         assert_eq!(g.chunk(0, H), Some(span(15_000, H - 45_000)));
         assert_eq!(Grid::new(0, 2 * H).chunk(1, H), None);
+    }
+
+    #[test]
+    fn answers_off_the_asked_grid_are_recognised() {
+        // VictoriaMetrics' answer to start 1794280834, step 3600: 100 points from
+        // 1794279600, a multiple of the step, not the grid that was asked for.
+        let vm = Matrix::parse(
+            br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1794279600,"1"],[1794283200,"2"]]}]}}"#,
+        )
+        .unwrap();
+        let asked = Grid::new(1_794_280_834_000, 3_600_000);
+        let want = span(1_794_280_834_000, 1_794_284_434_000);
+        assert!(!vm.on_grid(&asked, want));
+        let aligned = Grid::new(1_794_279_600_000, 3_600_000);
+        assert!(vm.on_grid(&aligned, span(1_794_279_600_000, 1_794_283_200_000)));
+        assert!(
+            !vm.on_grid(&aligned, span(1_794_283_200_000, 1_794_283_200_000)),
+            "points outside the span asked for"
+        );
+    }
+
+    #[test]
+    fn chunks_stay_few_whatever_the_span() {
+        // 11,000 points at every step up to thousands of years: at most one chunk
+        // per hundred points plus the two ends.
+        for step in [
+            1_000,
+            60_000,
+            900_000,
+            3_600_000,
+            86_400_000,
+            1_000_000_000_000,
+        ] {
+            let interval = chunk_interval(step);
+            assert!(interval >= step * 60, "step {step}");
+            let from = -62_135_596_800_000_i64 / step * step;
+            let want = Span {
+                from,
+                to: from + 11_000 * step,
+            };
+            let chunks = chunks_of(want, interval).count() as i64;
+            assert!(chunks <= 11_000 / 60 + 2, "step {step}: {chunks} chunks");
+        }
     }
 
     /// (want, cached coverage per chunk, expected fetches); step 1 min, 1 h chunks.

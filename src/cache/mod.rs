@@ -25,8 +25,9 @@ use crate::analysis::QueryShape;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{ApiRequest, Endpoint, Millis, RequestKind, format_time, with_params};
+use crate::request::{ApiRequest, Endpoint, RequestKind, with_params};
 use crate::routing::BackendId;
+use crate::units::{Millis, format_time};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 use coalesce::{Coalescer, Role};
 use extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, merge_chunk, missing};
@@ -139,8 +140,14 @@ pub fn plan(
                 &format!("{span};step={step_ms}"),
             );
             let grid = Grid::new(*start, *step_ms);
+            // Extents need every step evaluated on the grid asked for. Prometheus
+            // does that for any grid; long-term stores may move an unaligned range
+            // onto multiples of the step (VictoriaMetrics does from 50 points on),
+            // so there unaligned ranges are cached as whole answers, exactly as the
+            // store gave them.
+            let extents_exact = backend == BackendId::Recent || grid.phase == 0;
             match grid.span_within(*start, *end) {
-                Some(want) if !shape.uses_range_bounds => {
+                Some(want) if !shape.uses_range_bounds && extents_exact => {
                     // A negative offset reads samples after the evaluation time.
                     let ahead = shape.newest.map_or(0, |n| (n - end).max(0));
                     let stable_to = grid.at_or_before(volatile_after.saturating_sub(ahead));
@@ -487,10 +494,11 @@ impl Cache {
                 return Ok(uncached(response));
             }
             match Matrix::parse(&response.body) {
-                Ok(matrix) => fetched.push((*gap, matrix)),
-                // Warnings or native histograms: answer the whole range uncached.
-                Err(_) if *gap == r.want => return Ok(uncached(response)),
-                Err(_) => return fetch(r.params.clone()).await.map(uncached),
+                Ok(matrix) if matrix.on_grid(&r.grid, *gap) => fetched.push((*gap, matrix)),
+                // Warnings, native histograms, or points off the grid asked for: the
+                // whole range as the backend answers it, uncached.
+                _ if *gap == r.want => return Ok(uncached(response)),
+                _ => return fetch(r.params.clone()).await.map(uncached),
             }
         }
 

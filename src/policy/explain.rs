@@ -3,23 +3,24 @@
 
 use std::time::Duration;
 
-use promql_parser::parser::Expr;
 use serde::Serialize;
 
 use super::file::Policy;
 use super::rules::{Decision, Facts, human};
 use super::state::{Effective, effective};
-use crate::analysis::analyse;
-use crate::request::{Endpoint, Millis};
+use crate::analysis::analyse_query;
+use crate::request::{Endpoint, Query};
 use crate::routing::{RoutingTable, route};
+use crate::units::Millis;
 
 /// The query and who asks it.
 pub struct Question<'a> {
-    pub expr: &'a Expr,
-    pub text: &'a str,
+    pub query: &'a Query,
     /// Evaluation span: `start..=end` for a range query, `time..=time` for an instant one.
     pub start: Millis,
     pub end: Millis,
+    /// The range query's step (MetricsQL's `[Ni]` ranges count in it).
+    pub step_ms: i64,
     pub range_query: bool,
     pub at: Millis,
     pub user: &'a str,
@@ -40,6 +41,9 @@ pub struct Explanation {
     pub lookback_seconds: Option<i64>,
     pub lookback: Option<String>,
     pub furthest: Option<String>,
+    /// `parsed`, or `tolerant scan` when promguard's parser cannot read the query
+    /// (MetricsQL, newer functions): bounds are then conservative.
+    pub analysis: &'static str,
     /// The rule that refused it, if one did.
     pub rule: Option<String>,
     pub message: Option<String>,
@@ -55,7 +59,7 @@ pub fn explain(
     lookback_delta: Duration,
     q: &Question<'_>,
 ) -> Explanation {
-    let shape = analyse(q.expr, q.start, q.end, lookback_delta);
+    let shape = analyse_query(q.query, q.start, q.end, q.step_ms, lookback_delta);
     let at = chrono::DateTime::from_timestamp_millis(q.at).unwrap_or_default();
     let mode = effective(&policy.windows, None, at);
     let endpoint = if q.range_query {
@@ -76,7 +80,7 @@ pub fn explain(
         oldest: shape.oldest,
         furthest: shape.furthest.as_deref(),
         backend,
-        query: Some(q.text),
+        query: Some(&q.query.text),
     };
     let (decision, rule, message, dry_run) = match rules.decide(&facts) {
         Decision::Refuse(r) => ("refuse", Some(r.rule), Some(r.message), Vec::new()),
@@ -100,6 +104,11 @@ pub fn explain(
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| human(Duration::from_millis(ms))),
         furthest: shape.furthest,
+        analysis: if shape.tolerant {
+            "tolerant scan"
+        } else {
+            "parsed"
+        },
         rule,
         message,
         min_refresh: mode_policy
@@ -121,16 +130,25 @@ mod tests {
             super::super::file::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
                 .unwrap();
         let at = 1_795_770_000_000; // 2026-11-27T12:00:00+03:00
-        let expr = promql_parser::parser::parse("sum(rate(shop_orders_total[30d]))").unwrap();
+        let parser = crate::request::QueryParser::default();
+        let query = |text: &str| {
+            let (expr, canonical) = parser.parse(text).unwrap();
+            Query {
+                text: text.to_string(),
+                expr,
+                canonical,
+            }
+        };
+        let long = query("sum(rate(shop_orders_total[30d]))");
         let routing = RoutingTable {
             recent_window: Duration::from_secs(2 * 86_400),
             has_long_term: true,
         };
         let q = Question {
-            expr: &expr,
-            text: "sum(rate(shop_orders_total[30d]))",
+            query: &long,
             start: at - 3_600_000,
             end: at,
+            step_ms: 60_000,
             range_query: true,
             at,
             user: "bob",
@@ -157,18 +175,28 @@ mod tests {
         );
         assert_eq!(exempt.decision, "exempt");
         assert_eq!(exempt.min_refresh, None);
-        let short = promql_parser::parser::parse("sum(rate(shop_orders_total[5m]))").unwrap();
+        let short = query("sum(rate(shop_orders_total[5m]))");
         let allowed = explain(
             &policy,
             &routing,
             Duration::from_secs(300),
-            &Question {
-                expr: &short,
-                text: "sum(rate(shop_orders_total[5m]))",
-                ..q
-            },
+            &Question { query: &short, ..q },
         );
         assert_eq!(allowed.decision, "allow");
         assert_eq!(allowed.min_refresh.as_deref(), Some("60 seconds"));
+        assert_eq!(allowed.analysis, "parsed");
+        let metricsql = query("sum(rate(shop_orders_total[30d])) keep_metric_names");
+        let scanned = explain(
+            &policy,
+            &routing,
+            Duration::from_secs(300),
+            &Question {
+                query: &metricsql,
+                ..q
+            },
+        );
+        assert_eq!(scanned.analysis, "tolerant scan");
+        assert_eq!(scanned.decision, "refuse", "conservative, as the proxy is");
+        assert_eq!(scanned.backend, "long_term");
     }
 }

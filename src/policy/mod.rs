@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 
 use crate::config::{LimitsConfig, PolicyConfig};
@@ -68,6 +68,21 @@ fn merged(base: &LimitsConfig, mode: &ModeLimits) -> LimitsConfig {
     }
 }
 
+/// Why the switch refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("sale-mode on/off needs a duration (\"for\", e.g. \"6h\")")]
+    NeedsDuration,
+    #[error(
+        "\"for\" must be positive and at most {} (policy.max_override); switch again \
+         when it runs out",
+        crate::units::format_duration(*max)
+    )]
+    TooLong { max: Duration },
+    #[error("the switch could not be saved, so it is unchanged: {0}")]
+    Persist(String),
+}
+
 /// What an SRE asks the switch for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -86,19 +101,24 @@ pub struct Policies {
     file: OverrideFile,
     state: Mutex<Persisted>,
     reloads: IntCounterVec,
+    /// The longest a manual override may last.
+    max_override: Duration,
 }
 
 impl Policies {
-    /// Load the policy directory (if configured) and the persisted override.
+    /// Load the policy directory (if configured) and the persisted override. A
+    /// damaged state file is set aside, logged and counted in `state_file_errors`,
+    /// and promguard runs on the schedule.
     ///
     /// # Errors
     ///
-    /// An invalid policy file or an unreadable state file: at start-up there is no
-    /// older valid state to fall back on, so promguard refuses to start.
+    /// An invalid policy file: at start-up there is no older valid policy to fall
+    /// back on, so promguard refuses to start.
     pub fn new(
         config: &PolicyConfig,
         limits: &LimitsConfig,
         reloads: IntCounterVec,
+        state_file_errors: &IntCounter,
     ) -> Result<Self, String> {
         let policy = match &config.dir {
             Some(dir) => load_dir(dir).map_err(|e| e.to_string())?,
@@ -107,7 +127,16 @@ impl Policies {
         let file = OverrideFile {
             path: config.state_file.clone(),
         };
-        let state = file.load()?;
+        let (state, problem) = file.load_or_set_aside(Utc::now());
+        if let Some(problem) = problem {
+            state_file_errors.inc();
+            tracing::error!(
+                file = %file.path.display(),
+                %problem,
+                "the sale-mode state file is damaged: starting without a manual override, \
+                 on the schedule; check the audit trail in the file set aside"
+            );
+        }
         Ok(Policies {
             fingerprint: Mutex::new(config.dir.as_ref().map_or(0, |d| fingerprint(d))),
             dir: config.dir.clone(),
@@ -116,6 +145,7 @@ impl Policies {
             file,
             state: Mutex::new(state),
             reloads,
+            max_override: config.max_override.0,
         })
     }
 
@@ -182,8 +212,8 @@ impl Policies {
     ///
     /// # Errors
     ///
-    /// A missing duration for on/off, or a state file that cannot be written (the
-    /// switch is then not changed).
+    /// [`SwitchError`]: a missing or too long duration for on/off, or a state file
+    /// that cannot be written (the switch is then not changed).
     pub fn set(
         &self,
         setting: Setting,
@@ -191,16 +221,24 @@ impl Policies {
         reason: &str,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<(Effective, AuditEntry), String> {
+    ) -> Result<(Effective, AuditEntry), SwitchError> {
         let windows = self.active().policy.windows.clone();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let before = effective(&windows, state.manual.as_ref(), now);
         let manual = match setting {
             Setting::Auto => None,
             Setting::On | Setting::Off => {
-                let duration = duration.ok_or("sale-mode on/off needs a duration (for)")?;
-                let until =
-                    now + chrono::Duration::from_std(duration).map_err(|e| e.to_string())?;
+                let duration = duration.ok_or(SwitchError::NeedsDuration)?;
+                let too_long = SwitchError::TooLong {
+                    max: self.max_override,
+                };
+                if duration.is_zero() || duration > self.max_override {
+                    return Err(too_long);
+                }
+                let until = chrono::Duration::from_std(duration)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or(too_long)?;
                 Some(Override {
                     mode: if setting == Setting::On {
                         Mode::Sale
@@ -224,7 +262,7 @@ impl Policies {
         };
         let mut next = state.clone();
         next.change(manual, entry.clone());
-        self.file.save(&next)?;
+        self.file.save(&next).map_err(SwitchError::Persist)?;
         *state = next;
         tracing::warn!(
             by = entry.by,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use regex::Regex;
 
-use crate::request::Millis;
 use crate::routing::BackendId;
+use crate::units::Millis;
 
 /// What a rule limits.
 #[derive(Debug, Clone)]

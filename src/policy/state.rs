@@ -177,6 +177,29 @@ impl OverrideFile {
         }
     }
 
+    /// Read the state, never failing: a file that cannot be read or parsed is moved
+    /// aside (kept for the audit, next to the original with a `.corrupt-<time>`
+    /// suffix) and the state starts empty, so promguard runs on the schedule.
+    /// Returns the state and, when the file was bad, what happened to it.
+    pub fn load_or_set_aside(&self, now: DateTime<Utc>) -> (Persisted, Option<String>) {
+        let error = match self.load() {
+            Ok(state) => return (state, None),
+            Err(e) => e,
+        };
+        let aside = self.path.with_file_name(format!(
+            "{}.corrupt-{}",
+            self.path
+                .file_name()
+                .map_or_else(|| "state".into(), |n| n.to_string_lossy()),
+            now.format("%Y%m%dT%H%M%SZ")
+        ));
+        let what = match std::fs::rename(&self.path, &aside) {
+            Ok(()) => format!("{error}; moved to {}", aside.display()),
+            Err(e) => format!("{error}; could not move it aside ({e})"),
+        };
+        (Persisted::default(), Some(what))
+    }
+
     /// Replace the state atomically: a crash leaves the old file or the new one.
     ///
     /// # Errors
@@ -283,5 +306,35 @@ mod tests {
         assert_eq!(loaded.audit[0].by, "sre5");
         std::fs::write(&file.path, b"{not json").unwrap();
         assert!(file.load().is_err());
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_set_aside_and_the_state_starts_empty() {
+        let now = utc("2026-11-27T12:00:00Z");
+        for damaged in [
+            &b""[..],
+            b"{\"override\": {\"mode\": \"sa",
+            b"\x00\xff garbage",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = OverrideFile {
+                path: dir.path().join("sale-mode.json"),
+            };
+            std::fs::write(&file.path, damaged).unwrap();
+            let (state, problem) = file.load_or_set_aside(now);
+            assert_eq!(state, Persisted::default());
+            let problem = problem.expect("reported");
+            assert!(problem.contains("moved to"), "{problem}");
+            assert!(!file.path.exists());
+            let aside = dir.path().join("sale-mode.json.corrupt-20261127T120000Z");
+            assert_eq!(
+                std::fs::read(&aside).unwrap(),
+                damaged,
+                "kept for the audit"
+            );
+            // And the next save works.
+            file.save(&Persisted::default()).unwrap();
+            assert_eq!(file.load_or_set_aside(now), (Persisted::default(), None));
+        }
     }
 }
