@@ -126,6 +126,34 @@ impl AppState {
         }
     }
 
+    /// Learn, in the background, how `backend` evaluates unaligned ranges (see
+    /// [`Upstream::learn_unaligned_ranges`]), when that is not known yet and no
+    /// probe ran lately. Asked when the first unaligned range arrives, so that
+    /// backends that only ever see Grafana's aligned ranges are never probed;
+    /// until it is known, unaligned ranges are cached whole.
+    pub fn learn_unaligned_ranges(self: &Arc<Self>, backend: BackendId) {
+        if !self.upstream(backend).claim_probe() {
+            return;
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            let upstream = state.upstream(backend);
+            match upstream.learn_unaligned_ranges().await {
+                Ok(found) => tracing::info!(
+                    backend = upstream.id.as_str(),
+                    unaligned_ranges = ?found,
+                    "learned how the backend evaluates unaligned ranges"
+                ),
+                Err(e) => tracing::warn!(
+                    backend = upstream.id.as_str(),
+                    error = %e,
+                    "could not learn how the backend evaluates unaligned ranges; they \
+                     are cached as whole answers until it answers"
+                ),
+            }
+        });
+    }
+
     fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
         std::iter::once(&self.recent).chain(self.long_term.as_ref())
     }

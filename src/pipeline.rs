@@ -29,7 +29,7 @@ use crate::refresh;
 use crate::request::{self, ApiRequest, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
 use crate::units::Millis;
-use crate::upstream::UpstreamResponse;
+use crate::upstream::{UnalignedRanges, UpstreamResponse};
 
 /// Everything known about one request as it moves through the stages.
 pub struct RequestCtx {
@@ -152,6 +152,17 @@ pub async fn handle(
         .get_all(header::CACHE_CONTROL)
         .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.contains("no-cache")));
+    let unaligned_exact = match state.upstream(backend).unaligned_ranges() {
+        UnalignedRanges::AsAsked => true,
+        UnalignedRanges::Realigned => false,
+        UnalignedRanges::Unknown => {
+            if matches!(req.kind, RequestKind::Range { start, step_ms, .. } if start % step_ms != 0)
+            {
+                state.learn_unaligned_ranges(backend);
+            }
+            false
+        }
+    };
     let plan = cache::plan(
         state.cache.config(),
         &req,
@@ -160,6 +171,7 @@ pub async fn handle(
         no_cache,
         ctx.now,
         floor,
+        unaligned_exact,
     );
     let served = state
         .cache

@@ -5,6 +5,7 @@
 //! [`UpstreamError`] naming the backend. Pooled clients, connect and request
 //! timeouts, gzip; dropping the future (client gone) closes the upstream connection.
 
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -82,6 +83,18 @@ pub struct UpstreamResponse {
     pub body: Bytes,
 }
 
+/// How a backend evaluates a range query whose start is not a multiple of its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnalignedRanges {
+    /// Not known yet (the backend has not answered the probe).
+    Unknown,
+    /// On the grid asked for, every step on its own (Prometheus).
+    AsAsked,
+    /// Moved onto multiples of the step (VictoriaMetrics from 50 points on, and
+    /// query frontends that align to the step).
+    Realigned,
+}
+
 /// One configured backend with its own connection pool.
 #[derive(Debug)]
 pub struct Upstream {
@@ -91,7 +104,17 @@ pub struct Upstream {
     timeout: Duration,
     max_response: u64,
     health_path: String,
+    /// What [`Upstream::learn_unaligned_ranges`] found: 0 unknown, 1 as asked,
+    /// 2 realigned.
+    unaligned: AtomicU8,
+    /// When the last probe started (milliseconds since `created`), or 0: a probe
+    /// is claimed at most once per [`PROBE_EVERY`] while the answer is unknown.
+    probed_at: AtomicU64,
+    created: Instant,
 }
+
+/// How often an unknown backend's grid behaviour may be probed.
+const PROBE_EVERY: Duration = Duration::from_secs(30);
 
 /// The minimum every Prometheus API answer has; anything else is garbage.
 #[derive(Deserialize)]
@@ -121,7 +144,89 @@ impl Upstream {
             timeout: config.timeout.0,
             max_response: config.max_response.0,
             health_path: config.health_path.clone(),
+            unaligned: AtomicU8::new(0),
+            probed_at: AtomicU64::new(0),
+            created: Instant::now(),
         })
+    }
+
+    /// Whether the caller may probe how this backend evaluates unaligned ranges
+    /// now: the answer is unknown and no probe started within [`PROBE_EVERY`]. The
+    /// first caller to get `true` owns the probe.
+    pub fn claim_probe(&self) -> bool {
+        if self.unaligned_ranges() != UnalignedRanges::Unknown {
+            return false;
+        }
+        let now = u64::try_from(self.created.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.probed_at.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= PROBE_EVERY.as_millis() as u64;
+        due && self
+            .probed_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// How this backend evaluates unaligned ranges, as far as known.
+    pub fn unaligned_ranges(&self) -> UnalignedRanges {
+        match self.unaligned.load(Ordering::Relaxed) {
+            1 => UnalignedRanges::AsAsked,
+            2 => UnalignedRanges::Realigned,
+            _ => UnalignedRanges::Unknown,
+        }
+    }
+
+    /// Ask the backend how it evaluates an unaligned range: `vector(1)` over 60
+    /// steps of a minute starting one second past a whole minute. Prometheus
+    /// answers on that grid; VictoriaMetrics moves it onto whole minutes. The
+    /// answer decides whether unaligned ranges can be cached as extents.
+    ///
+    /// # Errors
+    ///
+    /// When the backend does not answer the probe with a matrix; the behaviour
+    /// then stays unknown, which caches unaligned ranges as whole answers.
+    pub async fn learn_unaligned_ranges(&self) -> Result<UnalignedRanges, String> {
+        const START: i64 = 1_700_000_041;
+        let params = [
+            ("query", "vector(1)".to_string()),
+            ("start", START.to_string()),
+            ("end", (START + 59 * 60).to_string()),
+            ("step", "60".to_string()),
+        ];
+        let response = self
+            .client
+            .post(self.url("/api/v1/query_range"))
+            .form(&params)
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let bytes = response.bytes().await.map_err(|e| error_chain(&e))?;
+        let body: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let first = body
+            .pointer("/data/result/0/values/0/0")
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| {
+                format!(
+                    "no matrix in the answer: {}",
+                    snippet(body.to_string().as_bytes())
+                )
+            })?;
+        let found = if first == START as f64 {
+            UnalignedRanges::AsAsked
+        } else {
+            UnalignedRanges::Realigned
+        };
+        self.unaligned.store(
+            if found == UnalignedRanges::AsAsked {
+                1
+            } else {
+                2
+            },
+            Ordering::Relaxed,
+        );
+        Ok(found)
     }
 
     pub fn base_url(&self) -> &str {

@@ -108,7 +108,9 @@ pub enum Plan {
 
 /// Decide how `req` (routed to `backend`) is cached. `no_cache` is the client's
 /// `Cache-Control: no-cache`; `floor` is how old a stored answer this caller
-/// accepts as a hit regardless of its freshness (zero: none). Pure.
+/// accepts as a hit regardless of its freshness (zero: none); `unaligned_exact`
+/// says the backend evaluates ranges on any grid asked for. Pure.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     config: &CacheConfig,
     req: &ApiRequest,
@@ -117,6 +119,7 @@ pub fn plan(
     no_cache: bool,
     now: Millis,
     floor: Duration,
+    unaligned_exact: bool,
 ) -> Plan {
     let volatile_after = live_after(config, now);
     let fresh_for = |newest: Option<Millis>| match newest {
@@ -141,11 +144,11 @@ pub fn plan(
             );
             let grid = Grid::new(*start, *step_ms);
             // Extents need every step evaluated on the grid asked for. Prometheus
-            // does that for any grid; long-term stores may move an unaligned range
-            // onto multiples of the step (VictoriaMetrics does from 50 points on),
-            // so there unaligned ranges are cached as whole answers, exactly as the
+            // does that for any grid; other stores may move an unaligned range onto
+            // multiples of the step (VictoriaMetrics does from 50 points on), so
+            // for them unaligned ranges are cached as whole answers, exactly as the
             // store gave them.
-            let extents_exact = backend == BackendId::Recent || grid.phase == 0;
+            let extents_exact = grid.phase == 0 || unaligned_exact;
             match grid.span_within(*start, *end) {
                 Some(want) if !shape.uses_range_bounds && extents_exact => {
                     // A negative offset reads samples after the evaluation time.

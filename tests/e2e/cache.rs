@@ -11,69 +11,13 @@ use serde_json::Value;
 
 use crate::faults::{FaultServer, Mode};
 use crate::harness::{
-    Promguard, assert_same_answer, backends, client, now_secs, scrape, sorted_by_metric,
+    Promguard, Rng, assert_same_answer, backends, client, now_secs, range, scrape, sorted_by_metric,
 };
 
 /// Per-user budgets out of the way, for tests that send floods as one user.
 const UNLIMITED: &str = "limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n  max_in_flight: 1000\n";
 
-/// xorshift64*: a seeded, dependency-free generator so failures replay.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> i64 {
-        (self.next() % n) as i64
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// POST a range query; returns (X-Cache, X-Promguard-Backend, body).
-async fn range(
-    base: &str,
-    query: &str,
-    start: i64,
-    end: i64,
-    step: i64,
-    extra: &[(&str, &str)],
-) -> (String, String, Value) {
-    let mut form = vec![
-        ("query", query.to_string()),
-        ("start", start.to_string()),
-        ("end", end.to_string()),
-        ("step", step.to_string()),
-    ];
-    form.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-    let response = client()
-        .post(format!("{base}/api/v1/query_range"))
-        .form(&form)
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(response.status(), 200, "{query} {start}..{end}/{step}");
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string()
-    };
-    let (cache, backend) = (header("x-cache"), header("x-promguard-backend"));
-    let text = response.text().await.expect("body");
-    (cache, backend, serde_json::from_str(&text).expect("JSON"))
-}
-
-const QUERIES: &[&str] = &[
+pub const QUERIES: &[&str] = &[
     r#"sum by (region) (rate(shop_orders_total{status="created"}[5m]))"#,
     "sum by (service, code) (rate(http_requests_total[5m]))",
     "histogram_quantile(0.99, sum by (service, le) (rate(http_request_duration_seconds_bucket[5m])))",

@@ -350,9 +350,14 @@ async fn into_parts(response: reqwest::Response) -> (u16, Option<String>, Value)
 /// VictoriaMetrics' own cache changes the last digits between calls, so sample
 /// values may differ by a relative `tolerance`.
 pub fn assert_same_answer(got: &Value, want: &Value, tolerance: f64, what: &str) {
-    if let Err(path) = same(got, want, tolerance, String::new()) {
+    if let Some(path) = differs(got, want, tolerance) {
         panic!("{what}: answers differ at {path}\n got: {got}\nwant: {want}");
     }
+}
+
+/// Where two answers differ (as [`assert_same_answer`] compares them), if they do.
+pub fn differs(got: &Value, want: &Value, tolerance: f64) -> Option<String> {
+    same(got, want, tolerance, String::new()).err()
 }
 
 fn same(a: &Value, b: &Value, tol: f64, path: String) -> Result<(), String> {
@@ -397,4 +402,60 @@ pub fn sorted_by_metric(mut v: Value) -> Value {
         arr.sort_by_key(|s| s.to_string());
     }
     v
+}
+
+/// xorshift64*: a seeded, dependency-free generator so failures replay.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> i64 {
+        (self.next() % n) as i64
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// POST a range query; returns (X-Cache, X-Promguard-Backend, body).
+pub async fn range(
+    base: &str,
+    query: &str,
+    start: i64,
+    end: i64,
+    step: i64,
+    extra: &[(&str, &str)],
+) -> (String, String, Value) {
+    let mut form = vec![
+        ("query", query.to_string()),
+        ("start", start.to_string()),
+        ("end", end.to_string()),
+        ("step", step.to_string()),
+    ];
+    form.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    let response = client()
+        .post(format!("{base}/api/v1/query_range"))
+        .form(&form)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200, "{query} {start}..{end}/{step}");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string()
+    };
+    let (cache, backend) = (header("x-cache"), header("x-promguard-backend"));
+    let text = response.text().await.expect("body");
+    (cache, backend, serde_json::from_str(&text).expect("JSON"))
 }

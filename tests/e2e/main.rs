@@ -5,10 +5,13 @@
 mod bad_input;
 mod cache;
 mod chart;
+mod compat;
 mod dashboards;
+mod differential;
 mod faults;
 mod grafana_session;
 mod harness;
+mod hostile;
 mod limits;
 mod sale_mode;
 mod upstream_faults;
