@@ -1,31 +1,42 @@
 //! Issue 7: the sale-night dashboard storm, replayed against real backends through
-//! four arms side by side.
+//! six arms side by side.
 //!
 //! A seeded population of engineers (300 by default) opens the curated dashboards
-//! (`dashboards/orders.json`, `dashboards/sla.json`) and their own personal ones
-//! (panels from 30 minutes to 3 years, range selectors up to 30 days), refreshes
-//! them every 10–60 s with Grafana's request shapes, and browses metrics in Explore.
-//! A fifth of them are there from the start; the rest join during the ramp, so load
-//! grows five-fold, then holds. The same storm meets, one arm after another:
+//! (`dashboards/orders.json`, `dashboards/sla.json`: range panels on recording rules,
+//! and stat and bar-gauge panels as instant queries at the refresh's "now", some on
+//! the raw series) and their own personal ones (panels from 30 minutes to 3 years,
+//! range selectors up to 30 days), refreshes them every 10–60 s with Grafana's
+//! request shapes, and browses metrics in Explore. A fifth of them are there from the
+//! start; the rest join during the ramp, so load grows five-fold, then holds. The
+//! same storm meets, one arm after another (STORM_ARMS keys in parentheses):
 //!
-//! 1. the backends directly (each query sent where promguard would route it);
-//! 2. nginx with proxy_cache in front of each backend;
-//! 3. promguard in normal mode;
-//! 4. promguard in sale mode (the shipped `policies/`, switched on by the admin API).
+//! 1. the backends directly, each query sent where promguard would route it (`direct`);
+//! 2. nginx with proxy_cache in front of each backend (`nginx`);
+//! 3. promguard started as the README's flags-only command: default limits and
+//!    admission caps, no identity, no priority, no policies; behind a Grafana with
+//!    default settings, which sends neither `X-Grafana-User` nor a shared secret
+//!    (`quickstart`);
+//! 4. promguard with only `identity.grafana` and `priority.dashboards` configured,
+//!    everything else at its defaults (`identity`);
+//! 5. promguard with every limit tuned for this machine and the shipped `policies/`,
+//!    in normal mode (`tuned`; `normal` is accepted too);
+//! 6. the same in sale mode, switched on by the admin API (`sale`).
 //!
+//! Every arm but the quick start has a Grafana that sends the user and the secret.
 //! Per arm it reports what the backends did by their own metrics (queries, samples
 //! read, CPU, in flight), what the engineers saw (latency and outcomes of curated,
 //! personal and Explore requests), promguard's refusals, and the proxies' CPU and
-//! memory; see the "How to read it" notes in the output for definitions.
+//! memory, then judges the quick-start, identity and tuned arms against their
+//! targets; see the "How to read it" notes in the output for definitions.
 //!
-//! Run: `cargo bench --bench storm` (about 12 minutes on 2 cores). Writes
+//! Run: `cargo bench --bench storm` (about 16 minutes on 2 cores). Writes
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
 //! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl), STORM_ARMS
-//! (direct,nginx,normal,sale), STORM_FONT (a TrueType font for the plots).
-//! Needs the Debian packages prometheus, victoria-metrics, nginx-light and
-//! fonts-dejavu-core.
+//! (direct,nginx,quickstart,identity,tuned,sale), STORM_FONT (a TrueType font for
+//! the plots). Needs the Debian packages prometheus, victoria-metrics, nginx-light
+//! and fonts-dejavu-core.
 
 #[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
 #[path = "../tests/e2e/harness.rs"]
@@ -89,13 +100,11 @@ fn settings() -> Settings {
             Err(_) => default,
         }
     }
-    let arms = var("STORM_ARMS", "direct,nginx,normal,sale".to_string())
+    let all = Arm::ALL.map(Arm::key).join(",");
+    let arms = var("STORM_ARMS", all)
         .split(',')
         .map(|key| {
-            Arm::ALL
-                .into_iter()
-                .find(|a| a.key() == key.trim())
-                .unwrap_or_else(|| panic!("STORM_ARMS: unknown arm {key:?}"))
+            Arm::from_key(key.trim()).unwrap_or_else(|| panic!("STORM_ARMS: unknown arm {key:?}"))
         })
         .collect();
     Settings {
@@ -182,7 +191,12 @@ async fn run_arm(
     let generator_cpu = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let before = backends.counters().await;
 
-    let load = Load::new(endpoints, Duration::from_secs(s.seconds), s.timeout);
+    let load = Load::new(
+        endpoints,
+        arm.grafana(),
+        Duration::from_secs(s.seconds),
+        s.timeout,
+    );
     let run = load.run(population);
     tokio::pin!(run);
     let mut timeline = Vec::new();

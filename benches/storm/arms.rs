@@ -1,44 +1,65 @@
-//! The four ways the storm meets the backends: directly, through nginx with
-//! proxy_cache, through promguard in normal mode and in sale mode. Each arm gets a
-//! freshly started proxy; the backends are shared.
+//! The ways the storm meets the backends: directly; through nginx with proxy_cache;
+//! through promguard as a first deployment has it (the README's flags-only command
+//! behind a Grafana with default settings), with only Grafana identity and the
+//! curated dashboards' priority configured, tuned for this machine, and tuned in
+//! sale mode. Each arm decides what its Grafana sends and gets a freshly started
+//! proxy; the backends are shared.
 
-use std::time::Duration;
+use promguard::config::{AdmissionConfig, CacheConfig, parse_human_duration};
 
 use crate::backends::Backends;
 use crate::harness::{Promguard, client, repo};
-use crate::load::{Endpoints, GRAFANA_SECRET, GRAFANA_SECRET_HEADER};
+use crate::load::{Endpoints, GRAFANA_SECRET, GRAFANA_SECRET_HEADER, Grafana};
 use crate::nginx::Nginx;
 use crate::procstat;
 
 /// Prometheus holds 2 days; everything older is read from VictoriaMetrics.
-pub const RECENT_WINDOW: Duration = Duration::from_secs(2 * 86_400);
+const RECENT_WINDOW: &str = "2d";
 
-/// promguard's per-backend in-flight caps in the storm (`admission:`): Prometheus
-/// keeps both cores busy with 8 queries, and VictoriaMetrics limits itself to 4
-/// concurrent selects on 2 cores (`-search.maxConcurrentRequests`), so 3 never
-/// queue inside it. One slot in three is reserved for the curated dashboards.
-pub const CAPS: [usize; 2] = [8, 3];
-/// promguard's cache bound (`cache.max_bytes`), its default.
-pub const CACHE_MIB: u64 = 512;
+/// The tuned arms' per-backend in-flight caps (`admission:`): Prometheus keeps both
+/// cores busy with 8 queries, and VictoriaMetrics limits itself to 4 concurrent
+/// selects on 2 cores (`-search.maxConcurrentRequests`), so 3 never queue inside
+/// it. One slot in three is reserved for the curated dashboards.
+const TUNED_CAPS: [usize; 2] = [8, 3];
 const ADMIN_TOKEN: &str = "storm-bench-admin";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arm {
     Direct,
     Nginx,
-    Normal,
+    /// `promguard serve --listen … --recent-url … --recent-window 2d
+    /// --long-term-url …`: no file, so default limits and caps, no identity, no
+    /// priority, no policies; behind a Grafana with its default settings.
+    Quickstart,
+    /// Only `identity.grafana` and `priority.dashboards` configured, everything else
+    /// at its default; behind a Grafana that sends the user and the secret.
+    Identity,
+    /// Every limit spelled out for this machine ([`config`]), policies loaded, sale
+    /// mode off.
+    Tuned,
+    /// The tuned configuration with sale mode switched on.
     Sale,
 }
 
 impl Arm {
-    pub const ALL: [Arm; 4] = [Arm::Direct, Arm::Nginx, Arm::Normal, Arm::Sale];
+    /// Every arm, in the order a default run measures them.
+    pub const ALL: [Arm; 6] = [
+        Arm::Direct,
+        Arm::Nginx,
+        Arm::Quickstart,
+        Arm::Identity,
+        Arm::Tuned,
+        Arm::Sale,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Arm::Direct => "direct",
             Arm::Nginx => "nginx",
-            Arm::Normal => "promguard",
-            Arm::Sale => "promguard sale mode",
+            Arm::Quickstart => "promguard quick start",
+            Arm::Identity => "promguard identity only",
+            Arm::Tuned => "promguard tuned",
+            Arm::Sale => "promguard tuned, sale mode",
         }
     }
 
@@ -47,10 +68,50 @@ impl Arm {
         match self {
             Arm::Direct => "direct",
             Arm::Nginx => "nginx",
-            Arm::Normal => "normal",
+            Arm::Quickstart => "quickstart",
+            Arm::Identity => "identity",
+            Arm::Tuned => "tuned",
             Arm::Sale => "sale",
         }
     }
+
+    /// The arm a STORM_ARMS key names; `normal` is the tuned arm's earlier key.
+    pub fn from_key(key: &str) -> Option<Arm> {
+        match key {
+            "normal" => Some(Arm::Tuned),
+            _ => Arm::ALL.into_iter().find(|a| a.key() == key),
+        }
+    }
+
+    /// What the Grafana in front of this arm sends. The direct and nginx arms ignore
+    /// the headers; they get those of a Grafana set up as the README asks.
+    pub fn grafana(self) -> Grafana {
+        match self {
+            Arm::Quickstart => Grafana::Defaults,
+            Arm::Direct | Arm::Nginx | Arm::Identity | Arm::Tuned | Arm::Sale => Grafana::SendsUser,
+        }
+    }
+
+    /// promguard's in-flight caps per backend (recent, long-term) in this arm; none
+    /// without promguard.
+    pub fn caps(self) -> Option<[usize; 2]> {
+        match self {
+            Arm::Direct | Arm::Nginx => None,
+            Arm::Quickstart | Arm::Identity => {
+                let defaults = AdmissionConfig::default();
+                Some([
+                    defaults.recent.max_in_flight,
+                    defaults.long_term.max_in_flight,
+                ])
+            }
+            Arm::Tuned | Arm::Sale => Some(TUNED_CAPS),
+        }
+    }
+}
+
+/// promguard's cache bound (`cache.max_bytes`) in MiB: its default, in every arm.
+pub fn cache_mib() -> u64 {
+    CacheConfig::default().max_bytes.0 >> 20
 }
 
 /// What stands between the load and the backends during one arm.
@@ -59,7 +120,8 @@ pub enum Proxy {
     Nginx(Nginx),
     Promguard {
         process: Promguard,
-        _state: tempfile::TempDir,
+        /// The sale-mode state file's directory, where the arm configures one.
+        _state: Option<tempfile::TempDir>,
     },
 }
 
@@ -92,7 +154,10 @@ impl Proxy {
 
 /// Start `arm`'s proxy in front of `backends`; nginx caches answers for `nginx_ttl`.
 pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, Endpoints) {
-    let recent_window_ms = RECENT_WINDOW.as_millis() as i64;
+    let recent_window_ms = parse_human_duration(RECENT_WINDOW)
+        .expect("a valid window")
+        .0
+        .as_millis() as i64;
     let (proxy, urls) = match arm {
         Arm::Direct => (
             Proxy::None,
@@ -109,18 +174,24 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
             let urls = [nginx.urls[0].clone(), nginx.urls[1].clone()];
             (Proxy::Nginx(nginx), urls)
         }
-        Arm::Normal | Arm::Sale => {
+        // The README's flags-only command.
+        Arm::Quickstart => promguard(
+            Promguard::with_flags(&[
+                "--recent-url",
+                &backends.prometheus,
+                "--recent-window",
+                RECENT_WINDOW,
+                "--long-term-url",
+                &backends.victoria,
+            ]),
+            None,
+        ),
+        Arm::Identity => promguard(Promguard::start(&identity_config(backends)), None),
+        Arm::Tuned | Arm::Sale => {
             let state = tempfile::tempdir().expect("a state directory");
             let process = Promguard::start(&config(backends, state.path()));
             set_sale_mode(&process.url, arm == Arm::Sale).await;
-            let urls = [process.url.clone(), process.url.clone()];
-            (
-                Proxy::Promguard {
-                    process,
-                    _state: state,
-                },
-                urls,
-            )
+            promguard(process, Some(state))
         }
     };
     (
@@ -132,14 +203,43 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
     )
 }
 
-/// promguard's configuration for the storm; every limit is spelled out, so the
-/// report states exactly what was measured.
-fn config(backends: &Backends, state_dir: &std::path::Path) -> String {
-    let [recent_cap, long_term_cap] = CAPS;
+/// A promguard arm: every request goes to the one process.
+fn promguard(process: Promguard, state: Option<tempfile::TempDir>) -> (Proxy, [String; 2]) {
+    let urls = [process.url.clone(), process.url.clone()];
+    (
+        Proxy::Promguard {
+            process,
+            _state: state,
+        },
+        urls,
+    )
+}
+
+/// The identity arm's configuration: who asks, and which dashboards go first.
+fn identity_config(backends: &Backends) -> String {
     format!(
         "\
 backends:
-  recent: {{url: {prometheus}, window: 2d}}
+  recent: {{url: {prometheus}, window: {RECENT_WINDOW}}}
+  long_term: {{url: {victoria}}}
+identity:
+  grafana: {{secret_header: {GRAFANA_SECRET_HEADER}, secret: {GRAFANA_SECRET}}}
+priority:
+  dashboards: [orders, sla, promguard]
+",
+        prometheus = backends.prometheus,
+        victoria = backends.victoria,
+    )
+}
+
+/// The tuned arms' configuration; every limit is spelled out, so the report states
+/// exactly what was measured.
+fn config(backends: &Backends, state_dir: &std::path::Path) -> String {
+    let [recent_cap, long_term_cap] = TUNED_CAPS;
+    format!(
+        "\
+backends:
+  recent: {{url: {prometheus}, window: {RECENT_WINDOW}}}
   long_term: {{url: {victoria}}}
 identity:
   grafana: {{secret_header: {GRAFANA_SECRET_HEADER}, secret: {GRAFANA_SECRET}}}
@@ -149,7 +249,7 @@ admission:
   recent: {{max_in_flight: {recent_cap}, reserved: 3, max_queue: 64, max_wait: 2s, retry_after: 5s}}
   long_term: {{max_in_flight: {long_term_cap}, reserved: 1, max_queue: 32, max_wait: 2s, retry_after: 10s}}
 cache:
-  max_bytes: {CACHE_MIB}MiB
+  max_bytes: {cache_mib}MiB
 limits:
   requests: {{per_second: 20, burst: 100}}
   upstream: {{per_second: 5, burst: 50}}
@@ -165,6 +265,7 @@ policy:
         victoria = backends.victoria,
         policies = repo().join("policies").display(),
         state = state_dir.join("sale-mode.json").display(),
+        cache_mib = cache_mib(),
     )
 }
 

@@ -5,11 +5,15 @@
 //! panel's time range and width (Grafana's `intervalv2` rounding, at least the data
 //! source's 15 s scrape interval, at most 11,000 points) and whose start and end are
 //! floored to that step; `$__interval` and `$__rate_interval` are interpolated from
-//! the step. The metric browser's calls (labels, label values with `match[]`,
-//! series) are GETs over the range snapped to whole minutes, as the data source's
-//! default "low" cache level does.
+//! the step. Instant targets (stat, gauge, bar gauge and table panels) are form POSTs
+//! to `/api/v1/query` at the refresh's "now" in milliseconds, aligned to nothing.
+//! Times are written as Grafana's `formatTime` writes them. The metric browser's calls
+//! (labels, label values with `match[]`, series) are GETs over the range snapped to
+//! whole minutes, as the data source's default "low" cache level does.
 
 use std::sync::Arc;
+
+use crate::harness::grafana_seconds;
 
 /// The data source's scrape interval (Grafana's default): the smallest step.
 pub const SCRAPE_INTERVAL_MS: i64 = 15_000;
@@ -26,7 +30,8 @@ pub enum Call {
         range_ms: i64,
         step_ms: i64,
     },
-    /// An instant target (`instant: true`): evaluated at "now", unaligned.
+    /// An instant target (`instant: true, range: false`): evaluated at "now", to the
+    /// millisecond, unaligned.
     Instant { expr: Arc<str> },
     /// The metric browser: label names over the last `range_ms`.
     Labels { range_ms: i64 },
@@ -83,16 +88,19 @@ impl Call {
                     path: "/api/v1/query_range".into(),
                     params: vec![
                         ("query", expr.to_string()),
-                        ("start", seconds(start)),
-                        ("end", seconds(end)),
-                        ("step", seconds(*step_ms)),
+                        ("start", grafana_seconds(start)),
+                        ("end", grafana_seconds(end)),
+                        ("step", grafana_seconds(*step_ms)),
                     ],
                 }
             }
             Call::Instant { expr } => HttpCall {
                 post: true,
                 path: "/api/v1/query".into(),
-                params: vec![("query", expr.to_string()), ("time", seconds(now_ms))],
+                params: vec![
+                    ("query", expr.to_string()),
+                    ("time", grafana_seconds(now_ms)),
+                ],
             },
             Call::Labels { range_ms } => HttpCall {
                 post: false,
@@ -206,20 +214,11 @@ fn duration(ms: i64) -> String {
 /// every metric browser in the company.
 fn snapped(now_ms: i64, range_ms: i64) -> Vec<(&'static str, String)> {
     vec![
-        ("start", seconds(floor_minute(now_ms - range_ms))),
-        ("end", seconds(floor_minute(now_ms + MINUTE_MS - 1))),
+        ("start", grafana_seconds(floor_minute(now_ms - range_ms))),
+        ("end", grafana_seconds(floor_minute(now_ms + MINUTE_MS - 1))),
     ]
 }
 
 fn floor_minute(ms: i64) -> i64 {
     ms.div_euclid(MINUTE_MS) * MINUTE_MS
-}
-
-/// Unix seconds as Grafana writes them: whole seconds, or with a fraction.
-fn seconds(ms: i64) -> String {
-    if ms % 1000 == 0 {
-        (ms / 1000).to_string()
-    } else {
-        format!("{:.3}", ms as f64 / 1000.0)
-    }
 }

@@ -2,9 +2,10 @@
 //! their join time, refreshes each on its interval, and browses in Explore.
 //!
 //! Grafana's behaviour that matters under overload is kept: all targets of a
-//! dashboard are sent at once; a panel whose query is still running when the next
-//! refresh fires drops it (the request is cancelled, "superseded"); otherwise the
-//! client gives up after the data proxy timeout (30 s by default, "timeout").
+//! dashboard are sent at once, with one "now" for the refresh; a panel whose query is
+//! still running when the next refresh fires drops it (the request is cancelled,
+//! "superseded"); otherwise the client gives up after the data proxy timeout (30 s by
+//! default, "timeout"). The headers are those of the arm's Grafana configuration.
 //! Every request is recorded with its start time, kind, latency and outcome;
 //! requests that never answered are recorded at the time they were abandoned, so
 //! percentiles do not flatter an arm that drops requests.
@@ -16,13 +17,26 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use crate::grafana::HttpCall;
+use crate::grafana::{Call, HttpCall};
 use crate::population::{Dashboard, Engineer, Kind, Target};
 
 /// The shared secret promguard's identity stage expects from Grafana (set on the
 /// data source as a custom header), so that `X-Grafana-User` is believed.
 pub const GRAFANA_SECRET_HEADER: &str = "X-Promguard-Grafana-Secret";
 pub const GRAFANA_SECRET: &str = "storm-bench-secret";
+
+/// How the Grafana in front of an arm is set up, which decides what its data proxy
+/// adds to each query besides `User-Agent`, `X-Grafana-Org-Id`, `X-Datasource-Uid`
+/// and, on dashboard panels, `X-Dashboard-Uid` and `X-Panel-Id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grafana {
+    /// Grafana's defaults: no `X-Grafana-User`, no custom header, so every engineer's
+    /// queries look alike, from Grafana's one address.
+    Defaults,
+    /// `[dataproxy] send_user_header = true` and the shared secret as a custom header
+    /// on the data source, as the README asks.
+    SendsUser,
+}
 
 /// The backend a request is for: index into [`Endpoints::urls`] and gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +89,15 @@ pub struct Record {
     pub outcome: Outcome,
     /// The proxy's `X-Cache` header: how promguard or nginx produced the answer.
     pub cache: Option<&'static str>,
+    /// An instant query (stat, gauge, bar gauge, table panels; Explore).
+    pub instant: bool,
 }
 
 /// One arm's run in progress.
 pub struct Load {
     http: reqwest::Client,
     endpoints: Endpoints,
+    grafana: Grafana,
     started: Instant,
     started_unix_ms: i64,
     ends: Instant,
@@ -92,7 +109,12 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn new(endpoints: Endpoints, duration: Duration, timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        endpoints: Endpoints,
+        grafana: Grafana,
+        duration: Duration,
+        timeout: Duration,
+    ) -> Arc<Self> {
         let started = Instant::now();
         Arc::new(Load {
             // No client-wide timeout: each request carries its own deadline.
@@ -101,6 +123,7 @@ impl Load {
                 .build()
                 .expect("build the load client"),
             endpoints,
+            grafana,
             started,
             started_unix_ms: unix_ms(),
             ends: started + duration,
@@ -158,12 +181,17 @@ impl Load {
         let refresh = Duration::from_millis(dashboard.refresh_ms);
         // Variables resolve first; panels wait for them, as in Grafana.
         let deadline = opened + self.timeout;
-        join_all(
-            dashboard
-                .on_load
-                .iter()
-                .map(|t| self.send(engineer, Some(dashboard), t, deadline, Outcome::Timeout)),
-        )
+        let now_ms = unix_ms();
+        join_all(dashboard.on_load.iter().map(|t| {
+            self.send(
+                engineer,
+                Some(dashboard),
+                t,
+                now_ms,
+                deadline,
+                Outcome::Timeout,
+            )
+        }))
         .await;
         let mut tick = Instant::now();
         while tick < self.ends {
@@ -173,11 +201,12 @@ impl Load {
             } else {
                 (tick + self.timeout, Outcome::Timeout)
             };
+            let now_ms = unix_ms();
             join_all(
                 dashboard
                     .panels
                     .iter()
-                    .map(|t| self.send(engineer, Some(dashboard), t, deadline, expiry)),
+                    .map(|t| self.send(engineer, Some(dashboard), t, now_ms, deadline, expiry)),
             )
             .await;
             // Grafana's timer keeps its rhythm from when the dashboard opened.
@@ -204,26 +233,27 @@ impl Load {
             }
             tokio::time::sleep_until(at).await;
             let deadline = at + self.timeout;
+            let now_ms = unix_ms();
             join_all(
                 visit
                     .iter()
-                    .map(|t| self.send(engineer, None, t, deadline, Outcome::Timeout)),
+                    .map(|t| self.send(engineer, None, t, now_ms, deadline, Outcome::Timeout)),
             )
             .await;
             at += Duration::from_millis(explore.every_ms);
         }
     }
 
-    /// Send one target the way Grafana would, and record how it ended.
+    /// Send one target the way Grafana would at `now_ms`, and record how it ended.
     async fn send(
         &self,
         engineer: &Engineer,
         dashboard: Option<&Dashboard>,
         target: &Target,
+        now_ms: i64,
         deadline: Instant,
         expiry: Outcome,
     ) {
-        let now_ms = unix_ms();
         let HttpCall { post, path, params } = target.call.http(now_ms);
         let backend = if target.call.oldest(now_ms, target.reach_ms)
             < now_ms - self.endpoints.recent_window_ms
@@ -241,9 +271,12 @@ impl Load {
         let mut request = request
             .header("User-Agent", "Grafana/11.3.0")
             .header("X-Grafana-Org-Id", "1")
-            .header("X-Datasource-Uid", "promguard")
-            .header("X-Grafana-User", &*engineer.login)
-            .header(GRAFANA_SECRET_HEADER, GRAFANA_SECRET);
+            .header("X-Datasource-Uid", "promguard");
+        if self.grafana == Grafana::SendsUser {
+            request = request
+                .header("X-Grafana-User", &*engineer.login)
+                .header(GRAFANA_SECRET_HEADER, GRAFANA_SECRET);
+        }
         if let Some(d) = dashboard {
             request = request
                 .header("X-Dashboard-Uid", &*d.uid)
@@ -278,6 +311,7 @@ impl Load {
             latency_us: sent.elapsed().as_micros() as u64,
             outcome,
             cache,
+            instant: matches!(target.call, Call::Instant { .. }),
         };
         self.records.lock().expect("records lock").push(record);
     }

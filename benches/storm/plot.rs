@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::arms::{Arm, CAPS};
+use crate::arms::Arm;
 use crate::report::ArmResult;
 
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -68,20 +68,34 @@ fn color(arm: Arm) -> RGBColor {
     match arm {
         Arm::Direct => RGBColor(214, 39, 40),
         Arm::Nginx => RGBColor(255, 127, 14),
-        Arm::Normal => RGBColor(31, 119, 180),
+        Arm::Quickstart => RGBColor(148, 103, 189),
+        Arm::Identity => RGBColor(23, 190, 207),
+        Arm::Tuned => RGBColor(31, 119, 180),
         Arm::Sale => RGBColor(44, 160, 44),
     }
 }
 
-/// A panel of the in-flight plot: its title, each arm's values over time (`None`
-/// where not known) and promguard's cap.
-type Panel = (
-    &'static str,
-    fn(&ArmResult) -> Vec<(u64, Option<f64>)>,
-    usize,
-);
+/// A panel of the in-flight plot: its title and each arm's values over time (`None`
+/// where not known).
+type Panel = (&'static str, fn(&ArmResult) -> Vec<(u64, Option<f64>)>);
 
-/// In flight at each backend, with promguard's caps.
+/// promguard's caps on backend `i` among the arms that ran, each with the arms
+/// that had it.
+fn caps(results: &[ArmResult], i: usize) -> Vec<(usize, Vec<&'static str>)> {
+    let mut caps: Vec<(usize, Vec<&'static str>)> = Vec::new();
+    for arm in results.iter().map(|r| r.arm) {
+        let Some(cap) = arm.caps().map(|c| c[i]) else {
+            continue;
+        };
+        match caps.iter_mut().find(|(c, _)| *c == cap) {
+            Some((_, arms)) => arms.push(arm.name()),
+            None => caps.push((cap, vec![arm.name()])),
+        }
+    }
+    caps
+}
+
+/// In flight at each backend, with each promguard arm's cap.
 fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
@@ -95,7 +109,6 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
                     .map(|(at, n)| (at, Some(n)))
                     .collect()
             },
-            CAPS[0],
         ),
         (
             "VictoriaMetrics: selects running (vm_concurrent_select_current; it queues the rest); gaps: no /metrics answer in 2 s",
@@ -105,17 +118,18 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
                     .map(|s| (s.at_ms, s.backends.victoria.map(|g| g.in_flight)))
                     .collect()
             },
-            CAPS[1],
         ),
     ];
     let x_max = x_max(results);
-    for (area, (title, values, cap)) in areas.iter().zip(panels) {
+    for (i, (area, (title, values))) in areas.iter().zip(panels).enumerate() {
         let lines: Vec<Vec<(u64, Option<f64>)>> = results.iter().map(values).collect();
+        let caps = caps(results, i);
         let y_max = lines
             .iter()
             .flatten()
             .filter_map(|(_, v)| *v)
-            .fold(cap as f64, f64::max)
+            .chain(caps.iter().map(|(cap, _)| *cap as f64))
+            .fold(1.0, f64::max)
             * 1.1;
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 22))
@@ -142,15 +156,17 @@ fn in_flight(results: &[ArmResult], path: &Path) -> PlotResult {
                 }
             }
         }
-        chart
-            .draw_series(DashedLineSeries::new(
-                [(0.0, cap as f64), (x_max, cap as f64)],
-                8,
-                6,
-                BLACK.stroke_width(1),
-            ))?
-            .label(format!("promguard's cap ({cap})"))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        for (cap, arms) in caps {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(0.0, cap as f64), (x_max, cap as f64)],
+                    8,
+                    6,
+                    BLACK.stroke_width(1),
+                ))?
+                .label(format!("cap {cap}: {}", arms.join(", ")))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
         legend(&mut chart)?;
     }
     root.present()?;

@@ -1,11 +1,12 @@
-//! What one arm measured, and the side-by-side markdown table of all arms.
+//! What one arm measured, the side-by-side markdown table of all arms, and the
+//! promguard arms' figures against their targets, judged from those figures.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use crate::arms::{Arm, CAPS};
+use crate::arms::Arm;
 use crate::backends::{Counters, Gauges, Logged};
 use crate::load::{Outcome, Record};
 use crate::population::Kind;
@@ -25,6 +26,15 @@ const WINDOW_MS: u64 = 10_000;
 const RATE_WINDOW_MS: u64 = 2_000;
 /// How often Prometheus' in-flight queries are counted from its query log.
 const IN_FLIGHT_EVERY_MS: u64 = 250;
+
+/// The targets the quick-start, identity and tuned arms are judged against.
+const CURATED_ANSWERED: f64 = 0.995;
+const CURATED_P99_MS: f64 = 300.0;
+const PERSONAL_ANSWERED: f64 = 0.95;
+/// Upstream queries/s at full load, at least this many times fewer than direct.
+const UPSTREAM_FEWER: f64 = 20.0;
+/// The arms the targets table is for, in its column order.
+const JUDGED: [Arm; 3] = [Arm::Quickstart, Arm::Identity, Arm::Tuned];
 
 /// What reached the backends at full load, after the ramp.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +115,54 @@ impl ArmResult {
 
     fn of(&self, kind: Kind) -> impl Iterator<Item = &Record> {
         self.records.iter().filter(move |r| r.kind == kind)
+    }
+
+    /// The share of `kind`'s requests answered 2xx; `None` without requests.
+    fn answered(&self, kind: Kind) -> Option<f64> {
+        let (ok, total) = self.of(kind).fold((0, 0), |(ok, n), r| {
+            (ok + usize::from(r.outcome.ok()), n + 1)
+        });
+        (total > 0).then(|| ok as f64 / total as f64)
+    }
+
+    fn with_status(&self, kind: Kind, status: u16) -> usize {
+        self.of(kind)
+            .filter(|r| r.outcome == Outcome::Status(status))
+            .count()
+    }
+
+    /// The worst curated p99 of the 10-s windows: of all, or of those from the one the
+    /// ramp starts in.
+    fn worst_curated_p99(&self, from_ramp: bool) -> Option<f64> {
+        let from_ms = if from_ramp {
+            let ramp_ms = (self.seconds * 1000.0 * crate::population::RAMP.0) as u64;
+            ramp_ms / WINDOW_MS * WINDOW_MS
+        } else {
+            0
+        };
+        self.curated_p99_by_window(WINDOW_MS)
+            .iter()
+            .filter(|(at, _)| *at >= from_ms)
+            .map(|(_, p)| *p)
+            .reduce(f64::max)
+    }
+
+    /// The most calls in flight to each backend (recent, long-term): promguard's own
+    /// count, and the backend's (Prometheus' engine by its query log, VictoriaMetrics'
+    /// running selects).
+    fn peak_in_flight(&self) -> [(f64, f64); 2] {
+        let engine = self
+            .prometheus_in_flight()
+            .iter()
+            .map(|(_, n)| *n)
+            .fold(0.0, f64::max);
+        [
+            (self.peak(|s| s.promguard_in_flight.map(|g| g[0])), engine),
+            (
+                self.peak(|s| s.promguard_in_flight.map(|g| g[1])),
+                self.peak(|s| s.backends.victoria.map(|g| g.in_flight)),
+            ),
+        ]
     }
 
     fn latency(&self, kind: Kind) -> Histogram<u64> {
@@ -297,7 +355,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
     row(
         &format!(
             "promguard cache held at the end (of its {} MiB bound)",
-            crate::arms::CACHE_MIB
+            crate::arms::cache_mib()
         ),
         &|r| {
             r.promguard.as_ref().map_or("–".into(), |p| {
@@ -327,24 +385,22 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
             outcomes(r, kind)
         });
         row(&format!("{} answers by X-Cache", kind.as_str()), &|r| {
-            caches(r, kind)
+            caches(r.of(kind))
         });
     }
-    let worst = |r: &ArmResult, from_ms: u64| {
-        r.curated_p99_by_window(WINDOW_MS)
-            .iter()
-            .filter(|(at, _)| *at >= from_ms)
-            .map(|(_, p)| *p)
-            .fold(None, |m: Option<f64>, p| Some(m.map_or(p, |m| m.max(p))))
-            .map_or("–".into(), ms)
-    };
-    row("curated p99, worst 10 s window (ms)", &|r| worst(r, 0));
+    row(
+        "curated instant queries (stat and bar-gauge panels): sent, answers by X-Cache",
+        &|r| {
+            let sent = r.of(Kind::Curated).filter(|x| x.instant).count();
+            let by = caches(r.of(Kind::Curated).filter(|x| x.instant));
+            format!("{sent}: {by}")
+        },
+    );
+    let worst = |r: &ArmResult, from_ramp| r.worst_curated_p99(from_ramp).map_or("–".into(), ms);
+    row("curated p99, worst 10 s window (ms)", &|r| worst(r, false));
     row(
         "curated p99, worst 10 s window from the ramp on (ms)",
-        &|r| {
-            let ramp_ms = (r.seconds * 1000.0 * crate::population::RAMP.0) as u64;
-            worst(r, ramp_ms / WINDOW_MS * WINDOW_MS)
-        },
+        &|r| worst(r, true),
     );
     row("promguard refusals (reason, class)", &|r| {
         r.promguard.as_ref().map_or("–".into(), |p| {
@@ -384,34 +440,21 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         })
     });
     row("**peak in flight, promguard → backends** (cap)", &|r| {
-        if r.promguard.is_none() {
+        let Some([recent_cap, long_term_cap]) = r.arm.caps() else {
             return "–".into();
-        }
-        let [p, v] = [0, 1].map(|i| r.peak(|s| s.promguard_in_flight.map(|g| g[i])));
+        };
+        let [(p, _), (v, _)] = r.peak_in_flight();
         format!(
-            "Prometheus **{p:.0}** ({}), VictoriaMetrics **{v:.0}** ({})",
-            CAPS[0], CAPS[1]
+            "Prometheus **{p:.0}** ({recent_cap}), VictoriaMetrics **{v:.0}** ({long_term_cap})"
         )
     });
     row(
         "peak Prometheus API queries in its engine, running + queued (query log)",
-        &|r| {
-            let peak = r
-                .prometheus_in_flight()
-                .iter()
-                .map(|(_, n)| *n)
-                .fold(0.0, f64::max);
-            format!("{peak:.0}")
-        },
+        &|r| format!("{:.0}", r.peak_in_flight()[0].1),
     );
     row(
         "peak VictoriaMetrics selects running (its limit: 4)",
-        &|r| {
-            format!(
-                "{:.0}",
-                r.peak(|s| s.backends.victoria.map(|g| g.in_flight))
-            )
-        },
+        &|r| format!("{:.0}", r.peak_in_flight()[1].1),
     );
     row(
         "samples without a /metrics answer in 2 s (Prometheus / VictoriaMetrics)",
@@ -452,6 +495,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
     for (name, cells) in rows {
         let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
     }
+    out.push_str(&targets(results, direct));
     let _ = writeln!(
         out,
         "\nHow to read it:\n\
@@ -483,12 +527,141 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          direct and nginx \
          arms send each query to the backend promguard would pick (its own PromQL analysis). \
          `X-Cache` shares are of answered requests, as the proxy labelled them.\n\
-         - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`, on \
-         the recording rules of `dashboards/rules/` (backfilled by scripts/backends.sh).",
+         - The promguard arms: *quick start* is the README's `promguard serve --listen … \
+         --recent-url … --recent-window 2d --long-term-url …` with no file (default limits, \
+         default caps {quick_caps}, no identity, no priority, no policies) behind a Grafana \
+         with default settings, which sends no `X-Grafana-User` and no shared secret: every \
+         engineer is the same caller at the same address. *Identity only* configures \
+         `identity.grafana` (the secret header) and `priority.dashboards: [orders, sla, \
+         promguard]`, everything else at its default. *Tuned* spells out every limit for \
+         this machine (caps {tuned_caps}) and loads `policies/` in normal mode; *sale mode* \
+         is the same switched to sale mode. Every other arm's Grafana sends \
+         `X-Grafana-User` and the secret; all send `User-Agent`, `X-Grafana-Org-Id`, \
+         `X-Datasource-Uid` and, on dashboard panels, `X-Dashboard-Uid` and `X-Panel-Id`. \
+         Caps are (Prometheus, VictoriaMetrics).\n\
+         - Curated dashboards are `dashboards/orders.json` and `dashboards/sla.json`: range \
+         panels on the recording rules of `dashboards/rules/` (backfilled by \
+         scripts/backends.sh), and stat and bar-gauge panels as instant queries at the \
+         refresh's now in milliseconds, some on the raw series.",
         info.timeout_s,
         crate::SAMPLE_EVERY.as_millis(),
         info.nginx_ttl,
+        quick_caps = caps(Arm::Quickstart),
+        tuned_caps = caps(Arm::Tuned),
     );
+    out
+}
+
+/// A figure and whether it meets its target; `None` when it cannot be judged.
+type Judged = (String, Option<bool>);
+/// How an arm's figures are judged against one target.
+type Judge<'a> = &'a dyn Fn(&ArmResult) -> Judged;
+
+/// An arm's caps as `(recent, long-term)`.
+fn caps(arm: Arm) -> String {
+    arm.caps().map_or("none".into(), |[recent, long_term]| {
+        format!("({recent}, {long_term})")
+    })
+}
+
+/// The quick-start, identity and tuned arms against their targets, each judged from
+/// the figure it shows; empty when none of them ran.
+fn targets(results: &[ArmResult], direct: Option<&ArmResult>) -> String {
+    let judged: Vec<&ArmResult> = JUDGED
+        .iter()
+        .filter_map(|arm| results.iter().find(|r| r.arm == *arm))
+        .collect();
+    if judged.is_empty() {
+        return String::new();
+    }
+    let percent = |share: Option<f64>, at_least: f64| -> Judged {
+        share.map_or(("no requests".into(), None), |s| {
+            (format!("{:.2}%", 100.0 * s), Some(s >= at_least))
+        })
+    };
+    let rows: [(String, Judge<'_>); 6] = [
+        (
+            format!("curated answered (≥ {}%)", 100.0 * CURATED_ANSWERED),
+            &|r| percent(r.answered(Kind::Curated), CURATED_ANSWERED),
+        ),
+        ("curated 429 / 503 (0)".into(), &|r| {
+            let (throttled, shed) = (
+                r.with_status(Kind::Curated, 429),
+                r.with_status(Kind::Curated, 503),
+            );
+            (format!("{throttled} / {shed}"), Some(throttled + shed == 0))
+        }),
+        (
+            format!("curated p99, worst 10 s window from the ramp on (< {CURATED_P99_MS} ms)"),
+            &|r| {
+                r.worst_curated_p99(true)
+                    .map_or(("no requests".into(), None), |p| {
+                        (format!("{} ms", ms(p)), Some(p < CURATED_P99_MS))
+                    })
+            },
+        ),
+        (
+            format!("personal answered (≥ {}%)", 100.0 * PERSONAL_ANSWERED),
+            &|r| percent(r.answered(Kind::Personal), PERSONAL_ANSWERED),
+        ),
+        (
+            format!("upstream queries/s at full load (≥ {UPSTREAM_FEWER}× fewer than direct)"),
+            &|r| {
+                let Some(arm) = r.steady.per_second(|rate| rate.queries) else {
+                    return ("VictoriaMetrics did not answer /metrics".into(), None);
+                };
+                match direct.and_then(|d| d.steady.per_second(|rate| rate.queries)) {
+                    Some(d) if arm > 0.0 => (
+                        format!("{arm:.1} ({:.1}× fewer)", d / arm),
+                        Some(d / arm >= UPSTREAM_FEWER),
+                    ),
+                    Some(_) => ("0 (none reached the backends)".into(), Some(true)),
+                    None => (format!("{arm:.1} (no direct arm to compare)"), None),
+                }
+            },
+        ),
+        (
+            "backend peak in flight, promguard's count and the backend's (≤ the arm's caps)".into(),
+            &|r| {
+                let caps = r.arm.caps().expect("a promguard arm has caps");
+                let peaks = r.peak_in_flight();
+                let figure = ["Prometheus", "VictoriaMetrics"]
+                    .iter()
+                    .zip(peaks.iter().zip(caps))
+                    .map(|(name, ((own, backend), cap))| {
+                        format!("{name} {own:.0} / {backend:.0} of {cap}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let within = peaks
+                    .iter()
+                    .zip(caps)
+                    .all(|((own, backend), cap)| own.max(*backend) <= cap as f64);
+                (figure, Some(within))
+            },
+        ),
+    ];
+    let mut out = format!(
+        "\nTargets for a first deployment (the tuned arm for comparison), judged from the \
+         figures:\n\n| target | {} |\n|---|{}\n",
+        judged
+            .iter()
+            .map(|r| r.arm.name())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(judged.len())
+    );
+    for (name, judge) in rows {
+        let cells: Vec<String> = judged
+            .iter()
+            .map(|r| match judge(r) {
+                (figure, Some(true)) => format!("{figure}: met"),
+                (figure, Some(false)) => format!("{figure}: **missed**"),
+                (figure, None) => format!("{figure}: not judged"),
+            })
+            .collect();
+        let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
+    }
     out
 }
 
@@ -537,10 +710,10 @@ fn steady(
     )
 }
 
-/// How `kind`'s answers were produced, by the proxy's `X-Cache` header, as shares.
-fn caches(r: &ArmResult, kind: Kind) -> String {
+/// How `records` were answered, by the proxy's `X-Cache` header, as shares.
+fn caches<'a>(records: impl Iterator<Item = &'a Record>) -> String {
     let mut by: BTreeMap<&str, usize> = BTreeMap::new();
-    for rec in r.of(kind) {
+    for rec in records {
         if let Some(tag) = rec.cache {
             *by.entry(tag).or_default() += 1;
         }

@@ -20,7 +20,10 @@ use promql_parser::util::{ExprVisitor, parse_duration, walk_expr};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::harness::{Promguard, VM_COUNTERS, backends, client, get, now_secs, post_form, repo};
+use crate::harness::{
+    Promguard, VM_COUNTERS, backends, client, get, grafana_seconds, now_ms, now_secs, post_form,
+    repo,
+};
 
 /// The uids the example policies exempt in sale mode; each is `dashboards/<uid>.json`.
 const CURATED: [&str; 3] = ["orders", "sla", "promguard"];
@@ -119,8 +122,14 @@ struct Target {
     datasource: Value,
     /// The target's min step; also Grafana's scrape interval for `$__rate_interval`.
     interval: Option<String>,
+    /// Grafana's query type: an instant query at the dashboard's "now", or a range
+    /// query over its time range; exactly one is set.
     #[serde(default)]
     instant: bool,
+    #[serde(default)]
+    range: bool,
+    /// `table` for a table panel's target, whose rows Grafana builds from one instant.
+    format: Option<String>,
 }
 
 impl Dashboard {
@@ -585,6 +594,19 @@ fn the_curated_dashboards_are_well_formed_and_cheap() {
                     "{at} {}",
                     target.ref_id
                 );
+                assert_ne!(
+                    target.instant, target.range,
+                    "{at} {}: Grafana sends an instant or a range query",
+                    target.ref_id
+                );
+                if panel.kind == "table" {
+                    assert_eq!(
+                        (target.instant, target.format.as_deref()),
+                        (true, Some("table")),
+                        "{at} {}: a table of the current values",
+                        target.ref_id
+                    );
+                }
                 for name in variables.keys() {
                     if target.expr.contains(&format!("${name}")) {
                         used_variables.insert(name.clone());
@@ -906,7 +928,9 @@ async fn open_dashboard(
     scrape: Duration,
 ) -> (Vec<String>, usize) {
     let user = format!("viewer-{}", board.uid);
-    let now = now_secs();
+    // One "now" for the whole dashboard, in milliseconds, as Grafana's time range has it.
+    let now_ms = now_ms();
+    let now = now_ms.div_euclid(1000);
     let range = i64::try_from(board.range().as_secs()).expect("a sane range");
     let mut failures = Vec::new();
     for variable in board.query_variables() {
@@ -959,9 +983,10 @@ async fn open_dashboard(
                 }
             };
             let (path, form) = if query.instant {
+                // Not aligned to any step: Grafana evaluates an instant target at now.
                 let form = vec![
                     ("query", query.expr.clone()),
-                    ("time", query.end.to_string()),
+                    ("time", grafana_seconds(now_ms)),
                 ];
                 ("/api/v1/query", form)
             } else {

@@ -1,6 +1,7 @@
 //! A Grafana-shaped session through promguard returns what the backend that should
-//! serve it returns directly: panel queries (POST, dashboard headers), instant
-//! queries, Save & test, build info, and Explore's metric browser.
+//! serve it returns directly: panel queries (POST, dashboard headers, through a
+//! promguard started from flags alone), instant queries, Save & test, build info, and
+//! Explore's metric browser.
 
 use serde_json::Value;
 
@@ -36,8 +37,16 @@ fn data_len(v: &Value) -> usize {
 #[tokio::test]
 async fn panel_queries_route_by_time_and_match_the_backend() {
     let _vm = crate::harness::VM_COUNTERS.read().await;
-    let pg = Promguard::in_front_of_backends("");
     let b = backends();
+    // The README's flags-only command: routing by time needs no config file.
+    let pg = Promguard::with_flags(&[
+        "--recent-url",
+        &b.prometheus,
+        "--recent-window",
+        "2d",
+        "--long-term-url",
+        &b.victoria,
+    ]);
     let query = r#"sum by (region) (rate(shop_orders_total{status="created"}[5m]))"#;
 
     // A "last 1 hour" panel: Prometheus holds it.

@@ -4,7 +4,7 @@
 //! started once per test process by `scripts/backends.sh` and stopped by a watchdog
 //! when the process exits. Each test starts its own promguard on a free port.
 
-use std::io::Write;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -27,10 +27,27 @@ pub fn free_port() -> u16 {
 }
 
 pub fn now_secs() -> i64 {
+    now_ms().div_euclid(1000)
+}
+
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("clock after 1970")
-        .as_secs() as i64
+        .as_millis() as i64
+}
+
+/// Unix seconds as Grafana's Prometheus data source writes a time (`formatTime`, Go's
+/// shortest float form): `1795770042`, `1795770042.12`, `1795770042.123`.
+pub fn grafana_seconds(ms: i64) -> String {
+    let (whole, fraction) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    if fraction == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{fraction:03}")
+            .trim_end_matches('0')
+            .to_string()
+    }
 }
 
 /// The shared real backends.
@@ -176,19 +193,45 @@ pub async fn vm_query_count() -> f64 {
 pub struct Promguard {
     pub url: String,
     child: Child,
-    _config: tempfile::NamedTempFile,
+    /// Its working directory, holding the config file if it has one. A default
+    /// relative path (the sale-mode state file) then reads and writes nothing of the
+    /// repository's.
+    _dir: tempfile::TempDir,
 }
 
 impl Promguard {
     /// Start promguard with `config` (YAML; `listen` is added here).
     pub fn start(config: &str) -> Self {
         let port = free_port();
-        let mut file = tempfile::NamedTempFile::new().expect("create a temp config");
-        write!(file, "listen: 127.0.0.1:{port}\n{config}").expect("write the temp config");
+        let dir = tempfile::tempdir().expect("create a working directory");
+        let file = dir.path().join("promguard.yaml");
+        std::fs::write(&file, format!("listen: 127.0.0.1:{port}\n{config}"))
+            .expect("write the config");
+        Self::spawn(port, dir, &["--config".as_ref(), file.as_os_str()])
+    }
+
+    /// Start promguard from command-line flags alone, without a config file, as the
+    /// README's quick start does (`--listen` is added here).
+    pub fn with_flags(flags: &[&str]) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let args: Vec<&OsStr> = ["--listen", &listen]
+            .iter()
+            .chain(flags)
+            .map(|arg| OsStr::new(*arg))
+            .collect();
+        Self::spawn(
+            port,
+            tempfile::tempdir().expect("create a working directory"),
+            &args,
+        )
+    }
+
+    fn spawn(port: u16, dir: tempfile::TempDir, args: &[&OsStr]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_promguard"))
             .arg("serve")
-            .arg("--config")
-            .arg(file.path())
+            .args(args)
+            .current_dir(dir.path())
             .env("PROMGUARD_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -207,7 +250,7 @@ impl Promguard {
         Promguard {
             url,
             child,
-            _config: file,
+            _dir: dir,
         }
     }
 
