@@ -46,17 +46,26 @@ impl Class {
 /// only from the trusted Grafana, or when no Grafana trust is configured at all
 /// (`trust_headers`), since anyone can send `X-Dashboard-Uid: orders`.
 pub fn classify(caller: &Caller, priority: &PriorityConfig, trust_headers: bool) -> Class {
-    let via_grafana = matches!(caller.source, Source::GrafanaUser | Source::Grafana);
-    if priority.users.iter().any(|u| **u == *caller.user) {
+    if priority.users.iter().any(|u| **u == *caller.user)
+        || curated(caller, priority, trust_headers)
+    {
         return Class::Critical;
     }
     match &caller.dashboard {
-        Some(uid) if (via_grafana || trust_headers) && priority.dashboards.contains(uid) => {
-            Class::Critical
-        }
         Some(_) => Class::Dashboard,
         None => Class::Explore,
     }
+}
+
+/// The request is from a curated dashboard (`priority.dashboards`), by a header
+/// that can be believed: from the trusted Grafana, or from anyone when no Grafana
+/// trust is configured (`trust_headers`).
+pub fn curated(caller: &Caller, priority: &PriorityConfig, trust_headers: bool) -> bool {
+    let via_grafana = matches!(caller.source, Source::GrafanaUser | Source::Grafana);
+    caller
+        .dashboard
+        .as_ref()
+        .is_some_and(|uid| (via_grafana || trust_headers) && priority.dashboards.contains(uid))
 }
 
 /// Why a request was shed (HTTP 503).
@@ -410,6 +419,7 @@ mod tests {
             org: None,
             dashboard: dashboard.map(str::to_string),
             panel: None,
+            from_grafana: true,
         };
         let c = |user, source, dash| classify(&caller(user, source, dash), &priority, false);
         assert_eq!(

@@ -137,6 +137,26 @@ pub struct LimitsConfig {
     pub in_flight_wait: HumanDuration,
     /// Users with their own budgets (on-call, alerting).
     pub users: BTreeMap<String, UserOverride>,
+    /// Budgets of requests from a Grafana whose users promguard cannot tell apart
+    /// (no `identity.grafana`, or Grafana without `send_user_header`).
+    pub unverified: Unverified,
+    /// Cache hits spend the request budget too. Off by default: a hit costs the
+    /// backends nothing, and a refused hit is a blank panel for nothing.
+    pub count_hits: bool,
+}
+
+/// What per-user budgets do for requests that stand for many people.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Unverified {
+    /// No per-user budgets: one budget for everyone behind a Grafana would refuse
+    /// the whole company at once. Backend admission (caps, reserved slots,
+    /// priority classes, shedding) still protects the backends.
+    #[default]
+    Off,
+    /// One budget per client address and dashboard (Explore: one per address),
+    /// the closest to a person such a request allows.
+    PerDashboard,
 }
 
 impl Default for LimitsConfig {
@@ -154,6 +174,8 @@ impl Default for LimitsConfig {
             max_in_flight: 8,
             in_flight_wait: HumanDuration(Duration::from_secs(1)),
             users: BTreeMap::new(),
+            unverified: Unverified::default(),
+            count_hits: false,
         }
     }
 }
@@ -241,6 +263,10 @@ pub struct CacheConfig {
     pub fresh_window: HumanDuration,
     /// How long an answer that includes such recent points is served as a hit.
     pub fresh_ttl: HumanDuration,
+    /// Live instant queries (stat, gauge and table panels at "now") are evaluated
+    /// at `time` rounded down to a multiple of this, so every viewer's panel within
+    /// one interval is one answer; at most `fresh_ttl`.
+    pub instant_step: HumanDuration,
     /// How long immutable extents and answers over old data are kept.
     pub extent_ttl: HumanDuration,
     /// How long metadata answers (labels, series, metadata, rules, build info) are kept.
@@ -256,6 +282,7 @@ impl Default for CacheConfig {
             max_bytes: ByteSize(512 << 20),
             fresh_window: HumanDuration(Duration::from_secs(300)),
             fresh_ttl: HumanDuration(Duration::from_secs(10)),
+            instant_step: HumanDuration(Duration::from_secs(5)),
             extent_ttl: HumanDuration(Duration::from_secs(6 * 3600)),
             metadata_ttl: HumanDuration(Duration::from_secs(60)),
             stale_max_age: HumanDuration(Duration::from_secs(15 * 60)),
@@ -604,6 +631,14 @@ impl Config {
                     message: "max_in_flight must be positive and larger than reserved".into(),
                 });
             }
+        }
+        if self.cache.instant_step.0 > self.cache.fresh_ttl.0 {
+            return Err(ConfigError::Invalid {
+                field: "cache.instant_step",
+                message: "must be at most cache.fresh_ttl, or shared answers would be served \
+                          older than an answer may be"
+                    .into(),
+            });
         }
         if self.query.max_depth == 0 || self.query.max_depth > MAX_QUERY_DEPTH {
             return Err(ConfigError::Invalid {

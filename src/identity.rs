@@ -43,13 +43,32 @@ impl Source {
 /// The identity every later stage sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The budget key for limits: a login, a configured user, or `anonymous@<ip>`.
+    /// Who it is: a login, a configured user, `grafana` (the trusted Grafana
+    /// without a user header) or `anonymous@<ip>`.
     pub user: Arc<str>,
     pub source: Source,
     pub client: IpAddr,
     pub org: Option<String>,
     pub dashboard: Option<String>,
     pub panel: Option<String>,
+    /// The request carries Grafana's own headers (its `User-Agent`, org or data
+    /// source id): it came through a Grafana, proven or not, and so may stand for
+    /// any of its users.
+    pub from_grafana: bool,
+}
+
+impl Caller {
+    /// The caller is one known person or client: a Grafana login proven by the
+    /// trusted Grafana, a basic-auth user, a bearer token, or an address that is
+    /// not a Grafana. Otherwise (Grafana without a verified user header) one
+    /// identity stands for many people.
+    pub fn is_one_person(&self) -> bool {
+        match self.source {
+            Source::GrafanaUser | Source::BasicAuth | Source::Bearer => true,
+            Source::Grafana => false,
+            Source::Anonymous => !self.from_grafana,
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -66,7 +85,7 @@ pub enum IdentityError {
 }
 
 /// Credentials from the configuration, prepared for lookups.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Identifier {
     grafana_header: Option<(HeaderName, Vec<u8>)>,
     grafana_basic: Option<(String, Vec<u8>)>,
@@ -75,12 +94,62 @@ pub struct Identifier {
     /// The untrusted `X-Grafana-User` warning is logged once per process; every
     /// occurrence is still counted in metrics by the caller.
     warned_untrusted: AtomicBool,
+    /// Grafana's headers without proof, and the proven Grafana without a user
+    /// header: each explained once per process, with what to configure.
+    warned_unproven: AtomicBool,
+    warned_no_user_header: AtomicBool,
+    /// No way for Grafana to prove itself is configured.
+    no_trust: bool,
+}
+
+impl Default for Identifier {
+    /// Nothing configured: no Grafana trust, no users, no tokens.
+    fn default() -> Self {
+        Identifier::new(&IdentityConfig::default())
+    }
 }
 
 const GRAFANA_USER: &str = "x-grafana-user";
 const GRAFANA_ORG: &str = "x-grafana-org-id";
 const DASHBOARD_UID: &str = "x-dashboard-uid";
 const PANEL_ID: &str = "x-panel-id";
+const DATASOURCE_UID: &str = "x-datasource-uid";
+
+/// How promguard can know who is asking. Feeds the start-up log and `/-/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// `identity.grafana` is configured: requests that prove they came through the
+    /// trusted Grafana are believed, and its `X-Grafana-User` names the person.
+    Grafana,
+    /// Nothing can prove a request came through Grafana: callers are known by
+    /// credentials or by address, and Grafana's users cannot be told apart.
+    Unverified,
+}
+
+impl IdentityMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityMode::Grafana => "grafana",
+            IdentityMode::Unverified => "unverified",
+        }
+    }
+
+    /// One sentence for operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            IdentityMode::Grafana => {
+                "requests proven to come through the trusted Grafana (identity.grafana) are \
+                 believed; X-Grafana-User names the person when Grafana sends it \
+                 ([dataproxy] send_user_header = true)"
+            }
+            IdentityMode::Unverified => {
+                "identity.grafana is not configured: Grafana's users cannot be told apart, \
+                 X-Grafana-User is ignored, dashboard headers are believed for priority, and \
+                 limits.unverified decides the per-user budgets of requests from Grafana"
+            }
+        }
+    }
+}
 
 /// The outcome of [`Identifier::identify`]: the caller, and whether an untrusted
 /// `X-Grafana-User` header was ignored.
@@ -115,6 +184,18 @@ impl Identifier {
                 .map(|(user, token)| (token.0.clone().into_bytes(), Arc::from(user.as_str())))
                 .collect(),
             warned_untrusted: AtomicBool::new(false),
+            warned_unproven: AtomicBool::new(false),
+            warned_no_user_header: AtomicBool::new(false),
+            no_trust: grafana.is_none(),
+        }
+    }
+
+    /// The identity mode in force, for the start-up log and `/-/status`.
+    pub fn mode(&self) -> IdentityMode {
+        if self.no_trust {
+            IdentityMode::Unverified
+        } else {
+            IdentityMode::Grafana
         }
     }
 
@@ -157,6 +238,9 @@ impl Identifier {
         }) || matches!((&self.grafana_basic, &basic), (Some((u, p)), Some((bu, bp)))
             if u == bu && bool::from(bp.as_bytes().ct_eq(p)));
 
+        let from_grafana = text(GRAFANA_ORG).is_some()
+            || text(DATASOURCE_UID).is_some()
+            || text(header::USER_AGENT.as_str()).is_some_and(|ua| ua.starts_with("Grafana/"));
         let grafana_user = text(GRAFANA_USER);
         let mut ignored_user_header = false;
         let (user, source): (Arc<str>, Source) = if via_grafana {
@@ -195,9 +279,27 @@ impl Identifier {
                     .ok_or(IdentityError::UnknownToken)?;
                 (user, Source::Bearer)
             } else {
+                if from_grafana && !self.warned_unproven.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        %client,
+                        "requests from a Grafana carry no proof that they came through your \
+                         Grafana, so promguard cannot tell its users apart: set identity.grafana \
+                         (a secret header on the data source) and [dataproxy] send_user_header = \
+                         true in grafana.ini; until then limits.unverified decides their \
+                         per-user budgets"
+                    );
+                }
                 (Arc::from(format!("anonymous@{client}")), Source::Anonymous)
             }
         };
+        if source == Source::Grafana && !self.warned_no_user_header.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %client,
+                "the trusted Grafana sends no X-Grafana-User, so all of its users look alike: \
+                 set [dataproxy] send_user_header = true in grafana.ini; until then \
+                 limits.unverified decides their per-user budgets"
+            );
+        }
         Ok(Identified {
             caller: Caller {
                 user,
@@ -206,6 +308,7 @@ impl Identifier {
                 org: text(GRAFANA_ORG),
                 dashboard: text(DASHBOARD_UID),
                 panel: text(PANEL_ID),
+                from_grafana,
             },
             ignored_user_header,
         })
@@ -390,6 +493,37 @@ mod tests {
             unconfigured.identify(&h, CLIENT).unwrap_err(),
             IdentityError::BadCredentials
         );
+    }
+
+    #[test]
+    fn grafana_requests_are_recognised_and_tell_whether_they_are_one_person() {
+        let plain = who(&[]).unwrap().caller;
+        assert!(!plain.from_grafana);
+        assert!(plain.is_one_person(), "a plain client at one address");
+        let default_grafana = who(&[
+            ("user-agent", "Grafana/11.3.0"),
+            ("x-grafana-org-id", "1"),
+            ("x-dashboard-uid", "orders"),
+        ])
+        .unwrap()
+        .caller;
+        assert!(default_grafana.from_grafana);
+        assert!(
+            !default_grafana.is_one_person(),
+            "everyone behind that Grafana"
+        );
+        let proven_without_user = who(&[("x-promguard-secret", "s3cret")]).unwrap().caller;
+        assert!(!proven_without_user.is_one_person());
+        let proven_user = who(&[
+            ("x-promguard-secret", "s3cret"),
+            ("x-grafana-user", "bob"),
+            ("user-agent", "Grafana/11.3.0"),
+        ])
+        .unwrap()
+        .caller;
+        assert!(proven_user.is_one_person());
+        assert_eq!(identifier().mode(), IdentityMode::Grafana);
+        assert_eq!(Identifier::default().mode(), IdentityMode::Unverified);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{LimitsConfig, RateConfig};
+use crate::config::{LimitsConfig, RateConfig, Unverified};
+use crate::identity::Caller;
 
 /// Which budget a request spent. Feeds metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +143,12 @@ pub struct UserLimits<C: Clock = DefaultClock> {
     /// back are dropped on the next acquire, so the map holds only active users.
     slots: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
     clock: C,
+    unverified: Unverified,
+    count_hits: bool,
 }
+
+/// Dashboard uids in budget keys are cut to this: the header is the caller's.
+const MAX_KEY_UID: usize = 128;
 
 impl UserLimits<DefaultClock> {
     pub fn new(config: &LimitsConfig) -> Self {
@@ -173,7 +179,38 @@ impl<C: Clock + Clone> UserLimits<C> {
             in_flight_wait: config.in_flight_wait.0,
             slots: Mutex::new(HashMap::new()),
             clock,
+            unverified: config.unverified,
+            count_hits: config.count_hits,
         }
+    }
+
+    /// Whose budgets a request spends, or `None` when per-user budgets do not apply
+    /// to it: curated dashboards never spend them (they are what on-call watches;
+    /// backend admission still bounds them), and requests that stand for many
+    /// people (a Grafana whose users cannot be told apart) follow
+    /// `limits.unverified`. Everyone else spends their own.
+    pub fn budget_key(&self, caller: &Caller, curated: bool) -> Option<Arc<str>> {
+        if curated {
+            return None;
+        }
+        if caller.is_one_person() {
+            return Some(caller.user.clone());
+        }
+        match self.unverified {
+            Unverified::Off => None,
+            Unverified::PerDashboard => Some(match &caller.dashboard {
+                Some(uid) => {
+                    let uid: String = uid.chars().take(MAX_KEY_UID).collect();
+                    format!("{}/dashboard:{uid}", caller.user).into()
+                }
+                None => format!("{}/explore", caller.user).into(),
+            }),
+        }
+    }
+
+    /// Whether cache hits spend the request budget (`limits.count_hits`).
+    pub fn counts_hits(&self) -> bool {
+        self.count_hits
     }
 
     /// Spend one token of the request budget (every request, cache hits included).
@@ -234,6 +271,7 @@ impl<C: Clock + Clone> UserLimits<C> {
 mod tests {
     use super::*;
     use crate::config::{HumanDuration, UserOverride};
+    use crate::identity::Source;
     use governor::clock::FakeRelativeClock;
 
     fn config() -> LimitsConfig {
@@ -260,6 +298,7 @@ mod tests {
                 },
             )]
             .into(),
+            ..LimitsConfig::default()
         }
     }
 
@@ -290,6 +329,59 @@ mod tests {
         );
         clock.advance(Duration::from_secs(1));
         assert!(limits.check_upstream(&alice).is_ok());
+    }
+
+    #[test]
+    fn budgets_belong_to_people_and_never_to_a_whole_grafana() {
+        let caller = |user: &str, source, from_grafana, dashboard: Option<&str>| Caller {
+            user: Arc::from(user),
+            source,
+            client: std::net::IpAddr::from([10, 0, 0, 7]),
+            org: None,
+            dashboard: dashboard.map(str::to_string),
+            panel: None,
+            from_grafana,
+        };
+        let off = UserLimits::with_clock(&config(), FakeRelativeClock::default());
+        let per_dashboard = UserLimits::with_clock(
+            &LimitsConfig {
+                unverified: Unverified::PerDashboard,
+                ..config()
+            },
+            FakeRelativeClock::default(),
+        );
+        let bob = caller("bob", Source::GrafanaUser, true, Some("mine"));
+        assert_eq!(off.budget_key(&bob, false).as_deref(), Some("bob"));
+        assert_eq!(
+            off.budget_key(&bob, true),
+            None,
+            "curated dashboards spend nothing"
+        );
+        let script = caller("anonymous@10.0.0.7", Source::Anonymous, false, None);
+        assert_eq!(
+            off.budget_key(&script, false).as_deref(),
+            Some("anonymous@10.0.0.7"),
+            "a plain client at one address is one client"
+        );
+        let grafana = caller("anonymous@10.0.0.7", Source::Anonymous, true, Some("mine"));
+        assert_eq!(off.budget_key(&grafana, false), None);
+        assert_eq!(
+            per_dashboard.budget_key(&grafana, false).as_deref(),
+            Some("anonymous@10.0.0.7/dashboard:mine")
+        );
+        let explore = caller("grafana", Source::Grafana, true, None);
+        assert_eq!(off.budget_key(&explore, false), None);
+        assert_eq!(
+            per_dashboard.budget_key(&explore, false).as_deref(),
+            Some("grafana/explore")
+        );
+        let long = caller("grafana", Source::Grafana, true, Some(&"u".repeat(10_000)));
+        let key = per_dashboard.budget_key(&long, false).unwrap();
+        assert!(
+            key.len() < 200,
+            "a caller's header cannot make keys grow without bound"
+        );
+        assert!(!off.counts_hits());
     }
 
     #[test]

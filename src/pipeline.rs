@@ -92,18 +92,8 @@ pub async fn handle(
         state.metrics.untrusted_user_header.inc();
     }
     let caller = identified.caller;
-
-    // the mode in force (sale or normal) picks the rules and the user limits
-    let mode = state.policies.mode(utc(ctx.now));
-    let policy = state.policies.active();
-
-    // limit: every request spends from its user's request budget, hits included
     let class = admission::classify(&caller, &state.priority, state.trust_dashboard_headers);
-    policy
-        .limits(mode.mode)
-        .check_request(&caller.user)
-        .inspect_err(|e| count_refusal(state, e.reason(), class))?;
-    let user = caller.user.clone();
+    let curated = admission::curated(&caller, &state.priority, state.trust_dashboard_headers);
     ctx.caller = Some(caller);
     ctx.class = Some(class);
 
@@ -116,14 +106,19 @@ pub async fn handle(
         state.max_request_body,
     )
     .await?;
-    let req = Arc::new(request::parse(
-        &method,
-        &path,
-        params,
-        ctx.now,
-        &state.queries,
-    )?);
+    let req = request::parse(&method, &path, params, ctx.now, &state.queries)?;
+    // Stat, gauge and table panels ask at "now" to the millisecond: every viewer's
+    // panel within one instant step becomes one question.
+    let live_after = cache::live_after(state.cache.config(), ctx.now);
+    let req = Arc::new(
+        refresh::share_instant(&req, state.cache.config().instant_step.0, live_after)
+            .unwrap_or(req),
+    );
     ctx.request = Some(req.clone());
+
+    // the mode in force (sale or normal) picks the rules and the user limits
+    let mode = state.policies.mode(utc(ctx.now));
+    let policy = state.policies.active();
 
     // analyse: which samples it touches
     let shape = shape_of(&req, state);
@@ -137,6 +132,11 @@ pub async fn handle(
     let facts = facts(state, &req, &shape, backend, ctx);
     let exempt = decide(state, &policy, &mode, &facts)?;
     let budgets = if exempt { Mode::Normal } else { mode.mode };
+    let limits = policy.limits(budgets);
+    let budget = ctx
+        .caller
+        .as_ref()
+        .and_then(|c| limits.budget_key(c, curated));
 
     // refresh floor: live queries of callers who are not exempt move onto the
     // mode's min_refresh clock, so refreshes within one interval share an answer
@@ -146,8 +146,8 @@ pub async fn handle(
         .unwrap_or_default();
     let (req, shape) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
 
-    // cache: answer from cache, fetching (once for all identical requests) only
-    // what is missing; forward: the bounded, cancellable upstream calls it makes
+    // cache: a stored answer is served at once; per-user budgets are spent only by
+    // requests that need the backend (and by hits when limits.count_hits is set)
     let no_cache = headers
         .get_all(header::CACHE_CONTROL)
         .iter()
@@ -173,14 +173,34 @@ pub async fn handle(
         floor,
         unaligned_exact,
     );
-    let served = state
-        .cache
-        .serve(
-            plan,
-            req.endpoint,
-            forwarder(state, policy, budgets, backend, class, user, req.clone()),
-        )
-        .await?;
+    let spend_request_budget = || match &budget {
+        Some(key) => limits
+            .check_request(key)
+            .inspect_err(|e| count_refusal(state, e.reason(), class)),
+        None => Ok(()),
+    };
+    if limits.counts_hits() {
+        spend_request_budget()?;
+    }
+    let served = match state.cache.lookup(&plan, req.endpoint) {
+        Some(hit) => hit,
+        None => {
+            if !limits.counts_hits() {
+                spend_request_budget()?;
+            }
+            // limit, admit, forward: once for all identical requests, only what is missing
+            let fetch = forwarder(
+                state,
+                policy.clone(),
+                budgets,
+                backend,
+                class,
+                budget.clone(),
+                req.clone(),
+            );
+            state.cache.serve(plan, req.endpoint, fetch).await?
+        }
+    };
     ctx.cache = Some(served.cache);
 
     // A hit is sent gzipped when the client accepts it (Grafana's does): the copy
@@ -277,7 +297,7 @@ fn forwarder(
     mode: Mode,
     backend: BackendId,
     class: Class,
-    user: Arc<str>,
+    budget: Option<Arc<str>>,
     req: Arc<ApiRequest>,
 ) -> impl Fn(Vec<(String, String)>) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
 + Send
@@ -288,16 +308,23 @@ fn forwarder(
         let state = state.clone();
         let policy = policy.clone();
         let req = req.clone();
-        let user = user.clone();
+        let budget = budget.clone();
         Box::pin(async move {
             let limits = policy.limits(mode);
-            limits
-                .check_upstream(&user)
-                .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
-            let _user_slot = limits
-                .acquire(&user)
-                .await
-                .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
+            let _user_slot = match &budget {
+                Some(key) => {
+                    limits
+                        .check_upstream(key)
+                        .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
+                    Some(
+                        limits
+                            .acquire(key)
+                            .await
+                            .inspect_err(|e| count_refusal(&state, e.reason(), class))?,
+                    )
+                }
+                None => None,
+            };
             let slot = state
                 .gate(backend)
                 .admit(class)

@@ -17,6 +17,19 @@ use crate::cache::extent::Grid;
 use crate::request::{ApiRequest, RequestKind, with_params};
 use crate::units::{Millis, format_time};
 
+/// A live instant query at a shared instant: `time` moved down to a multiple of
+/// `step` (`cache.instant_step`), or `None` when nothing moves. Grafana sends stat,
+/// gauge and table panels as instant queries at "now" to the millisecond, so
+/// without this no two viewers ever ask the same question; with it, every viewer's
+/// panel within one step is one answer, evaluated at most `step` ago. Instant
+/// queries at older times keep their exact time. For every caller.
+pub fn share_instant(req: &ApiRequest, step: Duration, live_after: Millis) -> Option<ApiRequest> {
+    match req.kind {
+        RequestKind::Instant { .. } => snap(req, step, live_after),
+        _ => None,
+    }
+}
+
 /// `req` with its evaluation times moved back to a multiple of `floor`, or
 /// `None` when nothing moves. Only live queries move (a range ending, or an
 /// instant at, later than `live_after`): older answers never change and are
@@ -162,6 +175,53 @@ mod tests {
         assert!(snap(&old, MINUTE, T - 300_000).is_none());
         let aligned = range(T - 3_600_000, T, "15");
         assert!(snap(&aligned, MINUTE, T - 300_000).is_none());
+    }
+
+    #[test]
+    fn live_instants_share_a_grid_and_old_ones_keep_their_time() {
+        let instant = |time: Millis| {
+            let params = vec![
+                (
+                    "query".to_string(),
+                    "sum(rate(shop_orders_total[5m]))".to_string(),
+                ),
+                ("time".to_string(), format_time(time)),
+            ];
+            parse(
+                &Method::POST,
+                "/api/v1/query",
+                params,
+                T + 30_000,
+                &QueryParser::default(),
+            )
+            .unwrap()
+        };
+        let step = Duration::from_secs(5);
+        let live = T - 300_000;
+        let time_of = |req: &ApiRequest| match req.kind {
+            RequestKind::Instant { time, .. } => time,
+            _ => panic!("instant"),
+        };
+        // Every time within one 5 s cell, to the millisecond, becomes its start.
+        for t in [T + 25_000, T + 25_001, T + 27_123, T + 29_999] {
+            let shared = share_instant(&instant(t), step, live).unwrap_or_else(|| instant(t));
+            assert_eq!(time_of(&shared), T + 25_000, "{t}");
+            assert_eq!(param(&shared, "time"), [format_time(T + 25_000)]);
+        }
+        assert_eq!(
+            time_of(
+                &share_instant(&instant(T + 30_000), step, live)
+                    .unwrap_or_else(|| instant(T + 30_000))
+            ),
+            T + 30_000
+        );
+        // The live window's edge: just inside moves, at or before it does not.
+        assert!(share_instant(&instant(live + 1_234), step, live).is_some());
+        assert!(share_instant(&instant(live - 1_234), step, live).is_none());
+        assert!(share_instant(&instant(T - 86_400_123), step, live).is_none());
+        // Range queries are not instants.
+        let r = range(T - 3_600_000, T + 1_234, "15");
+        assert!(share_instant(&r, step, live).is_none());
     }
 
     #[test]

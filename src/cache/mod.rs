@@ -48,6 +48,18 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    /// The metric label: the header value in lower case.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Partial => "partial",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+
+    /// The `X-Cache` header value.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
@@ -308,6 +320,20 @@ impl Cache {
         self.store.usage()
     }
 
+    /// A stored answer `plan` can be served from as it is, counted as a hit.
+    pub fn lookup(&self, plan: &Plan, endpoint: Endpoint) -> Option<Served> {
+        let hit = match plan {
+            Plan::Bypass { .. } => None,
+            Plan::Whole(w) => self.fresh(&w.key, w.floor),
+            Plan::Range(r) => self.fresh(&r.key, r.floor),
+        }?;
+        self.metrics
+            .lookups
+            .with_label_values(&[endpoint.as_str(), CacheStatus::Hit.label()])
+            .inc();
+        Some(hit)
+    }
+
     /// Answer per `plan`, calling `fetch(params)` for whatever must come from the
     /// backend.
     ///
@@ -358,16 +384,9 @@ impl Cache {
             },
         };
         if let Ok(served) = &result {
-            let outcome = match served.cache {
-                CacheStatus::Hit => "hit",
-                CacheStatus::Miss => "miss",
-                CacheStatus::Partial => "partial",
-                CacheStatus::Stale => "stale",
-                CacheStatus::Bypass => "bypass",
-            };
             self.metrics
                 .lookups
-                .with_label_values(&[endpoint.as_str(), outcome])
+                .with_label_values(&[endpoint.as_str(), served.cache.label()])
                 .inc();
         }
         result
