@@ -59,6 +59,12 @@ pub struct Metrics {
     pub policy_rejections: IntCounterVec,
     pub policy_dry_run: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    /// Client connections open now; the bound is `limit_settings{limit="max_connections"}`.
+    pub server_open_connections: IntGauge,
+    /// New connections answered with a 503 because the bound was reached.
+    pub server_refused_connections: IntCounter,
+    /// Failed accepts other than a client leaving early: mostly out of descriptors.
+    pub server_accept_errors: IntCounter,
     latency: LatencyRecorders,
 }
 
@@ -215,6 +221,19 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let server_open_connections =
+            IntGauge::new("server_open_connections", "Client connections open now.")
+                .expect("valid metric");
+        let server_refused_connections = IntCounter::new(
+            "server_refused_connections_total",
+            "New connections refused with a 503 because max_connections were open.",
+        )
+        .expect("valid metric");
+        let server_accept_errors = IntCounter::new(
+            "server_accept_errors_total",
+            "Failed accepts, such as running out of file descriptors.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()),
@@ -238,6 +257,9 @@ impl Metrics {
             Box::new(policy_rejections.clone()),
             Box::new(policy_dry_run.clone()),
             Box::new(policy_reloads.clone()),
+            Box::new(server_open_connections.clone()),
+            Box::new(server_refused_connections.clone()),
+            Box::new(server_accept_errors.clone()),
         ] {
             registry
                 .register(collector)
@@ -276,6 +298,9 @@ impl Metrics {
             policy_rejections,
             policy_dry_run,
             policy_reloads,
+            server_open_connections,
+            server_refused_connections,
+            server_accept_errors,
             latency: LatencyRecorders::default(),
         }
     }

@@ -11,4 +11,5 @@ mod grafana_session;
 mod harness;
 mod limits;
 mod sale_mode;
+mod slow_clients;
 mod upstream_faults;
