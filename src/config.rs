@@ -31,6 +31,8 @@ pub struct Config {
     /// The backends' `--query.lookback-delta`; instant selectors read this far back.
     #[serde(default = "default_lookback_delta")]
     pub lookback_delta: HumanDuration,
+    #[serde(default)]
+    pub server: ServerConfig,
     pub backends: Backends,
     #[serde(default)]
     pub identity: IdentityConfig,
@@ -68,6 +70,35 @@ impl Default for QueryConfig {
             max_length: ByteSize(limits.max_length as u64),
             max_depth: limits.max_depth,
             memo_bytes: ByteSize(32 << 20),
+        }
+    }
+}
+
+/// Client connections: how long a slow one may hold its place, and how many may
+/// be open at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// A client must send its whole request head within this, counted from
+    /// connecting or from its first byte after an idle spell; short, since a head
+    /// is a few hundred bytes and slow-loris connections hold their place until it.
+    pub header_read_timeout: HumanDuration,
+    /// A kept-alive connection with no request in progress is closed after this.
+    /// Longer than Grafana's 90 s pool idle timeout, so that Grafana is the side
+    /// that closes: a POST sent on a connection promguard just closed fails.
+    pub idle_timeout: HumanDuration,
+    /// Client connections open at once; past it a new one gets an immediate 503.
+    /// Lowered at start-up to what the file limit leaves after the descriptors
+    /// promguard keeps for backends and files.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(120)),
+            max_connections: 4096,
         }
     }
 }
@@ -552,6 +583,7 @@ impl Config {
             max_request_body: default_max_request_body(),
             shutdown_grace: default_shutdown_grace(),
             lookback_delta: default_lookback_delta(),
+            server: ServerConfig::default(),
             backends: Backends {
                 recent: BackendConfig::new(url),
                 long_term: None,
@@ -652,6 +684,26 @@ impl Config {
                 message: "must be positive".into(),
             });
         }
+        for (field, timeout) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.idle_timeout", self.server.idle_timeout),
+        ] {
+            if timeout.0.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be positive".into(),
+                });
+            }
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                field: "server.max_connections",
+                message: "must be positive".into(),
+            });
+        }
         if self.limits.max_in_flight == 0 {
             return Err(ConfigError::Invalid {
                 field: "limits.max_in_flight",
@@ -747,6 +799,44 @@ mod tests {
             config.validate(),
             Err(ConfigError::Invalid {
                 field: "identity.grafana",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn server_section_is_optional_and_validated() {
+        let defaults = ServerConfig::default();
+        let config = Config::parse("backends:\n  recent:\n    url: http://p:9090\n").unwrap();
+        assert_eq!(config.server.max_connections, defaults.max_connections);
+        assert_eq!(config.server.idle_timeout, defaults.idle_timeout);
+
+        let config = Config::parse(
+            "server:\n  header_read_timeout: 2s\n  max_connections: 8\nbackends:\n  recent:\n    url: http://p:9090\n",
+        )
+        .unwrap();
+        assert_eq!(config.server.header_read_timeout.0, Duration::from_secs(2));
+        assert_eq!(config.server.idle_timeout, defaults.idle_timeout);
+        config.validate().unwrap();
+
+        let err = Config::parse("server:\n  read_timeout: 2s\nbackends: {}\n").unwrap_err();
+        assert!(err.contains("unknown field `read_timeout`"), "{err}");
+
+        let mut config = Config::with_recent("http://127.0.0.1:9090".parse().unwrap());
+        config.server.idle_timeout = HumanDuration(Duration::ZERO);
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                field: "server.idle_timeout",
+                ..
+            })
+        ));
+        config.server.idle_timeout = HumanDuration(Duration::from_secs(1));
+        config.server.max_connections = 0;
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                field: "server.max_connections",
                 ..
             })
         ));

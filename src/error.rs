@@ -126,6 +126,20 @@ impl IntoResponse for ProxyError {
 
 /// A Prometheus API error body with the given status.
 pub fn error_response(status: StatusCode, error_type: &str, message: &str) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Bytes::from(error_body(error_type, message)),
+    )
+        .into_response()
+}
+
+/// The Prometheus API's JSON error shape, for answers written outside axum too
+/// (the server's refusal of a connection past its bound).
+pub fn error_body(error_type: &str, message: &str) -> Vec<u8> {
     /// Field order as Prometheus writes it, so the body reads the same.
     #[derive(serde::Serialize)]
     struct ErrorBody<'a> {
@@ -134,20 +148,12 @@ pub fn error_response(status: StatusCode, error_type: &str, message: &str) -> Re
         error_type: &'a str,
         error: &'a str,
     }
-    let body = ErrorBody {
+    serde_json::to_vec(&ErrorBody {
         status: "error",
         error_type,
         error: message,
-    };
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
-    )
-        .into_response()
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@
 //!    (backend slot by priority class, or shed), [`upstream`] (one bounded,
 //!    cancellable call)
 //!
-//! Around them: [`app`] (HTTP surface and own endpoints), [`error`] (the one table
-//! from failures to Prometheus-style responses), [`metrics`] (self-metrics),
-//! [`config`] and [`shutdown`].
+//! Around them: [`server`] (the accept loop: connection bound and timeouts),
+//! [`app`] (HTTP surface and own endpoints), [`error`] (the one table from failures
+//! to Prometheus-style responses), [`metrics`] (self-metrics), [`config`] and
+//! [`shutdown`].
 
 pub mod admission;
 pub mod analysis;
@@ -36,6 +37,7 @@ pub mod refresh;
 pub mod request;
 pub mod routing;
 pub mod scan;
+pub mod server;
 pub mod shutdown;
 pub mod units;
 pub mod upstream;

@@ -313,6 +313,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
              headers are believed for priority since they cannot be verified"
         );
     }
+    let settings = promguard::server::prepare(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -321,21 +322,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         recent = %config.backends.recent.url,
         recent_window = ?config.backends.recent.window.0,
         long_term = config.backends.long_term.as_ref().map(|b| b.url.as_str()),
+        max_connections = settings.max_connections,
         "promguard listening"
     );
     let draining = Arc::new(tokio::sync::Notify::new());
     let notify = draining.clone();
-    let server = axum::serve(
+    let server = promguard::server::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        promguard::shutdown::signal().await;
-        notify.notify_one();
-    });
+        app(state.clone()),
+        settings,
+        &state.metrics,
+        async move {
+            promguard::shutdown::signal().await;
+            notify.notify_one();
+        },
+    );
     let grace = config.shutdown_grace.0;
     tokio::select! {
-        result = server => result.context("serving")?,
+        () = server => {}
         () = async { draining.notified().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "drain timed out; exiting with requests still in flight");
         }

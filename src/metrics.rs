@@ -63,6 +63,12 @@ pub struct Metrics {
     pub http_panics: IntCounter,
     /// State files that could not be read at start-up and were set aside.
     pub state_file_errors: IntCounter,
+    /// Client connections open now; the bound is `limit_settings{limit="max_connections"}`.
+    pub server_open_connections: IntGauge,
+    /// New connections answered with a 503 because the bound was reached.
+    pub server_refused_connections: IntCounter,
+    /// Failed accepts other than a client leaving early: mostly out of descriptors.
+    pub server_accept_errors: IntCounter,
     latency: LatencyRecorders,
 }
 
@@ -229,6 +235,19 @@ impl Metrics {
             "Sale-mode state files that were unreadable at start-up and set aside.",
         )
         .expect("valid metric");
+        let server_open_connections =
+            IntGauge::new("server_open_connections", "Client connections open now.")
+                .expect("valid metric");
+        let server_refused_connections = IntCounter::new(
+            "server_refused_connections_total",
+            "New connections refused with a 503 because max_connections were open.",
+        )
+        .expect("valid metric");
+        let server_accept_errors = IntCounter::new(
+            "server_accept_errors_total",
+            "Failed accepts, such as running out of file descriptors.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_panics.clone()),
@@ -254,6 +273,9 @@ impl Metrics {
             Box::new(policy_rejections.clone()),
             Box::new(policy_dry_run.clone()),
             Box::new(policy_reloads.clone()),
+            Box::new(server_open_connections.clone()),
+            Box::new(server_refused_connections.clone()),
+            Box::new(server_accept_errors.clone()),
         ] {
             registry
                 .register(collector)
@@ -294,6 +316,9 @@ impl Metrics {
             policy_reloads,
             http_panics,
             state_file_errors,
+            server_open_connections,
+            server_refused_connections,
+            server_accept_errors,
             latency: LatencyRecorders::default(),
         }
     }

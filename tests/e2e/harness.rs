@@ -7,9 +7,10 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
@@ -193,6 +194,8 @@ pub async fn vm_query_count() -> f64 {
 pub struct Promguard {
     pub url: String,
     child: Child,
+    /// Its log lines (warnings and errors) so far.
+    log: Arc<Mutex<Vec<String>>>,
     /// Its working directory, holding the config file if it has one. A default
     /// relative path (the sale-mode state file) then reads and writes nothing of the
     /// repository's.
@@ -202,12 +205,26 @@ pub struct Promguard {
 impl Promguard {
     /// Start promguard with `config` (YAML; `listen` is added here).
     pub fn start(config: &str) -> Self {
+        Self::from_config(config, None)
+    }
+
+    /// The same, under a file limit (RLIMIT_NOFILE, soft and hard) of `limit`.
+    pub fn start_with_file_limit(config: &str, limit: u64) -> Self {
+        Self::from_config(config, Some(limit))
+    }
+
+    fn from_config(config: &str, file_limit: Option<u64>) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("create a working directory");
         let file = dir.path().join("promguard.yaml");
         std::fs::write(&file, format!("listen: 127.0.0.1:{port}\n{config}"))
             .expect("write the config");
-        Self::spawn(port, dir, &["--config".as_ref(), file.as_os_str()])
+        Self::spawn(
+            port,
+            dir,
+            &["--config".as_ref(), file.as_os_str()],
+            file_limit,
+        )
     }
 
     /// Start promguard from command-line flags alone, without a config file, as the
@@ -224,24 +241,46 @@ impl Promguard {
             port,
             tempfile::tempdir().expect("create a working directory"),
             &args,
+            None,
         )
     }
 
-    fn spawn(port: u16, dir: tempfile::TempDir, args: &[&OsStr]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_promguard"))
+    fn spawn(port: u16, dir: tempfile::TempDir, args: &[&OsStr], file_limit: Option<u64>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_promguard"));
+        command
             .arg("serve")
             .args(args)
             .current_dir(dir.path())
             .env("PROMGUARD_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn promguard");
-        // Forward promguard's log to the test output for failures, without blocking it.
-        if let Some(stderr) = child.stderr.take() {
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(limit) = file_limit {
+            // SAFETY: setrlimit is a single system call, safe between fork and exec.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, limit, limit));
+            }
+        }
+        let mut child = command.spawn().expect("spawn promguard");
+        // Keep promguard's log (stdout) and any start-up error (stderr) for the
+        // test, and forward them to the test output for failures, without
+        // blocking promguard.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+        for output in stdout.into_iter().chain(stderr) {
+            let log = log.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                for line in BufReader::new(output).lines().map_while(Result::ok) {
                     eprintln!("[promguard:{port}] {line}");
+                    if let Ok(mut log) = log.lock() {
+                        log.push(line);
+                    }
                 }
             });
         }
@@ -250,8 +289,21 @@ impl Promguard {
         Promguard {
             url,
             child,
+            log,
             _dir: dir,
         }
+    }
+
+    /// How many of its log lines so far contain `text`.
+    pub fn log_lines_with(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .map_or(0, |log| log.iter().filter(|l| l.contains(text)).count())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Start promguard in front of the shared real backends, with `extra` config.

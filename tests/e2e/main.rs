@@ -14,4 +14,5 @@ mod harness;
 mod hostile;
 mod limits;
 mod sale_mode;
+mod slow_clients;
 mod upstream_faults;
