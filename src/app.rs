@@ -380,8 +380,47 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "backends": backends,
         "recent_window_seconds": state.routing.recent_window.as_secs(),
+        "identity": identity_status(&state),
         "latency": state.metrics.latency_report(),
     }))
+}
+
+/// The identity mode in force, how requests were identified so far, and what to
+/// configure when Grafana's users cannot be told apart.
+fn identity_status(state: &AppState) -> serde_json::Value {
+    let mode = state.identifier.mode();
+    let seen = |label: &str| {
+        state
+            .metrics
+            .identity_requests
+            .with_label_values(&[label])
+            .get()
+    };
+    let by_source: serde_json::Map<_, _> = crate::identity::Source::LABELS
+        .iter()
+        .map(|label| (label.to_string(), json!(seen(label))))
+        .collect();
+    let mut advice = Vec::new();
+    if seen("grafana_unproven") > 0 {
+        advice.push(
+            "requests from a Grafana carry no proof of where they came from: set \
+             identity.grafana (a secret header or basic auth on the data source) and \
+             [dataproxy] send_user_header = true in grafana.ini",
+        );
+    }
+    if seen("grafana") > 0 {
+        advice.push(
+            "the trusted Grafana sends no X-Grafana-User: set [dataproxy] send_user_header = \
+             true in grafana.ini",
+        );
+    }
+    json!({
+        "mode": mode.as_str(),
+        "description": mode.describe(),
+        "unverified_budgets": state.policies.active().limits(Mode::Normal).unverified().as_str(),
+        "requests_by_source": by_source,
+        "advice": advice,
+    })
 }
 
 /// Admin calls need the configured token, compared in constant time; without a

@@ -190,6 +190,15 @@ pub enum Unverified {
     PerDashboard,
 }
 
+impl Unverified {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unverified::Off => "off",
+            Unverified::PerDashboard => "per_dashboard",
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -296,7 +305,8 @@ pub struct CacheConfig {
     pub fresh_ttl: HumanDuration,
     /// Live instant queries (stat, gauge and table panels at "now") are evaluated
     /// at `time` rounded down to a multiple of this, so every viewer's panel within
-    /// one interval is one answer; at most `fresh_ttl`.
+    /// one interval is one answer. A value above `fresh_ttl` counts as `fresh_ttl`,
+    /// so no shared answer is older than an answer may be.
     pub instant_step: HumanDuration,
     /// How long immutable extents and answers over old data are kept.
     pub extent_ttl: HumanDuration,
@@ -304,6 +314,13 @@ pub struct CacheConfig {
     pub metadata_ttl: HumanDuration,
     /// When the backend fails, answers up to this old are served with a warning.
     pub stale_max_age: HumanDuration,
+}
+
+impl CacheConfig {
+    /// The instant step in force: `instant_step`, at most `fresh_ttl`.
+    pub fn instant_step(&self) -> Duration {
+        self.instant_step.0.min(self.fresh_ttl.0)
+    }
 }
 
 impl Default for CacheConfig {
@@ -663,14 +680,6 @@ impl Config {
                     message: "max_in_flight must be positive and larger than reserved".into(),
                 });
             }
-        }
-        if self.cache.instant_step.0 > self.cache.fresh_ttl.0 {
-            return Err(ConfigError::Invalid {
-                field: "cache.instant_step",
-                message: "must be at most cache.fresh_ttl, or shared answers would be served \
-                          older than an answer may be"
-                    .into(),
-            });
         }
         if self.query.max_depth == 0 || self.query.max_depth > MAX_QUERY_DEPTH {
             return Err(ConfigError::Invalid {

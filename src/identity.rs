@@ -29,6 +29,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every label [`Caller::identity_label`] can give, for exporting zeros.
+    pub const LABELS: [&'static str; 6] = [
+        "grafana_user",
+        "grafana",
+        "grafana_unproven",
+        "basic_auth",
+        "bearer",
+        "anonymous",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::GrafanaUser => "grafana_user",
@@ -58,6 +68,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Where the identity came from, for the `promguard_identity_requests_total`
+    /// label: the [`Source`], with anonymous requests that carry Grafana's
+    /// headers told apart as `grafana_unproven`.
+    pub fn identity_label(&self) -> &'static str {
+        match self.source {
+            Source::Anonymous if self.from_grafana => "grafana_unproven",
+            source => source.as_str(),
+        }
+    }
+
     /// The caller is one known person or client: a Grafana login proven by the
     /// trusted Grafana, a basic-auth user, a bearer token, or an address that is
     /// not a Grafana. Otherwise (Grafana without a verified user header) one

@@ -208,6 +208,11 @@ impl<C: Clock + Clone> UserLimits<C> {
         }
     }
 
+    /// What per-user budgets do for requests that stand for many people.
+    pub fn unverified(&self) -> Unverified {
+        self.unverified
+    }
+
     /// Whether cache hits spend the request budget (`limits.count_hits`).
     pub fn counts_hits(&self) -> bool {
         self.count_hits

@@ -11,6 +11,7 @@ use url::Url;
 
 use promguard::app::{AppState, app};
 use promguard::config::{BackendConfig, Config, HumanDuration, LogFormat, parse_human_duration};
+use promguard::identity::IdentityMode;
 use promguard::metrics::Metrics;
 use promguard::policy::explain::{Question, explain};
 use promguard::policy::file::load_dir;
@@ -307,11 +308,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    if config.identity.grafana.is_none() {
-        tracing::warn!(
-            "identity.grafana is not configured: X-Grafana-User is ignored, and dashboard \
-             headers are believed for priority since they cannot be verified"
-        );
+    let identity = state.identifier.mode();
+    let identity_line = format!(
+        "identity mode {}: {}; limits.unverified: {}",
+        identity.as_str(),
+        identity.describe(),
+        config.limits.unverified.as_str()
+    );
+    match identity {
+        IdentityMode::Grafana => tracing::info!("{identity_line}"),
+        IdentityMode::Unverified => tracing::warn!("{identity_line}"),
     }
     let settings = promguard::server::prepare(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// Requests whose handler panicked (a bug), answered with a 500.
     pub http_panics: IntCounter,
+    /// Requests by how their caller was identified (`grafana_unproven`: Grafana's
+    /// headers without proof).
+    pub identity_requests: IntCounterVec,
     /// State files that could not be read at start-up and were set aside.
     pub state_file_errors: IntCounter,
     /// Client connections open now; the bound is `limit_settings{limit="max_connections"}`.
@@ -225,6 +228,17 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let identity_requests = IntCounterVec::new(
+            Opts::new(
+                "identity_requests_total",
+                "Requests by how promguard knows who sent them.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        for source in crate::identity::Source::LABELS {
+            identity_requests.with_label_values(&[source]);
+        }
         let http_panics = IntCounter::new(
             "http_panics_total",
             "Requests whose handling panicked (a bug); each was answered with a 500.",
@@ -251,6 +265,7 @@ impl Metrics {
         for collector in [
             Box::new(upstream_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_panics.clone()),
+            Box::new(identity_requests.clone()),
             Box::new(state_file_errors.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
@@ -315,6 +330,7 @@ impl Metrics {
             policy_dry_run,
             policy_reloads,
             http_panics,
+            identity_requests,
             state_file_errors,
             server_open_connections,
             server_refused_connections,

@@ -92,6 +92,11 @@ pub async fn handle(
         state.metrics.untrusted_user_header.inc();
     }
     let caller = identified.caller;
+    state
+        .metrics
+        .identity_requests
+        .with_label_values(&[caller.identity_label()])
+        .inc();
     let class = admission::classify(&caller, &state.priority, state.trust_dashboard_headers);
     let curated = admission::curated(&caller, &state.priority, state.trust_dashboard_headers);
     ctx.caller = Some(caller);
@@ -111,7 +116,7 @@ pub async fn handle(
     // panel within one instant step becomes one question.
     let live_after = cache::live_after(state.cache.config(), ctx.now);
     let req = Arc::new(
-        refresh::share_instant(&req, state.cache.config().instant_step.0, live_after)
+        refresh::share_instant(&req, state.cache.config().instant_step(), live_after)
             .unwrap_or(req),
     );
     ctx.request = Some(req.clone());

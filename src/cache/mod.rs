@@ -147,13 +147,14 @@ pub fn plan(
             step_ms,
         } => {
             let canonical = &query.canonical;
-            let span = format!("{start}..{end}");
-            let key = answer_key(
-                req,
-                backend,
-                Some(canonical),
-                &format!("{span};step={step_ms}"),
-            );
+            let key = |from: Millis, to: Millis| {
+                answer_key(
+                    req,
+                    backend,
+                    Some(canonical),
+                    &format!("{from}..{to};step={step_ms}"),
+                )
+            };
             let grid = Grid::new(*start, *step_ms);
             // Extents need every step evaluated on the grid asked for. Prometheus
             // does that for any grid; other stores may move an unaligned range onto
@@ -167,7 +168,9 @@ pub fn plan(
                     let ahead = shape.newest.map_or(0, |n| (n - end).max(0));
                     let stable_to = grid.at_or_before(volatile_after.saturating_sub(ahead));
                     Some(Plan::Range(RangePlan {
-                        key,
+                        // The answer is its grid points, so ends that fall between
+                        // the same two steps (a script asking at "now") share it.
+                        key: key(want.from, want.to),
                         series: series_key(req, backend, canonical, *step_ms, *start),
                         grid,
                         want,
@@ -177,7 +180,7 @@ pub fn plan(
                     }))
                 }
                 _ => Some(Plan::Whole(WholePlan {
-                    key,
+                    key: key(*start, *end),
                     params: req.params.clone(),
                     fresh: fresh_for(shape.newest),
                     floor,

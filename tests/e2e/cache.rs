@@ -139,7 +139,7 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
     ));
     for path in [
         "/api/v1/query?query=up&time=1700000000",
-        "/api/v1/query_range?query=up&start=1700000000&end=1700003600&step=60",
+        "/api/v1/query_range?query=up&start=1700000040&end=1700003640&step=60",
     ] {
         let before = backend.requests();
         let calls: Vec<_> = (0..100)

@@ -128,24 +128,35 @@ async fn instant_queries_save_and_test_and_build_info() {
     assert_eq!((status, backend.as_deref()), (200, Some("recent")));
     assert_eq!(got["data"]["result"], serde_json::json!([4, "2"]));
 
-    // An instant query at an unaligned time, as Grafana sends them.
-    let time = format!("{}.437", now_secs() - 90);
-    let form = [
+    // Instant queries at unaligned times, as Grafana sends them: a live one is
+    // evaluated at the shared instant (its time rounded down to cache.instant_step,
+    // 5 s), an old one at its exact time.
+    let query = "sum by (service) (rate(http_requests_total[5m]))".to_string();
+    let live = now_secs() - 90;
+    for (time, evaluated) in [
+        (format!("{live}.437"), (live / 5 * 5).to_string()),
         (
-            "query",
-            "sum by (service) (rate(http_requests_total[5m]))".to_string(),
+            format!("{}.437", live - 3600),
+            format!("{}.437", live - 3600),
         ),
-        ("time", time),
-    ];
-    let (status, backend, got) =
-        post_form(&format!("{}/api/v1/query", pg.url), &form, GRAFANA_HEADERS).await;
-    assert_eq!((status, backend.as_deref()), (200, Some("recent")));
-    let (_, _, want) = post_form(&format!("{}/api/v1/query", b.prometheus), &form, &[]).await;
-    assert!(
-        result_len(&want) >= 10,
-        "the demo data has ~10 services: {want}"
-    );
-    assert_same_answer(&got, &want, 0.0, "instant query vs Prometheus");
+    ] {
+        let form = [("query", query.clone()), ("time", time.clone())];
+        let (status, backend, got) =
+            post_form(&format!("{}/api/v1/query", pg.url), &form, GRAFANA_HEADERS).await;
+        assert_eq!((status, backend.as_deref()), (200, Some("recent")));
+        let direct = [("query", query.clone()), ("time", evaluated)];
+        let (_, _, want) = post_form(&format!("{}/api/v1/query", b.prometheus), &direct, &[]).await;
+        assert!(
+            result_len(&want) >= 10,
+            "the demo data has ~10 services: {want}"
+        );
+        assert_same_answer(
+            &got,
+            &want,
+            0.0,
+            &format!("instant query at {time} vs Prometheus"),
+        );
+    }
 
     // Exemplars (Grafana asks for them alongside panel queries).
     let end = now_secs() - 60;

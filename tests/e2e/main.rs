@@ -9,6 +9,7 @@ mod compat;
 mod dashboards;
 mod differential;
 mod faults;
+mod grafana_defaults;
 mod grafana_session;
 mod harness;
 mod hostile;
