@@ -89,10 +89,13 @@ impl AppState {
                     .map(Secret)
             }),
             cache: Arc::new(Cache::new(config.cache.clone(), &metrics)),
-            recent_gate: Gate::new(BackendId::Recent.as_str(), config.admission.recent.clone()),
+            recent_gate: Gate::new(
+                BackendId::Recent.as_str(),
+                config.admission.recent.for_priority(&config.priority),
+            ),
             long_term_gate: Gate::new(
                 BackendId::LongTerm.as_str(),
-                config.admission.long_term.clone(),
+                config.admission.long_term.for_priority(&config.priority),
             ),
             priority: config.priority.clone(),
             trust_dashboard_headers: config.identity.grafana.is_none(),
@@ -171,6 +174,7 @@ fn record_settings(config: &Config, metrics: &Metrics) {
         (BackendId::Recent, &config.admission.recent),
         (BackendId::LongTerm, &config.admission.long_term),
     ] {
+        let gate = gate.for_priority(&config.priority);
         set("max_in_flight", backend.as_str(), gate.max_in_flight);
         set("reserved", backend.as_str(), gate.reserved);
         set("max_queue", backend.as_str(), gate.max_queue);

@@ -270,6 +270,19 @@ pub struct GateConfig {
     pub retry_after: HumanDuration,
 }
 
+impl GateConfig {
+    /// The gate as it runs with `priority`: with no curated dashboard and no named
+    /// user configured nobody can be in the critical class, so no slot is held
+    /// back for it (a first deployment would otherwise run a quarter short).
+    pub fn for_priority(&self, priority: &PriorityConfig) -> GateConfig {
+        let critical_possible = !priority.dashboards.is_empty() || !priority.users.is_empty();
+        GateConfig {
+            reserved: if critical_possible { self.reserved } else { 0 },
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for GateConfig {
     fn default() -> Self {
         GateConfig {
@@ -849,6 +862,22 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn reserved_slots_are_held_only_when_someone_can_use_them() {
+        let gate = GateConfig::default();
+        let none = PriorityConfig::default();
+        assert_eq!(gate.for_priority(&none).reserved, 0);
+        let curated = PriorityConfig {
+            dashboards: vec!["orders".into()],
+            users: vec![],
+        };
+        assert_eq!(gate.for_priority(&curated).reserved, gate.reserved);
+        assert_eq!(
+            gate.for_priority(&curated).max_in_flight,
+            gate.max_in_flight
+        );
     }
 
     #[test]

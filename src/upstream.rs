@@ -306,7 +306,13 @@ impl Upstream {
             }
             body.extend_from_slice(&chunk);
         }
-        let body = body.freeze();
+        // Answers are kept in the cache, which counts their length: a buffer grown
+        // by doubling would hold up to twice that, so a loose one is copied tight.
+        let body = if body.capacity() > body.len() + body.len() / 8 {
+            Bytes::copy_from_slice(&body)
+        } else {
+            body.freeze()
+        };
         let reason = match serde_json::from_slice::<Envelope>(&body) {
             Ok(Envelope {
                 status: "success" | "error",

@@ -286,6 +286,17 @@ impl Matrix {
         Ok(Matrix { series, style })
     }
 
+    /// Give back the room its vectors grew into: a stored chunk is counted by
+    /// [`Matrix::bytes`], which assumes no slack.
+    pub fn shrink_to_fit(&mut self) {
+        self.series.shrink_to_fit();
+        for s in &mut self.series {
+            s.points.ts.shrink_to_fit();
+            s.points.ends.shrink_to_fit();
+            s.points.text.shrink_to_fit();
+        }
+    }
+
     /// Approximate heap size, for the cache's byte bound.
     pub fn bytes(&self) -> usize {
         self.series

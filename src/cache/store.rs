@@ -49,7 +49,9 @@ impl Answer {
                 let mut encoder =
                     GzEncoder::new(Vec::with_capacity(self.body.len() / 8), Compression::fast());
                 encoder.write_all(&self.body).ok()?;
-                encoder.finish().ok().map(Bytes::from)
+                let mut gzipped = encoder.finish().ok()?;
+                gzipped.shrink_to_fit();
+                Some(Bytes::from(gzipped))
             })
             .as_ref()
     }
@@ -181,7 +183,8 @@ impl Store {
         }
     }
 
-    pub fn put_chunk(&self, key: SeriesKey, index: i64, chunk: Chunk, ttl: Duration) {
+    pub fn put_chunk(&self, key: SeriesKey, index: i64, mut chunk: Chunk, ttl: Duration) {
+        chunk.matrix.shrink_to_fit();
         let bytes = weight(key.0.len() + chunk.matrix.bytes());
         self.cache.insert(
             Key::Chunk(key, index),
