@@ -16,13 +16,13 @@ use criterion::{Criterion, criterion_group};
 use hdrhistogram::Histogram;
 use tower::ServiceExt;
 
-use promguard::admission::{Class, Gate};
+use promguard::admission::{Class, Gate, Priority};
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
 use promguard::app::{AppState, app};
 use promguard::cache::extent::{Matrix, Span, assemble};
 use promguard::cache::key::series_key;
 use promguard::config::{Config, GateConfig, HumanDuration, LimitsConfig, RateConfig};
-use promguard::limits::UserLimits;
+use promguard::limits::{Limiter, Quotas};
 use promguard::metrics::Metrics;
 use promguard::policy::file::load_dir;
 use promguard::policy::rules::Facts;
@@ -247,17 +247,18 @@ fn limits(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let limits = UserLimits::new(&limits_config());
+    let limiter = Limiter::default();
+    let quotas = Quotas::new(&limits_config());
     let g = gate(64, 64);
     let user: Arc<str> = Arc::from("bob");
     c.bench_function(
         "limit + admit stages (budgets, user slot, backend slot)",
         |b| {
             b.to_async(&rt).iter(|| async {
-                limits.check_request(&user).expect("budget");
-                limits.check_upstream(&user).expect("budget");
-                let slot = limits.acquire(&user).await.expect("slot");
-                let permit = g.admit(Class::Dashboard).await.expect("permit");
+                limiter.check_request(&quotas, &user).expect("budget");
+                limiter.check_upstream(&quotas, &user).expect("budget");
+                let slot = limiter.acquire(&quotas, &user).await.expect("slot");
+                let permit = g.admit(fixed(Class::Dashboard)).await.expect("permit");
                 drop(permit);
                 drop(slot);
             })
@@ -265,11 +266,11 @@ fn limits(c: &mut Criterion) {
     );
     let full = gate(1, 0);
     let _held = rt
-        .block_on(full.admit(Class::Dashboard))
+        .block_on(full.admit(fixed(Class::Dashboard)))
         .expect("the only slot");
     c.bench_function("shed when the backend is full", |b| {
         b.to_async(&rt)
-            .iter(|| async { full.admit(Class::Explore).await.expect_err("shed") })
+            .iter(|| async { full.admit(fixed(Class::Explore)).await.expect_err("shed") })
     });
 }
 
@@ -329,10 +330,13 @@ fn percentiles() {
         .enable_all()
         .build()
         .expect("runtime");
-    let limits = UserLimits::new(&limits_config());
+    let limiter = Limiter::default();
+    let quotas = Quotas::new(&limits_config());
     let g = gate(64, 64);
     let full = gate(1, 0);
-    let _held = rt.block_on(full.admit(Class::Dashboard)).expect("slot");
+    let _held = rt
+        .block_on(full.admit(fixed(Class::Dashboard)))
+        .expect("slot");
     let user: Arc<str> = Arc::from("bob");
     let mut rows = Vec::new();
     let mut measure = |name: &str, f: &mut dyn FnMut()| {
@@ -357,14 +361,17 @@ fn percentiles() {
     });
     measure("limit + admit stages", &mut || {
         rt.block_on(async {
-            limits.check_request(&user).expect("budget");
-            limits.check_upstream(&user).expect("budget");
-            let _slot = limits.acquire(&user).await.expect("slot");
-            let _permit = g.admit(Class::Dashboard).await.expect("permit");
+            limiter.check_request(&quotas, &user).expect("budget");
+            limiter.check_upstream(&quotas, &user).expect("budget");
+            let _slot = limiter.acquire(&quotas, &user).await.expect("slot");
+            let _permit = g.admit(fixed(Class::Dashboard)).await.expect("permit");
         })
     });
     measure("shed decision (backend full)", &mut || {
-        black_box(rt.block_on(full.admit(Class::Explore)).expect_err("shed"));
+        black_box(
+            rt.block_on(full.admit(fixed(Class::Explore)))
+                .expect_err("shed"),
+        );
     });
     let table = format!(
         "Per-call latency, 100,000 calls each after warm-up, release build, {} cores.\n\n\
@@ -382,4 +389,9 @@ fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     percentiles();
+}
+
+/// A priority that never changes, as a request that shares its fetch with nobody has.
+fn fixed(class: Class) -> tokio::sync::watch::Receiver<Priority> {
+    tokio::sync::watch::channel(Priority::of(class)).1
 }

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::{GateConfig, PriorityConfig};
 use crate::identity::{Caller, Source};
@@ -112,10 +112,35 @@ impl ShedReason {
     }
 }
 
+/// How urgent a fetch is: its class, then how many requests wait on it (a fetch
+/// that serves fifty panels goes before one that serves one). A shared fetch's
+/// priority grows as requests join it: the best class among them, and all of
+/// them counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority {
+    pub class: Class,
+    pub callers: usize,
+}
+
+impl Priority {
+    /// One request of `class`.
+    pub fn of(class: Class) -> Self {
+        Priority { class, callers: 1 }
+    }
+}
+
+impl crate::cache::coalesce::Joinable for Priority {
+    fn join(&mut self, other: Self) {
+        self.class = self.class.max(other.class);
+        self.callers = self.callers.saturating_add(other.callers);
+    }
+}
+
 struct Waiter {
     id: u64,
-    class: Class,
-    grant: oneshot::Sender<()>,
+    priority: Priority,
+    /// Sends the class the slot was granted (and counted) under.
+    grant: oneshot::Sender<Class>,
 }
 
 #[derive(Default)]
@@ -141,16 +166,17 @@ impl State {
     /// Hand freed slots to the best waiters that may use them.
     fn grant(&mut self, config: &GateConfig) {
         loop {
-            // Best class first, then first come.
+            // Best priority first, then first come.
             let Some(at) = (0..self.queue.len())
-                .filter(|&i| self.can_start(self.queue[i].class, config))
-                .max_by_key(|&i| (self.queue[i].class, std::cmp::Reverse(self.queue[i].id)))
+                .filter(|&i| self.can_start(self.queue[i].priority.class, config))
+                .max_by_key(|&i| (self.queue[i].priority, std::cmp::Reverse(self.queue[i].id)))
             else {
                 return;
             };
             let waiter = self.queue.remove(at);
-            if waiter.grant.send(()).is_ok() {
-                self.in_flight[waiter.class.index()] += 1;
+            let class = waiter.priority.class;
+            if waiter.grant.send(class).is_ok() {
+                self.in_flight[class.index()] += 1;
             }
         }
     }
@@ -195,8 +221,7 @@ impl Drop for Permit {
 struct QueuePlace<'a> {
     gate: &'a Gate,
     id: u64,
-    class: Class,
-    granted: oneshot::Receiver<()>,
+    granted: oneshot::Receiver<Class>,
     admitted: bool,
 }
 
@@ -208,8 +233,10 @@ impl Drop for QueuePlace<'_> {
         let mut state = self.gate.lock();
         let queued = state.queue.len();
         state.queue.retain(|w| w.id != self.id);
-        if state.queue.len() == queued && self.granted.try_recv().is_ok() {
-            state.in_flight[self.class.index()] -= 1;
+        if state.queue.len() == queued
+            && let Ok(class) = self.granted.try_recv()
+        {
+            state.in_flight[class.index()] -= 1;
             state.grant(&self.gate.config);
         }
     }
@@ -251,28 +278,40 @@ impl Gate {
         }
     }
 
-    /// Take a slot now, or queue for one for at most `max_wait`.
+    /// Take a slot now, or queue for one for at most `max_wait`, at the priority
+    /// `priority` says; it may rise while queued (requests joining a shared
+    /// fetch), which moves the place up and may open the reserved slots to it.
     ///
     /// # Errors
     ///
     /// [`Shed`] when the queue is full of equal or better requests, when a better
     /// request displaces this one, or when `max_wait` passes.
-    pub async fn admit(self: &Arc<Self>, class: Class) -> Result<Permit, Shed> {
+    pub async fn admit(
+        self: &Arc<Self>,
+        mut priority: watch::Receiver<Priority>,
+    ) -> Result<Permit, Shed> {
         let started = Instant::now();
+        let first = *priority.borrow_and_update();
         let (granted, id) = {
             let mut state = self.lock();
-            if state.can_start(class, &self.config) {
-                state.in_flight[class.index()] += 1;
-                return Ok(self.permit(class, started));
+            if state.can_start(first.class, &self.config) {
+                state.in_flight[first.class.index()] += 1;
+                return Ok(self.permit(first.class, started));
             }
             if state.queue.len() >= self.config.max_queue {
-                // Make room by dropping the newest waiter of the lowest class below ours.
+                // Make room by dropping the newest waiter of the lowest priority
+                // below ours.
                 let victim = (0..state.queue.len())
-                    .filter(|&i| state.queue[i].class < class)
-                    .min_by_key(|&i| (state.queue[i].class, std::cmp::Reverse(state.queue[i].id)));
+                    .filter(|&i| state.queue[i].priority < first)
+                    .min_by_key(|&i| {
+                        (
+                            state.queue[i].priority,
+                            std::cmp::Reverse(state.queue[i].id),
+                        )
+                    });
                 match victim {
                     Some(i) => drop(state.queue.remove(i)),
-                    None => return Err(self.shed(&state, class, ShedReason::QueueFull)),
+                    None => return Err(self.shed(&state, first.class, ShedReason::QueueFull)),
                 }
             }
             let (tx, rx) = oneshot::channel();
@@ -280,7 +319,7 @@ impl Gate {
             state.next_id += 1;
             state.queue.push(Waiter {
                 id,
-                class,
+                priority: first,
                 grant: tx,
             });
             (rx, id)
@@ -288,18 +327,36 @@ impl Gate {
         let mut place = QueuePlace {
             gate: self,
             id,
-            class,
             granted,
             admitted: false,
         };
-        let why = match tokio::time::timeout(self.config.max_wait.0, &mut place.granted).await {
-            Ok(Ok(())) => {
-                place.admitted = true;
-                return Ok(self.permit(class, started));
+        let deadline = tokio::time::Instant::now() + self.config.max_wait.0;
+        let mut watching = true;
+        let why = loop {
+            tokio::select! {
+                granted = &mut place.granted => match granted {
+                    Ok(class) => {
+                        place.admitted = true;
+                        return Ok(self.permit(class, started));
+                    }
+                    Err(_) => break ShedReason::Displaced,
+                },
+                changed = priority.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    let now = *priority.borrow_and_update();
+                    let mut state = self.lock();
+                    if let Some(w) = state.queue.iter_mut().find(|w| w.id == id) {
+                        w.priority = w.priority.max(now);
+                    }
+                    state.grant(&self.config);
+                }
+                () = tokio::time::sleep_until(deadline) => break ShedReason::Timeout,
             }
-            Ok(Err(_)) => ShedReason::Displaced,
-            Err(_) => ShedReason::Timeout,
         };
+        let class = priority.borrow().class;
         drop(place);
         Err(self.shed(&self.lock(), class, why))
     }
@@ -318,6 +375,11 @@ mod tests {
     use super::*;
     use crate::config::HumanDuration;
 
+    /// A priority that never changes.
+    fn fixed(class: Class) -> watch::Receiver<Priority> {
+        watch::channel(Priority::of(class)).1
+    }
+
     fn gate(max_in_flight: usize, reserved: usize, max_queue: usize, wait_ms: u64) -> Arc<Gate> {
         Gate::new(
             "recent",
@@ -334,27 +396,27 @@ mod tests {
     #[tokio::test]
     async fn the_cap_holds_and_reserved_slots_are_for_critical_only() {
         let g = gate(3, 1, 0, 0);
-        let _a = g.admit(Class::Explore).await.unwrap();
-        let _b = g.admit(Class::Dashboard).await.unwrap();
-        let shed = g.admit(Class::Explore).await.err().unwrap();
+        let _a = g.admit(fixed(Class::Explore)).await.unwrap();
+        let _b = g.admit(fixed(Class::Dashboard)).await.unwrap();
+        let shed = g.admit(fixed(Class::Explore)).await.err().unwrap();
         assert_eq!(shed.why, ShedReason::QueueFull);
         assert_eq!(shed.in_flight, 2);
-        let _c = g.admit(Class::Critical).await.unwrap();
-        assert!(g.admit(Class::Critical).await.is_err());
+        let _c = g.admit(fixed(Class::Critical)).await.unwrap();
+        assert!(g.admit(fixed(Class::Critical)).await.is_err());
         assert_eq!(g.usage().0, [1, 1, 1]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiters_are_served_best_class_first_and_time_out() {
         let g = gate(1, 0, 4, 1000);
-        let running = g.admit(Class::Explore).await.unwrap();
+        let running = g.admit(fixed(Class::Explore)).await.unwrap();
         let explore = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(Class::Explore).await.map(|_| ()) }
+            async move { g.admit(fixed(Class::Explore)).await.map(|_| ()) }
         });
         let critical = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(Class::Critical).await }
+            async move { g.admit(fixed(Class::Critical)).await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(g.usage().1, 2);
@@ -369,21 +431,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_displaces_lower_classes_only() {
         let g = gate(1, 0, 1, 1000);
-        let _running = g.admit(Class::Dashboard).await.unwrap();
+        let _running = g.admit(fixed(Class::Dashboard)).await.unwrap();
         let explore = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(Class::Explore).await.map(|_| ()) }
+            async move { g.admit(fixed(Class::Explore)).await.map(|_| ()) }
         });
         tokio::time::sleep(Duration::from_millis(1)).await;
         let critical = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(Class::Critical).await.map(|_| ()) }
+            async move { g.admit(fixed(Class::Critical)).await.map(|_| ()) }
         });
         assert_eq!(
             explore.await.unwrap().unwrap_err().why,
             ShedReason::Displaced
         );
-        let same = g.admit(Class::Critical).await.unwrap_err();
+        let same = g.admit(fixed(Class::Critical)).await.unwrap_err();
         assert_eq!(same.why, ShedReason::QueueFull);
         critical.abort();
     }
@@ -391,10 +453,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_leaves_the_queue_at_once() {
         let g = gate(1, 0, 1, 10_000);
-        let running = g.admit(Class::Explore).await.unwrap();
+        let running = g.admit(fixed(Class::Explore)).await.unwrap();
         let waiter = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(Class::Explore).await.map(|_| ()) }
+            async move { g.admit(fixed(Class::Explore)).await.map(|_| ()) }
         });
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(g.usage().1, 1);
@@ -403,7 +465,73 @@ mod tests {
         assert_eq!(g.usage().1, 0, "its queue place is free");
         drop(running);
         assert_eq!(g.usage(), ([0, 0, 0], 0), "and no slot leaked to it");
-        assert!(g.admit(Class::Explore).await.is_ok());
+        assert!(g.admit(fixed(Class::Explore)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_rises_in_the_queue_as_better_requests_join_it() {
+        let g = gate(2, 1, 8, 10_000);
+        let running = g.admit(fixed(Class::Dashboard)).await.unwrap();
+        // An Explore fetch waits; the reserved slot is not for it.
+        let (rise, shared) = watch::channel(Priority::of(Class::Explore));
+        let explore_fetch = tokio::spawn({
+            let g = g.clone();
+            async move { g.admit(shared).await }
+        });
+        let busy = tokio::spawn({
+            let g = g.clone();
+            async move { g.admit(fixed(Class::Dashboard)).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(g.usage().1, 2);
+        // A curated panel joins the Explore fetch: it is critical now, takes the
+        // reserved slot at once and leaves the dashboard waiter behind.
+        rise.send_modify(|p| {
+            crate::cache::coalesce::Joinable::join(p, Priority::of(Class::Critical))
+        });
+        let permit = explore_fetch
+            .await
+            .unwrap()
+            .expect("admitted at the joined class");
+        assert_eq!(permit.class, Class::Critical);
+        assert_eq!(g.usage(), ([0, 1, 1], 1));
+        // The dashboard waiter may use only the unreserved slot, still taken.
+        drop(permit);
+        assert_eq!(g.usage().1, 1, "still waiting");
+        drop(running);
+        busy.await
+            .unwrap()
+            .expect("the dashboard gets the freed slot");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn among_equals_the_fetch_more_requests_wait_on_goes_first() {
+        let g = gate(1, 0, 8, 10_000);
+        let running = g.admit(fixed(Class::Dashboard)).await.unwrap();
+        let lonely = tokio::spawn({
+            let g = g.clone();
+            async move {
+                g.admit(fixed(Class::Dashboard))
+                    .await
+                    .map(|_| Instant::now())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (_keep, popular) = watch::channel(Priority {
+            class: Class::Dashboard,
+            callers: 40,
+        });
+        let popular = tokio::spawn({
+            let g = g.clone();
+            async move { g.admit(popular).await.map(|p| (Instant::now(), p)) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(running);
+        let (at, permit) = popular.await.unwrap().expect("served first");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(permit);
+        let lonely_at = lonely.await.unwrap().expect("then the other");
+        assert!(at < lonely_at);
     }
 
     #[test]

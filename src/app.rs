@@ -24,6 +24,7 @@ use crate::cache::Cache;
 use crate::config::{Config, PriorityConfig, Secret, parse_human_duration};
 use crate::error::error_response;
 use crate::identity::Identifier;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Incoming, RequestCtx};
 use crate::policy::state::Mode;
@@ -38,8 +39,10 @@ pub struct AppState {
     pub identifier: Identifier,
     /// Remembers parsed PromQL: dashboards repeat the same queries.
     pub queries: QueryParser,
-    /// Sale windows, rule sets, per-mode user limits and the SRE switch.
+    /// Sale windows, rule sets, per-mode user quotas and the SRE switch.
     pub policies: Policies,
+    /// Every user's budget state, kept across policy reloads and mode changes.
+    pub limiter: Limiter,
     /// Token for `/admin/...`; `None` disables the admin API.
     pub admin_token: Option<Secret>,
     pub cache: Arc<Cache>,
@@ -82,6 +85,7 @@ impl AppState {
             identifier: Identifier::new(&config.identity),
             queries: QueryParser::new(config.query.memo_bytes.0, config.query.limits()),
             policies,
+            limiter: Limiter::default(),
             admin_token: config.policy.admin_token.clone().or_else(|| {
                 std::env::var("PROMGUARD_ADMIN_TOKEN")
                     .ok()
@@ -119,6 +123,15 @@ impl AppState {
             BackendId::LongTerm => self.long_term.as_ref().unwrap_or(&self.recent),
             BackendId::Recent => &self.recent,
         }
+    }
+
+    /// How long a request may wait for an answer fetched from `backend`: its own
+    /// `timeout` if lower than the backend's, plus the longest admission wait and
+    /// a grace, so that the backend's own timeout error arrives first.
+    pub fn wait_limit(&self, backend: BackendId, timeout: Option<Duration>) -> Duration {
+        let call = self.upstream(backend).timeout();
+        let call = timeout.map_or(call, |t| t.min(call));
+        call + self.gate(backend).config().max_wait.0 + Duration::from_secs(2)
     }
 
     /// The admission gate for a routing decision.

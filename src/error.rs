@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::admission::Shed;
+use crate::cache::CacheError;
 use crate::identity::IdentityError;
 use crate::limits::LimitError;
 use crate::request::RequestError;
@@ -52,6 +53,8 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 impl ProxyError {
@@ -61,7 +64,7 @@ impl ProxyError {
             | ProxyError::Request(_)
             | ProxyError::Limit(_)
             | ProxyError::Policy { .. } => Origin::Client,
-            ProxyError::Shed(_) => Origin::Upstream,
+            ProxyError::Shed(_) | ProxyError::Cache(_) => Origin::Upstream,
             ProxyError::Upstream(e) if e.is_client_fault() => Origin::Client,
             ProxyError::Upstream(_) => Origin::Upstream,
         }
@@ -84,6 +87,10 @@ impl ProxyError {
             // 422 and "execution", as Prometheus answers a query it refuses to run:
             // Grafana shows the message on the panel.
             ProxyError::Policy { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
+            ProxyError::Cache(CacheError::Lost) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ProxyError::Cache(CacheError::Waited { .. }) => {
+                (StatusCode::GATEWAY_TIMEOUT, "timeout")
+            }
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Unavailable { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

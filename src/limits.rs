@@ -1,27 +1,24 @@
-//! Stage 5, limit: per-user budgets, keyed by the identity from stage 1.
+//! Stage 5, limit: per-user budgets, keyed by the budget key of the caller.
 //!
-//! Two token buckets per user (governor): a generous one that every request
-//! spends, cache hits included, and a small one that only upstream calls spend, so
-//! a cached dashboard stays viewable while a flood of distinct heavy queries does
-//! not. Plus at most N upstream calls in flight per user, with a short bounded wait.
-//! The clock is injected so tests control time. No I/O.
+//! Two token buckets per key: a generous one that every request needing the
+//! backend spends, and a small one that only upstream calls spend, so a cached
+//! dashboard stays viewable while a flood of distinct heavy queries does not. Plus
+//! at most N upstream calls in flight per key, with a short bounded wait. The
+//! [`Quotas`] come from the mode in force and are swapped on reload; the
+//! [`Limiter`]'s state outlives them. The clock is injected so tests control time.
+//! No I/O.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::HashMapStateStore;
-use governor::{Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 use crate::config::{LimitsConfig, RateConfig, Unverified};
 use crate::identity::Caller;
 
 /// Which budget a request spent. Feeds metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Budget {
     Requests,
     Upstream,
@@ -72,6 +69,13 @@ fn advice(budget: Budget) -> &'static str {
 }
 
 impl LimitError {
+    /// The budget key the refusal is for.
+    pub fn user(&self) -> &str {
+        match self {
+            LimitError::Rate { user, .. } | LimitError::Concurrency { user, .. } => user,
+        }
+    }
+
     pub fn retry_after(&self) -> Duration {
         match self {
             LimitError::Rate { retry_after, .. } => (*retry_after).max(Duration::from_secs(1)),
@@ -95,93 +99,61 @@ impl LimitError {
     }
 }
 
-type Keyed<C> =
-    RateLimiter<Arc<str>, HashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
-
-/// One token bucket per user, with the quota it enforces (for messages).
-struct Bucket<C: Clock> {
-    limiter: Keyed<C>,
-    rate: RateConfig,
-}
-
-impl<C: Clock> Bucket<C> {
-    fn new(rate: RateConfig, clock: C) -> Self {
-        Bucket {
-            limiter: RateLimiter::hashmap_with_clock(quota(rate), clock),
-            rate,
-        }
-    }
-
-    fn check(&self, user: &Arc<str>, budget: Budget, clock: &C) -> Result<(), LimitError> {
-        self.limiter
-            .check_key(user)
-            .map_err(|not_until| LimitError::Rate {
-                user: user.clone(),
-                budget,
-                per_second: self.rate.per_second,
-                burst: self.rate.burst,
-                retry_after: not_until.wait_time_from(clock.now()),
-            })
-    }
-}
-
-fn quota(rate: RateConfig) -> Quota {
-    let per_second = NonZeroU32::new(rate.per_second.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(rate.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(per_second).allow_burst(burst)
-}
-
-/// Per-user budgets and in-flight caps, with per-user overrides.
-pub struct UserLimits<C: Clock = DefaultClock> {
-    requests: Bucket<C>,
-    upstream: Bucket<C>,
-    /// Users with their own quotas (on-call, alerting): their own buckets.
-    overrides: HashMap<Arc<str>, (Bucket<C>, Bucket<C>, usize)>,
-    max_in_flight: usize,
+/// The quotas of one mode, from the configuration and the mode's policy: plain
+/// values, swapped whole when a policy reloads or the mode changes. The state they
+/// are checked against lives in the [`Limiter`], which outlives both.
+#[derive(Debug, Clone)]
+pub struct Quotas {
+    default: UserQuota,
+    /// Users with their own quotas (on-call, alerting).
+    overrides: HashMap<Arc<str>, UserQuota>,
     in_flight_wait: Duration,
-    /// One semaphore per user with calls in flight; entries whose permits are all
-    /// back are dropped on the next acquire, so the map holds only active users.
-    slots: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
-    clock: C,
     unverified: Unverified,
     count_hits: bool,
+}
+
+/// One user's quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UserQuota {
+    requests: RateConfig,
+    upstream: RateConfig,
+    max_in_flight: usize,
 }
 
 /// Dashboard uids in budget keys are cut to this: the header is the caller's.
 const MAX_KEY_UID: usize = 128;
 
-impl UserLimits<DefaultClock> {
+impl Quotas {
     pub fn new(config: &LimitsConfig) -> Self {
-        Self::with_clock(config, DefaultClock::default())
-    }
-}
-
-impl<C: Clock + Clone> UserLimits<C> {
-    pub fn with_clock(config: &LimitsConfig, clock: C) -> Self {
-        UserLimits {
-            requests: Bucket::new(config.requests, clock.clone()),
-            upstream: Bucket::new(config.upstream, clock.clone()),
+        let default = UserQuota {
+            requests: config.requests,
+            upstream: config.upstream,
+            max_in_flight: config.max_in_flight,
+        };
+        Quotas {
+            default,
             overrides: config
                 .users
                 .iter()
                 .map(|(user, o)| {
                     (
                         Arc::from(user.as_str()),
-                        (
-                            Bucket::new(o.requests.unwrap_or(config.requests), clock.clone()),
-                            Bucket::new(o.upstream.unwrap_or(config.upstream), clock.clone()),
-                            o.max_in_flight.unwrap_or(config.max_in_flight),
-                        ),
+                        UserQuota {
+                            requests: o.requests.unwrap_or(default.requests),
+                            upstream: o.upstream.unwrap_or(default.upstream),
+                            max_in_flight: o.max_in_flight.unwrap_or(default.max_in_flight),
+                        },
                     )
                 })
                 .collect(),
-            max_in_flight: config.max_in_flight,
             in_flight_wait: config.in_flight_wait.0,
-            slots: Mutex::new(HashMap::new()),
-            clock,
             unverified: config.unverified,
             count_hits: config.count_hits,
         }
+    }
+
+    fn of(&self, key: &str) -> UserQuota {
+        self.overrides.get(key).copied().unwrap_or(self.default)
     }
 
     /// Whose budgets a request spends, or `None` when per-user budgets do not apply
@@ -217,58 +189,173 @@ impl<C: Clock + Clone> UserLimits<C> {
     pub fn counts_hits(&self) -> bool {
         self.count_hits
     }
+}
 
-    /// Spend one token of the request budget (every request, cache hits included).
+/// A source of "now" for the limiter, so tests move time by hand.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Instant;
+}
+
+/// The real monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MonotonicClock;
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// Every user's budget state, kept across policy reloads and mode changes: a
+/// reload swaps the [`Quotas`] it is checked against, never the state.
+///
+/// Each budget is a GCRA bucket (the algorithm behind governor): per key, the
+/// theoretical arrival time of the next request. A call passes when that lies no
+/// more than `(burst − 1)` emission intervals ahead of now, and moves it one
+/// interval on. Unlike governor's limiter, whose state is tied to the one quota it
+/// was built with, this state means the same under any quota, so consumption
+/// carries over when the quota changes (a sale window opening, an edited policy).
+/// Per key also: the upstream calls in flight, with their waiters.
+pub struct Limiter<C: Clock = MonotonicClock> {
+    buckets: Mutex<HashMap<(Budget, Arc<str>), Instant>>,
+    slots: Arc<Mutex<HashMap<Arc<str>, SlotState>>>,
+    clock: C,
+}
+
+#[derive(Default)]
+struct SlotState {
+    in_flight: usize,
+    /// Woken once per freed slot; waiters hold clones.
+    freed: Arc<Notify>,
+}
+
+/// One of a user's in-flight slots; dropping it (including when the client goes
+/// away) frees the slot for the user's next waiter.
+pub struct UserSlot {
+    slots: Arc<Mutex<HashMap<Arc<str>, SlotState>>>,
+    key: Arc<str>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.slots);
+        if let Some(state) = slots.get_mut(&self.key) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.freed.notify_one();
+            if state.in_flight == 0 && Arc::strong_count(&state.freed) == 1 {
+                slots.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the maps stay valid maps.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for Limiter<MonotonicClock> {
+    fn default() -> Self {
+        Self::with_clock(MonotonicClock)
+    }
+}
+
+impl<C: Clock> Limiter<C> {
+    pub fn with_clock(clock: C) -> Self {
+        Limiter {
+            buckets: Mutex::new(HashMap::new()),
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            clock,
+        }
+    }
+
+    /// Spend one token of `key`'s request budget under `quotas`.
     ///
     /// # Errors
     ///
     /// [`LimitError::Rate`] when the budget is empty.
-    pub fn check_request(&self, user: &Arc<str>) -> Result<(), LimitError> {
-        let bucket = self.overrides.get(user).map_or(&self.requests, |o| &o.0);
-        bucket.check(user, Budget::Requests, &self.clock)
+    pub fn check_request(&self, quotas: &Quotas, key: &Arc<str>) -> Result<(), LimitError> {
+        self.spend(Budget::Requests, quotas.of(key).requests, key)
     }
 
-    /// Spend one token of the upstream budget (each call to a backend).
+    /// Spend one token of `key`'s upstream budget under `quotas`.
     ///
     /// # Errors
     ///
     /// [`LimitError::Rate`] when the budget is empty.
-    pub fn check_upstream(&self, user: &Arc<str>) -> Result<(), LimitError> {
-        let bucket = self.overrides.get(user).map_or(&self.upstream, |o| &o.1);
-        bucket.check(user, Budget::Upstream, &self.clock)
+    pub fn check_upstream(&self, quotas: &Quotas, key: &Arc<str>) -> Result<(), LimitError> {
+        self.spend(Budget::Upstream, quotas.of(key).upstream, key)
     }
 
-    /// Take one of the user's in-flight slots, waiting at most `in_flight_wait`.
-    /// Dropping the permit (including when the client goes away) frees the slot.
+    fn spend(&self, budget: Budget, rate: RateConfig, key: &Arc<str>) -> Result<(), LimitError> {
+        let now = self.clock.now();
+        let emission = Duration::from_secs(1) / rate.per_second.max(1);
+        let tolerance = emission * (rate.burst.max(1) - 1);
+        let mut buckets = lock(&self.buckets);
+        let next = buckets
+            .get(&(budget, key.clone()))
+            .map_or(now, |t| (*t).max(now));
+        let ahead = next - now;
+        if ahead > tolerance {
+            return Err(LimitError::Rate {
+                user: key.clone(),
+                budget,
+                per_second: rate.per_second,
+                burst: rate.burst,
+                retry_after: ahead - tolerance,
+            });
+        }
+        buckets.insert((budget, key.clone()), next + emission);
+        Ok(())
+    }
+
+    /// Take one of `key`'s in-flight slots, waiting at most `limits.in_flight_wait`.
     ///
     /// # Errors
     ///
     /// [`LimitError::Concurrency`] when no slot frees up in time.
-    pub async fn acquire(&self, user: &Arc<str>) -> Result<OwnedSemaphorePermit, LimitError> {
-        let limit = self.overrides.get(user).map_or(self.max_in_flight, |o| o.2);
-        let semaphore = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.retain(|_, s| Arc::strong_count(s) > 1);
-            slots
-                .entry(user.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-                .clone()
-        };
-        let refused = || LimitError::Concurrency {
-            user: user.clone(),
-            limit,
-            waited: self.in_flight_wait,
-        };
-        match tokio::time::timeout(self.in_flight_wait, semaphore.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(refused()),
+    pub async fn acquire(&self, quotas: &Quotas, key: &Arc<str>) -> Result<UserSlot, LimitError> {
+        let limit = quotas.of(key).max_in_flight;
+        let deadline = tokio::time::Instant::now() + quotas.in_flight_wait;
+        loop {
+            let freed = {
+                let mut slots = lock(&self.slots);
+                let state = slots.entry(key.clone()).or_default();
+                if state.in_flight < limit {
+                    state.in_flight += 1;
+                    return Ok(UserSlot {
+                        slots: self.slots.clone(),
+                        key: key.clone(),
+                    });
+                }
+                state.freed.clone()
+            };
+            // notify_one keeps a permit when nobody waits yet, so a slot freed
+            // between the check above and this wait is not missed.
+            if tokio::time::timeout_at(deadline, freed.notified())
+                .await
+                .is_err()
+            {
+                return Err(LimitError::Concurrency {
+                    user: key.clone(),
+                    limit,
+                    waited: quotas.in_flight_wait,
+                });
+            }
         }
     }
 
-    /// Forget buckets of users idle long enough to be full again.
-    pub fn retain_recent(&self) {
-        self.requests.limiter.retain_recent();
-        self.upstream.limiter.retain_recent();
+    /// Forget keys whose buckets are full again under any quota and who have no
+    /// calls in flight, so the maps hold only active users.
+    pub fn forget_idle(&self) {
+        let now = self.clock.now();
+        lock(&self.buckets).retain(|_, next| *next > now);
+        lock(&self.slots).retain(|_, s| s.in_flight > 0 || Arc::strong_count(&s.freed) > 1);
+    }
+
+    /// Keys with state, for tests and the janitor's metrics.
+    pub fn tracked(&self) -> usize {
+        lock(&self.buckets).len() + lock(&self.slots).len()
     }
 }
 
@@ -277,7 +364,32 @@ mod tests {
     use super::*;
     use crate::config::{HumanDuration, UserOverride};
     use crate::identity::Source;
-    use governor::clock::FakeRelativeClock;
+
+    /// Time moved by hand.
+    #[derive(Clone)]
+    struct ManualClock {
+        base: Instant,
+        offset: Arc<Mutex<Duration>>,
+    }
+
+    impl ManualClock {
+        fn new() -> Self {
+            ManualClock {
+                base: Instant::now(),
+                offset: Arc::default(),
+            }
+        }
+
+        fn advance(&self, by: Duration) {
+            *lock(&self.offset) += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            self.base + *lock(&self.offset)
+        }
+    }
 
     fn config() -> LimitsConfig {
         LimitsConfig {
@@ -309,13 +421,14 @@ mod tests {
 
     #[test]
     fn budgets_are_per_user_and_refill_with_time() {
-        let clock = FakeRelativeClock::default();
-        let limits = UserLimits::with_clock(&config(), clock.clone());
+        let clock = ManualClock::new();
+        let limiter = Limiter::with_clock(clock.clone());
+        let quotas = Quotas::new(&config());
         let alice: Arc<str> = Arc::from("alice");
         let bob: Arc<str> = Arc::from("bob");
-        assert!(limits.check_upstream(&alice).is_ok());
-        assert!(limits.check_upstream(&alice).is_ok());
-        let err = limits.check_upstream(&alice).unwrap_err();
+        assert!(limiter.check_upstream(&quotas, &alice).is_ok());
+        assert!(limiter.check_upstream(&quotas, &alice).is_ok());
+        let err = limiter.check_upstream(&quotas, &alice).unwrap_err();
         assert_eq!(err.reason(), "rate_upstream");
         assert!(
             err.to_string().contains("alice") && err.to_string().contains("1/s"),
@@ -323,17 +436,66 @@ mod tests {
         );
         assert_eq!(err.retry_after(), Duration::from_secs(1));
         // Another user is unaffected.
-        assert!(limits.check_upstream(&bob).is_ok());
-        // The request budget is separate: cache hits keep working.
+        assert!(limiter.check_upstream(&quotas, &bob).is_ok());
+        // The request budget is separate.
         for _ in 0..3 {
-            assert!(limits.check_request(&alice).is_ok());
+            assert!(limiter.check_request(&quotas, &alice).is_ok());
         }
         assert_eq!(
-            limits.check_request(&alice).unwrap_err().reason(),
+            limiter.check_request(&quotas, &alice).unwrap_err().reason(),
             "rate_requests"
         );
         clock.advance(Duration::from_secs(1));
-        assert!(limits.check_upstream(&alice).is_ok());
+        assert!(limiter.check_upstream(&quotas, &alice).is_ok());
+        assert!(
+            limiter.check_upstream(&quotas, &alice).is_err(),
+            "one token a second"
+        );
+    }
+
+    #[test]
+    fn a_user_at_their_limit_stays_limited_when_the_quotas_change() {
+        let clock = ManualClock::new();
+        let limiter = Limiter::with_clock(clock.clone());
+        let normal = Quotas::new(&config());
+        let alice: Arc<str> = Arc::from("alice");
+        while limiter.check_upstream(&normal, &alice).is_ok() {}
+        // A reload with the same quotas, and a sale window with smaller ones: the
+        // spent budget is still spent.
+        let reloaded = Quotas::new(&config());
+        assert!(limiter.check_upstream(&reloaded, &alice).is_err());
+        let sale = Quotas::new(&LimitsConfig {
+            upstream: RateConfig {
+                per_second: 1,
+                burst: 1,
+            },
+            ..config()
+        });
+        assert!(limiter.check_upstream(&sale, &alice).is_err());
+        // A larger quota lets more through: the state is time owed, not tokens.
+        let generous = Quotas::new(&LimitsConfig {
+            upstream: RateConfig {
+                per_second: 1,
+                burst: 10,
+            },
+            ..config()
+        });
+        assert!(limiter.check_upstream(&generous, &alice).is_ok());
+        // Once idle long enough, a key is forgotten.
+        assert!(limiter.tracked() > 0);
+        clock.advance(Duration::from_secs(60));
+        limiter.forget_idle();
+        assert_eq!(limiter.tracked(), 0);
+    }
+
+    #[test]
+    fn overrides_get_their_own_quota() {
+        let limiter = Limiter::with_clock(ManualClock::new());
+        let quotas = Quotas::new(&config());
+        let oncall: Arc<str> = Arc::from("oncall");
+        for _ in 0..50 {
+            assert!(limiter.check_upstream(&quotas, &oncall).is_ok());
+        }
     }
 
     #[test]
@@ -347,14 +509,11 @@ mod tests {
             panel: None,
             from_grafana,
         };
-        let off = UserLimits::with_clock(&config(), FakeRelativeClock::default());
-        let per_dashboard = UserLimits::with_clock(
-            &LimitsConfig {
-                unverified: Unverified::PerDashboard,
-                ..config()
-            },
-            FakeRelativeClock::default(),
-        );
+        let off = Quotas::new(&config());
+        let per_dashboard = Quotas::new(&LimitsConfig {
+            unverified: Unverified::PerDashboard,
+            ..config()
+        });
         let bob = caller("bob", Source::GrafanaUser, true, Some("mine"));
         assert_eq!(off.budget_key(&bob, false).as_deref(), Some("bob"));
         assert_eq!(
@@ -389,26 +548,37 @@ mod tests {
         assert!(!off.counts_hits());
     }
 
-    #[test]
-    fn overrides_get_their_own_quota() {
-        let limits = UserLimits::with_clock(&config(), FakeRelativeClock::default());
-        let oncall: Arc<str> = Arc::from("oncall");
-        for _ in 0..50 {
-            assert!(limits.check_upstream(&oncall).is_ok());
-        }
-    }
-
     #[tokio::test]
     async fn in_flight_slots_wait_briefly_then_refuse_and_free_on_drop() {
-        let limits = UserLimits::with_clock(&config(), FakeRelativeClock::default());
+        let limiter = Limiter::with_clock(ManualClock::new());
+        let quotas = Quotas::new(&config());
         let alice: Arc<str> = Arc::from("alice");
-        let a = limits.acquire(&alice).await.unwrap();
-        let _b = limits.acquire(&alice).await.unwrap();
-        let err = limits.acquire(&alice).await.unwrap_err();
+        let a = limiter.acquire(&quotas, &alice).await.unwrap();
+        let _b = limiter.acquire(&quotas, &alice).await.unwrap();
+        let err = limiter.acquire(&quotas, &alice).await.err().unwrap();
         assert_eq!(err.reason(), "user_concurrency");
         // Bob has his own slots.
-        assert!(limits.acquire(&Arc::from("bob")).await.is_ok());
+        assert!(limiter.acquire(&quotas, &Arc::from("bob")).await.is_ok());
         drop(a);
-        assert!(limits.acquire(&alice).await.is_ok());
+        assert!(limiter.acquire(&quotas, &alice).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_a_waiter() {
+        let limiter = Arc::new(Limiter::with_clock(ManualClock::new()));
+        let quotas = Arc::new(Quotas::new(&LimitsConfig {
+            in_flight_wait: HumanDuration(Duration::from_secs(10)),
+            ..config()
+        }));
+        let alice: Arc<str> = Arc::from("alice");
+        let a = limiter.acquire(&quotas, &alice).await.unwrap();
+        let _b = limiter.acquire(&quotas, &alice).await.unwrap();
+        let waiter = tokio::spawn({
+            let (limiter, quotas, alice) = (limiter.clone(), quotas.clone(), alice.clone());
+            async move { limiter.acquire(&quotas, &alice).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(a);
+        assert!(waiter.await.unwrap().is_ok());
     }
 }

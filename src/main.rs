@@ -15,7 +15,6 @@ use promguard::identity::IdentityMode;
 use promguard::metrics::Metrics;
 use promguard::policy::explain::{Question, explain};
 use promguard::policy::file::load_dir;
-use promguard::policy::state::Mode;
 use promguard::request::{Query, QueryParser};
 use promguard::routing::RoutingTable;
 use promguard::units::{parse_api_duration, parse_time};
@@ -272,17 +271,14 @@ fn init_tracing(format: LogFormat) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(&config, Metrics::new()).map_err(anyhow::Error::msg)?);
-    // Rate-limit buckets of users who have gone quiet are full again; forget them
-    // so the map holds only active users.
+    // Budgets of users who have gone quiet are full again; forget them so the
+    // limiter holds only active users.
     let janitor = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tick.tick().await;
-            let policy = janitor.policies.active();
-            for mode in [Mode::Normal, Mode::Sale] {
-                policy.limits(mode).retain_recent();
-            }
+            janitor.limiter.forget_idle();
         }
     });
     // Policy hot reload: the files are polled for changes, and SIGHUP forces a reload.

@@ -15,11 +15,12 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
+use tokio::sync::watch;
 
-use crate::admission::{self, Class};
+use crate::admission::{self, Class, Priority};
 use crate::analysis::{self, QueryShape};
 use crate::app::AppState;
-use crate::cache::{self, CacheStatus};
+use crate::cache::{self, CacheStatus, Waiter};
 use crate::error::ProxyError;
 use crate::identity::{Caller, Source};
 use crate::policy::Compiled;
@@ -179,8 +180,9 @@ pub async fn handle(
         unaligned_exact,
     );
     let spend_request_budget = || match &budget {
-        Some(key) => limits
-            .check_request(key)
+        Some(key) => state
+            .limiter
+            .check_request(limits, key)
             .inspect_err(|e| count_refusal(state, e.reason(), class)),
         None => Ok(()),
     };
@@ -194,16 +196,13 @@ pub async fn handle(
                 spend_request_budget()?;
             }
             // limit, admit, forward: once for all identical requests, only what is missing
-            let fetch = forwarder(
-                state,
-                policy.clone(),
-                budgets,
-                backend,
-                class,
-                budget.clone(),
-                req.clone(),
-            );
-            state.cache.serve(plan, req.endpoint, fetch).await?
+            let fetch = forwarder(state, policy.clone(), budgets, backend, budget.clone());
+            let waiter = Waiter {
+                priority: Priority::of(class),
+                budget: budget.clone(),
+                limit: state.wait_limit(backend, req.timeout),
+            };
+            state.cache.serve(plan, req.endpoint, waiter, fetch).await?
         }
     };
     ctx.cache = Some(served.cache);
@@ -301,40 +300,43 @@ fn forwarder(
     policy: Arc<Compiled>,
     mode: Mode,
     backend: BackendId,
-    class: Class,
     budget: Option<Arc<str>>,
-    req: Arc<ApiRequest>,
-) -> impl Fn(Vec<(String, String)>) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
+) -> impl Fn(
+    ApiRequest,
+    watch::Receiver<Priority>,
+) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
 + Send
 + Sync
 + 'static {
     let state = state.clone();
-    move |params| {
+    move |req, priority| {
         let state = state.clone();
         let policy = policy.clone();
-        let req = req.clone();
         let budget = budget.clone();
         Box::pin(async move {
-            let limits = policy.limits(mode);
+            let class = || priority.borrow().class;
+            let quotas = policy.limits(mode);
             let _user_slot = match &budget {
                 Some(key) => {
-                    limits
-                        .check_upstream(key)
-                        .inspect_err(|e| count_refusal(&state, e.reason(), class))?;
+                    state
+                        .limiter
+                        .check_upstream(quotas, key)
+                        .inspect_err(|e| count_refusal(&state, e.reason(), class()))?;
                     Some(
-                        limits
-                            .acquire(key)
+                        state
+                            .limiter
+                            .acquire(quotas, key)
                             .await
-                            .inspect_err(|e| count_refusal(&state, e.reason(), class))?,
+                            .inspect_err(|e| count_refusal(&state, e.reason(), class()))?,
                     )
                 }
                 None => None,
             };
             let slot = state
                 .gate(backend)
-                .admit(class)
+                .admit(priority.clone())
                 .await
-                .inspect_err(|e| count_refusal(&state, e.why.as_str(), class))?;
+                .inspect_err(|e| count_refusal(&state, e.why.as_str(), e.class))?;
             state
                 .metrics
                 .admission_wait
@@ -342,7 +344,7 @@ fn forwarder(
                 .observe(slot.waited.as_secs_f64());
             Ok(state
                 .upstream(backend)
-                .forward(&req, &params, &state.metrics)
+                .forward(&req, &state.metrics)
                 .await?)
         })
     }

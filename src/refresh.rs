@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use crate::cache::extent::Grid;
-use crate::request::{ApiRequest, RequestKind, with_params};
-use crate::units::{Millis, format_time};
+use crate::request::{ApiRequest, RequestKind};
+use crate::units::Millis;
 
 /// A live instant query at a shared instant: `time` moved down to a multiple of
 /// `step` (`cache.instant_step`), or `None` when nothing moves. Grafana sends stat,
@@ -37,61 +37,33 @@ pub fn share_instant(req: &ApiRequest, step: Duration, live_after: Millis) -> Op
 pub fn snap(req: &ApiRequest, floor: Duration, live_after: Millis) -> Option<ApiRequest> {
     let floor = i64::try_from(floor.as_millis()).ok().filter(|f| *f > 0)?;
     let down = |t: Millis| t.div_euclid(floor).saturating_mul(floor);
-    let (kind, params) = match &req.kind {
+    match req.kind {
         RequestKind::Range {
-            query,
             start,
             end,
             step_ms,
-        } if *end > live_after => {
+            ..
+        } if end > live_after => {
             // The window moves back by whole steps: it stays on the grid (and in
             // the extents) the caller asked for, and keeps its length, so its
             // point count, its range for the rules and its key within one floor
             // interval do not change.
-            let to = Grid::new(*start, *step_ms).at_or_before(down(*end));
-            if to == *end {
-                return None;
-            }
-            let from = start - (end - to);
-            (
-                RequestKind::Range {
-                    query: query.clone(),
-                    start: from,
-                    end: to,
-                    step_ms: *step_ms,
-                },
-                with_params(
-                    &req.params,
-                    &[("start", format_time(from)), ("end", format_time(to))],
-                ),
-            )
+            let to = Grid::new(start, step_ms).at_or_before(down(end));
+            (to != end).then(|| req.with_span(start - (end - to), to))
         }
-        RequestKind::Instant { query, time } if *time > live_after => {
-            let at = down(*time);
-            if at == *time {
-                return None;
-            }
-            (
-                RequestKind::Instant {
-                    query: query.clone(),
-                    time: at,
-                },
-                with_params(&req.params, &[("time", format_time(at))]),
-            )
+        RequestKind::Instant { time, .. } if time > live_after => {
+            let at = down(time);
+            (at != time).then(|| req.at(at))
         }
-        _ => return None,
-    };
-    Some(ApiRequest {
-        kind,
-        params,
-        ..req.clone()
-    })
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::request::{QueryParser, parse};
+    use crate::units::format_time;
     use axum::http::Method;
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -125,11 +97,11 @@ mod tests {
         }
     }
 
-    fn param<'a>(req: &'a ApiRequest, name: &str) -> Vec<&'a str> {
-        req.params
-            .iter()
+    fn param(req: &ApiRequest, name: &str) -> Vec<String> {
+        req.encode()
+            .into_iter()
             .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
             .collect()
     }
 
@@ -148,7 +120,7 @@ mod tests {
         assert_eq!(span(&at(T + 60_000)), (T - 3_540_000, T + 60_000));
         assert_eq!(param(&first, "start"), [format_time(T - 3_600_000)]);
         assert_eq!(param(&first, "end"), [format_time(T)]);
-        assert_eq!(param(&first, "step"), ["15"]);
+        assert_eq!(param(&first, "step"), [format_time(15_000)]);
     }
 
     #[test]

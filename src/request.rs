@@ -247,6 +247,8 @@ pub enum RequestKind {
     },
     /// `/series`, `/labels`, `/label/<name>/values`: selectors over a time span.
     Metadata {
+        /// The `match[]` selectors as sent, in order.
+        matchers: Vec<String>,
         start: Option<Millis>,
         end: Option<Millis>,
     },
@@ -260,18 +262,114 @@ pub enum RequestKind {
     Static,
 }
 
-/// One typed request: endpoint, kind, and the parameters to forward upstream.
+/// One typed request: the only representation of what a caller asked, from which
+/// every upstream call is encoded ([`ApiRequest::encode`]) and every cache key
+/// built. Moving a span or an instant works on the typed fields.
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
     pub endpoint: Endpoint,
     /// Path under the backend's base URL, e.g. `/api/v1/query_range`.
     pub path: ApiPath,
     pub kind: RequestKind,
-    /// The caller's parameters in order, with `time` filled in when the caller left
-    /// it to default to "now", so the backend evaluates the instant we routed for.
-    pub params: Vec<(String, String)>,
+    /// Parameters promguard does not interpret (`nocache`, `limit`, `dedup`,
+    /// `partial_response`, …), forwarded and keyed as sent, in order.
+    pub extra: Vec<(String, String)>,
     /// The caller's `timeout` parameter, which bounds the upstream call too.
     pub timeout: Option<Duration>,
+}
+
+impl ApiRequest {
+    /// The parameters of the upstream call: the typed fields in the backend's
+    /// syntax, then the `timeout`, then the caller's other parameters.
+    pub fn encode(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::with_capacity(self.extra.len() + 5);
+        let mut put = |name: &str, value: String| out.push((name.to_string(), value));
+        let bound = |t: Millis| match t {
+            Millis::MIN => units::MIN_TIME_FORMATTED.to_string(),
+            Millis::MAX => units::MAX_TIME_FORMATTED.to_string(),
+            t => units::format_time(t),
+        };
+        match &self.kind {
+            RequestKind::Instant { query, time } => {
+                put("query", query.text.clone());
+                put("time", units::format_time(*time));
+            }
+            RequestKind::Range {
+                query,
+                start,
+                end,
+                step_ms,
+            } => {
+                put("query", query.text.clone());
+                put("start", units::format_time(*start));
+                put("end", units::format_time(*end));
+                put("step", units::format_time(*step_ms));
+            }
+            RequestKind::Metadata {
+                matchers,
+                start,
+                end,
+            } => {
+                for m in matchers {
+                    put("match[]", m.clone());
+                }
+                if let Some(s) = start {
+                    put("start", bound(*s));
+                }
+                if let Some(e) = end {
+                    put("end", bound(*e));
+                }
+            }
+            RequestKind::Exemplars { query, start, end } => {
+                put("query", query.text.clone());
+                if let Some(s) = start {
+                    put("start", bound(*s));
+                }
+                if let Some(e) = end {
+                    put("end", bound(*e));
+                }
+            }
+            RequestKind::Static => {}
+        }
+        if let Some(t) = self.timeout {
+            put("timeout", units::format_time(units::millis(t)));
+        }
+        out.extend(self.extra.iter().cloned());
+        out
+    }
+
+    /// The same range query over `start..=end`; other kinds are returned as they
+    /// are.
+    pub fn with_span(&self, start: Millis, end: Millis) -> ApiRequest {
+        let kind = match &self.kind {
+            RequestKind::Range { query, step_ms, .. } => RequestKind::Range {
+                query: query.clone(),
+                start,
+                end,
+                step_ms: *step_ms,
+            },
+            other => other.clone(),
+        };
+        ApiRequest {
+            kind,
+            ..self.clone()
+        }
+    }
+
+    /// The same instant query at `time`; other kinds are returned as they are.
+    pub fn at(&self, time: Millis) -> ApiRequest {
+        let kind = match &self.kind {
+            RequestKind::Instant { query, .. } => RequestKind::Instant {
+                query: query.clone(),
+                time,
+            },
+            other => other.clone(),
+        };
+        ApiRequest {
+            kind,
+            ..self.clone()
+        }
+    }
 }
 
 /// Why a request was refused before any backend was contacted.
@@ -359,46 +457,64 @@ pub fn parse(
     };
     check_method(method, path, endpoint)?;
 
-    let mut req = ApiRequest {
-        endpoint,
-        path: ApiPath(format!("/{}", segments.join("/"))),
-        kind: RequestKind::Static,
-        timeout: optional(&params, "timeout")
-            .map(|t| duration_param("timeout", t))
-            .transpose()?,
-        params,
-    };
-    req.kind = match endpoint {
+    let timeout = optional(&params, "timeout")
+        .map(|t| duration_param("timeout", t))
+        .transpose()?;
+    let kind = match endpoint {
         Endpoint::Query => {
-            let query = parse_query(&req.params, queries)?;
-            let time = match optional(&req.params, "time") {
+            let query = parse_query(&params, queries)?;
+            let time = match optional(&params, "time") {
                 Some(t) => time_param("time", t)?,
-                None => {
-                    req.params.push(("time".into(), units::format_time(now)));
-                    now
-                }
+                // "now", filled in so the backend evaluates the instant promguard
+                // routed for.
+                None => now,
             };
             RequestKind::Instant { query, time }
         }
-        Endpoint::QueryRange => parse_range(&req.params, queries)?,
+        Endpoint::QueryRange => parse_range(&params, queries)?,
         Endpoint::Series | Endpoint::Labels | Endpoint::LabelValues => {
-            check_matchers(&req.params, endpoint == Endpoint::Series, queries)?;
-            let (start, end) = parse_span(&req.params)?;
-            check_limit(&req.params)?;
-            RequestKind::Metadata { start, end }
+            let matchers = check_matchers(&params, endpoint == Endpoint::Series, queries)?;
+            let (start, end) = parse_span(&params)?;
+            check_limit(&params)?;
+            RequestKind::Metadata {
+                matchers,
+                start,
+                end,
+            }
         }
         Endpoint::QueryExemplars => {
-            let query = parse_query(&req.params, queries)?;
-            let (start, end) = parse_span(&req.params)?;
+            let query = parse_query(&params, queries)?;
+            let (start, end) = parse_span(&params)?;
             RequestKind::Exemplars { query, start, end }
         }
         Endpoint::Metadata => {
-            check_limit(&req.params)?;
+            check_limit(&params)?;
             RequestKind::Static
         }
         Endpoint::Rules | Endpoint::BuildInfo | Endpoint::Other => RequestKind::Static,
     };
-    Ok(req)
+    let typed = typed_names(&kind);
+    Ok(ApiRequest {
+        endpoint,
+        path: ApiPath(format!("/{}", segments.join("/"))),
+        kind,
+        extra: params
+            .into_iter()
+            .filter(|(name, _)| name != "timeout" && !typed.contains(&name.as_str()))
+            .collect(),
+        timeout,
+    })
+}
+
+/// The parameters a request kind holds typed; every other one is forwarded as sent.
+fn typed_names(kind: &RequestKind) -> &'static [&'static str] {
+    match kind {
+        RequestKind::Instant { .. } => &["query", "time"],
+        RequestKind::Range { .. } => &["query", "start", "end", "step"],
+        RequestKind::Metadata { .. } => &["match[]", "start", "end"],
+        RequestKind::Exemplars { .. } => &["query", "start", "end"],
+        RequestKind::Static => &[],
+    }
 }
 
 /// The path's segments, when it is canonical: it starts with `/`, has no empty,
@@ -626,10 +742,9 @@ fn check_matchers(
     params: &[(String, String)],
     at_least_one: bool,
     queries: &QueryParser,
-) -> Result<()> {
-    let mut seen = 0;
+) -> Result<Vec<String>> {
+    let mut matchers = Vec::new();
     for (_, v) in params.iter().filter(|(k, _)| k == "match[]") {
-        seen += 1;
         match queries.parse(v) {
             Ok((Expression::Parsed(expr), _)) if !matches!(*expr, Expr::VectorSelector(_)) => {
                 return Err(RequestError::InvalidParam {
@@ -637,7 +752,7 @@ fn check_matchers(
                     reason: format!("{v:?} is not a series selector"),
                 });
             }
-            Ok(_) => {}
+            Ok(_) => matchers.push(v.clone()),
             Err(e) => {
                 return Err(RequestError::InvalidParam {
                     param: "match[]",
@@ -646,13 +761,13 @@ fn check_matchers(
             }
         }
     }
-    if at_least_one && seen == 0 {
+    if at_least_one && matchers.is_empty() {
         return Err(RequestError::InvalidParam {
             param: "match[]",
             reason: "no match[] parameter provided".into(),
         });
     }
-    Ok(())
+    Ok(matchers)
 }
 
 fn check_label_name(name: &str) -> Result<()> {
@@ -687,23 +802,10 @@ fn check_limit(params: &[(String, String)]) -> Result<()> {
     Ok(())
 }
 
-/// `params` with each of `values` set: a parameter of that name is dropped and the
-/// new value appended, so the result holds it exactly once.
-pub fn with_params(
-    params: &[(String, String)],
-    values: &[(&str, String)],
-) -> Vec<(String, String)> {
-    params
-        .iter()
-        .filter(|(k, _)| !values.iter().any(|(name, _)| k == name))
-        .cloned()
-        .chain(values.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::MIN_TIME_FORMATTED;
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -746,7 +848,7 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(optional(&req.params, "time"), Some("1700000000.000"));
+        assert_eq!(optional(&req.encode(), "time"), Some("1700000000.000"));
     }
 
     #[test]
@@ -885,9 +987,10 @@ mod tests {
         assert!(matches!(
             req.kind,
             RequestKind::Metadata {
+                ref matchers,
                 start: Some(10_000),
                 end: None
-            }
+            } if matchers.len() == 2
         ));
     }
 
@@ -1021,6 +1124,67 @@ mod tests {
         assert_eq!(req.path.as_str(), "/api/v1/status/flags");
         let req = get("/api/v1/label/job/values", &[]).unwrap();
         assert_eq!(req.path.as_str(), "/api/v1/label/job/values");
+    }
+
+    #[test]
+    fn the_typed_request_is_what_is_forwarded() {
+        let req = get(
+            "/api/v1/query_range",
+            &[
+                ("query", "up"),
+                ("start", "100"),
+                ("end", "200"),
+                ("step", "1m"),
+                ("timeout", "30s"),
+                ("nocache", "1"),
+                ("start", "999"),
+                ("dedup", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            req.extra,
+            vec![
+                ("nocache".to_string(), "1".to_string()),
+                ("dedup".to_string(), "true".to_string())
+            ],
+            "typed names and their duplicates are not forwarded twice"
+        );
+        let moved = req.with_span(160_000, 220_000);
+        let encoded = moved.encode();
+        assert_eq!(
+            encoded,
+            [
+                ("query", "up"),
+                ("start", "160.000"),
+                ("end", "220.000"),
+                ("step", "60.000"),
+                ("timeout", "30.000"),
+                ("nocache", "1"),
+                ("dedup", "true"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        let series = get(
+            "/api/v1/series",
+            &[
+                ("match[]", "up"),
+                ("match[]", "{job=\"a\"}"),
+                ("start", MIN_TIME_FORMATTED),
+                ("limit", "5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            series.encode(),
+            [
+                ("match[]", "up"),
+                ("match[]", "{job=\"a\"}"),
+                ("start", MIN_TIME_FORMATTED),
+                ("limit", "5"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
     }
 
     #[test]

@@ -229,6 +229,11 @@ impl Upstream {
         Ok(found)
     }
 
+    /// The upper bound on one call to this backend (`backends.*.timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn base_url(&self) -> &str {
         self.base.as_str()
     }
@@ -237,7 +242,7 @@ impl Upstream {
         format!("{}{}", self.base.as_str().trim_end_matches('/'), path)
     }
 
-    /// Send `req` with `params` (the caller's, possibly adjusted by earlier stages).
+    /// Send `req`, encoded from its typed fields (as earlier stages adjusted them).
     ///
     /// # Errors
     ///
@@ -245,9 +250,9 @@ impl Upstream {
     pub async fn forward(
         &self,
         req: &ApiRequest,
-        params: &[(String, String)],
         metrics: &Metrics,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let params = req.encode();
         let backend = self.id.as_str();
         let endpoint = req.endpoint.as_str();
         let gauge = metrics
@@ -259,7 +264,7 @@ impl Upstream {
             Some(client) => self.timeout.min(client + CLIENT_TIMEOUT_GRACE),
             None => self.timeout,
         };
-        let result = self.call(req.endpoint, &req.path, params, timeout).await;
+        let result = self.call(req.endpoint, &req.path, &params, timeout).await;
         metrics.observe_upstream(self.id, req.endpoint, started.elapsed());
         if let Err(e) = &result {
             metrics

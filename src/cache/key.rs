@@ -1,10 +1,11 @@
 //! Cache keys: which requests have the same answer.
 //!
 //! Input: a typed request and its backend. Output: a [`CacheKey`] built from the
-//! canonical PromQL (parsed and printed back, so formatting does not matter), the
-//! backend, the endpoint and every parameter that changes the answer (`timeout`
-//! does not). Range requests also get a [`SeriesKey`] shared by every range of the
-//! same query and step phase, under which time extents are stored. Pure.
+//! typed request (canonical PromQL, parsed and printed back so formatting does not
+//! matter, and its span or instant), the backend, the endpoint and every other
+//! parameter (`timeout` is typed and changes no answer). Range requests also get a
+//! [`SeriesKey`] shared by every range of the same query and step phase, under
+//! which time extents are stored. Pure.
 
 use std::sync::Arc;
 
@@ -20,26 +21,13 @@ pub struct CacheKey(pub Arc<str>);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey(pub Arc<str>);
 
-/// Parameters that never change the answer.
-const IGNORED: &[&str] = &["timeout"];
-/// Parameters that are part of the key in their typed, normalised form instead.
-const TYPED: &[&str] = &["query", "start", "end", "step", "time"];
-
-/// Everything but start, end and time: backend, endpoint, PromQL, step and phase,
-/// and the other answer-changing parameters in sorted order.
-fn base(req: &ApiRequest, backend: BackendId, query: Option<&str>, extra: &str) -> String {
-    let mut other: Vec<_> = req
-        .params
-        .iter()
-        .filter(|(k, _)| !IGNORED.contains(&k.as_str()) && !TYPED.contains(&k.as_str()))
-        .collect();
+/// Backend, path, the request's typed part as the caller of this function spells
+/// it, and the parameters promguard does not interpret, in sorted order (their
+/// order does not change the answer). `timeout` is typed and never part of a key.
+fn base(req: &ApiRequest, backend: BackendId, typed: &str) -> String {
+    let mut other: Vec<_> = req.extra.iter().collect();
     other.sort();
-    let mut key = format!("{}\u{0}{}\u{0}", backend.as_str(), req.path);
-    if let Some(q) = query {
-        key.push_str(q);
-    }
-    key.push('\u{0}');
-    key.push_str(extra);
+    let mut key = format!("{}\u{0}{}\u{0}{typed}", backend.as_str(), req.path);
     for (k, v) in other {
         key.push('\u{0}');
         key.push_str(k);
@@ -63,21 +51,16 @@ pub fn series_key(
         base(
             req,
             backend,
-            Some(canonical),
-            &format!("step={step_ms};phase={phase}"),
+            &format!("{canonical}\u{0}step={step_ms};phase={phase}"),
         )
         .into(),
     )
 }
 
-/// Key of one whole answer: the series key (or its equivalent) plus the exact span.
-pub fn answer_key(
-    req: &ApiRequest,
-    backend: BackendId,
-    query: Option<&str>,
-    span: &str,
-) -> CacheKey {
-    CacheKey(base(req, backend, query, span).into())
+/// Key of one whole answer: `typed` names what the typed request asks (the
+/// canonical query and its span or instant, or a metadata call's matchers and span).
+pub fn answer_key(req: &ApiRequest, backend: BackendId, typed: &str) -> CacheKey {
+    CacheKey(base(req, backend, typed).into())
 }
 
 #[cfg(test)]

@@ -20,16 +20,18 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec};
+use tokio::sync::watch;
 
+use crate::admission::Priority;
 use crate::analysis::QueryShape;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{ApiRequest, Endpoint, RequestKind, with_params};
+use crate::request::{ApiRequest, Endpoint, RequestKind};
 use crate::routing::BackendId;
-use crate::units::{Millis, format_time};
-use crate::upstream::{UpstreamError, UpstreamResponse};
-use coalesce::{Coalescer, Role};
+use crate::units::{Millis, millis};
+use crate::upstream::UpstreamResponse;
+use coalesce::{Coalescer, Outcome};
 use extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, merge_chunk, missing};
 use key::{CacheKey, SeriesKey, answer_key, series_key};
 use store::{Chunk, Store};
@@ -71,6 +73,27 @@ impl CacheStatus {
     }
 }
 
+/// Who waits on an answer the cache must fetch: how urgent, whose per-user
+/// budget they spend, and how long they may wait for a fetch shared with others.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    pub priority: Priority,
+    pub budget: Option<Arc<str>>,
+    pub limit: Duration,
+}
+
+/// How waiting on a shared fetch can fail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    #[error(
+        "the shared fetch this request waited on ended without an answer (a bug, logged); \
+         retry"
+    )]
+    Lost,
+    #[error("waited {} ms for the shared fetch of this answer, this request's limit", after.as_millis())]
+    Waited { after: Duration },
+}
+
 /// An answer ready to send.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -85,7 +108,7 @@ pub struct Served {
 #[derive(Debug, Clone)]
 pub struct WholePlan {
     key: CacheKey,
-    params: Vec<(String, String)>,
+    request: ApiRequest,
     fresh: Duration,
     /// A stored answer younger than this is a hit for this caller however fresh
     /// it is for others (the policy's `min_refresh`).
@@ -102,7 +125,7 @@ pub struct RangePlan {
     /// Grid points at or before this are immutable and go into extents; later ones
     /// may still change as late samples arrive.
     stable_to: Millis,
-    params: Vec<(String, String)>,
+    request: ApiRequest,
     floor: Duration,
 }
 
@@ -111,7 +134,7 @@ pub struct RangePlan {
 pub enum Plan {
     /// Forward as is; with `refresh`, store the answer for later requests.
     Bypass {
-        params: Vec<(String, String)>,
+        request: ApiRequest,
         refresh: Option<WholePlan>,
     },
     Whole(WholePlan),
@@ -138,6 +161,12 @@ pub fn plan(
         Some(n) if n > volatile_after => config.fresh_ttl.0,
         _ => config.extent_ttl.0,
     };
+    let whole = |request: ApiRequest, typed: &str, fresh: Duration| WholePlan {
+        key: answer_key(&request, backend, typed),
+        request,
+        fresh,
+        floor,
+    };
     let planned = match &req.kind {
         _ if !config.enabled => None,
         RequestKind::Range {
@@ -147,14 +176,8 @@ pub fn plan(
             step_ms,
         } => {
             let canonical = &query.canonical;
-            let key = |from: Millis, to: Millis| {
-                answer_key(
-                    req,
-                    backend,
-                    Some(canonical),
-                    &format!("{from}..{to};step={step_ms}"),
-                )
-            };
+            let typed =
+                |from: Millis, to: Millis| format!("{canonical}\u{0}{from}..{to};step={step_ms}");
             let grid = Grid::new(*start, *step_ms);
             // Extents need every step evaluated on the grid asked for. Prometheus
             // does that for any grid; other stores may move an unaligned range onto
@@ -170,39 +193,46 @@ pub fn plan(
                     Some(Plan::Range(RangePlan {
                         // The answer is its grid points, so ends that fall between
                         // the same two steps (a script asking at "now") share it.
-                        key: key(want.from, want.to),
+                        key: answer_key(req, backend, &typed(want.from, want.to)),
                         series: series_key(req, backend, canonical, *step_ms, *start),
                         grid,
                         want,
                         stable_to,
-                        params: req.params.clone(),
+                        request: req.clone(),
                         floor,
                     }))
                 }
-                _ => Some(Plan::Whole(WholePlan {
-                    key: key(*start, *end),
-                    params: req.params.clone(),
-                    fresh: fresh_for(shape.newest),
-                    floor,
-                })),
+                _ => Some(Plan::Whole(whole(
+                    req.clone(),
+                    &typed(*start, *end),
+                    fresh_for(shape.newest),
+                ))),
             }
         }
-        RequestKind::Instant { query, time } => Some(Plan::Whole(WholePlan {
-            key: answer_key(req, backend, Some(&query.canonical), &format!("@{time}")),
-            params: req.params.clone(),
-            fresh: fresh_for(shape.newest),
-            floor,
-        })),
-        RequestKind::Metadata { start, end, .. } => {
-            // Snap to the minute so the metric browser's storms share answers.
-            let params = snap_span(&req.params, *start, *end);
-            let span = format!("{:?}..{:?}", start.map(floor_minute), end.map(ceil_minute));
-            Some(Plan::Whole(WholePlan {
-                key: answer_key(req, backend, None, &span),
-                params,
-                fresh: config.metadata_ttl.0,
-                floor,
-            }))
+        RequestKind::Instant { query, time } => Some(Plan::Whole(whole(
+            req.clone(),
+            &format!("{}\u{0}@{time}", query.canonical),
+            fresh_for(shape.newest),
+        ))),
+        RequestKind::Metadata {
+            matchers,
+            start,
+            end,
+        } => {
+            // Snapped to the minute (unbounded spans stay unbounded) so the metric
+            // browser's storms share answers.
+            let start = start.map(|s| if s > Millis::MIN { floor_minute(s) } else { s });
+            let end = end.map(|e| if e < Millis::MAX { ceil_minute(e) } else { e });
+            let typed = format!("{}\u{0}{start:?}..{end:?}", matchers.join("\u{0}"));
+            let snapped = ApiRequest {
+                kind: RequestKind::Metadata {
+                    matchers: matchers.clone(),
+                    start,
+                    end,
+                },
+                ..req.clone()
+            };
+            Some(Plan::Whole(whole(snapped, &typed, config.metadata_ttl.0)))
         }
         RequestKind::Static
             if matches!(
@@ -210,26 +240,21 @@ pub fn plan(
                 Endpoint::Metadata | Endpoint::Rules | Endpoint::BuildInfo
             ) =>
         {
-            Some(Plan::Whole(WholePlan {
-                key: answer_key(req, backend, None, ""),
-                params: req.params.clone(),
-                fresh: config.metadata_ttl.0,
-                floor,
-            }))
+            Some(Plan::Whole(whole(req.clone(), "", config.metadata_ttl.0)))
         }
         RequestKind::Static | RequestKind::Exemplars { .. } => None,
     };
     match planned {
         None => Plan::Bypass {
-            params: req.params.clone(),
+            request: req.clone(),
             refresh: None,
         },
         Some(Plan::Whole(w)) if no_cache => Plan::Bypass {
-            params: w.params.clone(),
+            request: w.request.clone(),
             refresh: Some(w),
         },
         Some(Plan::Range(r)) if no_cache => Plan::Bypass {
-            params: r.params,
+            request: r.request,
             refresh: None,
         },
         Some(p) => p,
@@ -242,42 +267,12 @@ pub fn live_after(config: &CacheConfig, now: Millis) -> Millis {
     now.saturating_sub(millis(config.fresh_window.0))
 }
 
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 fn floor_minute(t: Millis) -> Millis {
     t.div_euclid(60_000).saturating_mul(60_000)
 }
 
 fn ceil_minute(t: Millis) -> Millis {
     floor_minute(t.saturating_add(59_999))
-}
-
-fn snap_span(
-    params: &[(String, String)],
-    start: Option<Millis>,
-    end: Option<Millis>,
-) -> Vec<(String, String)> {
-    params
-        .iter()
-        .map(|(k, v)| match (k.as_str(), start, end) {
-            ("start", Some(s), _) if s > Millis::MIN => (k.clone(), format_time(floor_minute(s))),
-            ("end", _, Some(e)) if e < Millis::MAX => (k.clone(), format_time(ceil_minute(e))),
-            _ => (k.clone(), v.clone()),
-        })
-        .collect()
-}
-
-/// Replace (or add) `start` and `end` in a parameter list.
-fn with_span(params: &[(String, String)], span: Span) -> Vec<(String, String)> {
-    with_params(
-        params,
-        &[
-            ("start", format_time(span.from)),
-            ("end", format_time(span.to)),
-        ],
-    )
 }
 
 /// Cache metrics, cloned out of [`Metrics`].
@@ -291,7 +286,7 @@ struct CacheMetrics {
 /// The cache stage: store, in-flight fetches and settings.
 pub struct Cache {
     store: Store,
-    flights: Coalescer<CacheKey, Result<Served, ProxyError>>,
+    flights: Coalescer<CacheKey, Result<Served, ProxyError>, Priority>,
     config: CacheConfig,
     metrics: CacheMetrics,
 }
@@ -348,15 +343,18 @@ impl Cache {
         self: &Arc<Self>,
         plan: Plan,
         endpoint: Endpoint,
+        waiter: Waiter,
         fetch: F,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(Vec<(String, String)>) -> Fut + Send + Sync + 'static,
+        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Fetched> + Send + 'static,
     {
+        let fetch = Arc::new(fetch);
         let result = match plan {
-            Plan::Bypass { params, refresh } => {
-                let response = fetch(params).await;
+            Plan::Bypass { request, refresh } => {
+                let (_, priority) = watch::channel(waiter.priority);
+                let response = fetch(request, priority).await;
                 if let (Some(w), Ok(r)) = (&refresh, &response) {
                     self.keep(w, r);
                 }
@@ -370,19 +368,21 @@ impl Cache {
             Plan::Whole(w) => match self.fresh(&w.key, w.floor) {
                 Some(hit) => Ok(hit),
                 None => {
-                    let this = self.clone();
                     let key = w.key.clone();
-                    self.coalesced(key, endpoint, move || this.fill_whole(w, fetch))
-                        .await
+                    let this = self.clone();
+                    let work =
+                        move |priority| this.clone().fill_whole(w.clone(), fetch.clone(), priority);
+                    self.coalesced(key, endpoint, &waiter, work).await
                 }
             },
             Plan::Range(r) => match self.fresh(&r.key, r.floor) {
                 Some(hit) => Ok(hit),
                 None => {
-                    let this = self.clone();
                     let key = r.key.clone();
-                    self.coalesced(key, endpoint, move || this.fill_range(r, fetch))
-                        .await
+                    let this = self.clone();
+                    let work =
+                        move |priority| this.clone().fill_range(r.clone(), fetch.clone(), priority);
+                    self.coalesced(key, endpoint, &waiter, work).await
                 }
             },
         };
@@ -409,31 +409,49 @@ impl Cache {
         })
     }
 
-    /// Run `work` once for all concurrent callers of `key`; if it fails, fall back
-    /// to a stale answer.
+    /// Run `work` once for all concurrent callers of `key`, at the priority of all
+    /// of them; if it fails, fall back to a stale answer. A waiter refused only
+    /// because the caller who started the fetch was over *its* per-user budget
+    /// runs the fetch again as its own, once: nobody is refused for someone
+    /// else's budget.
     async fn coalesced<W, Fut>(
         &self,
         key: CacheKey,
         endpoint: Endpoint,
+        waiter: &Waiter,
         work: W,
     ) -> Result<Served, ProxyError>
     where
-        W: FnOnce() -> Fut,
+        W: Fn(watch::Receiver<Priority>) -> Fut,
         Fut: Future<Output = Result<Served, ProxyError>> + Send + 'static,
     {
-        let (value, role) = self.flights.run(key.clone(), work).await;
-        if role == Role::Waiter {
-            self.metrics
-                .coalesced
-                .with_label_values(&[endpoint.as_str()])
-                .inc();
-        }
-        let result = value.unwrap_or_else(|| {
-            Err(ProxyError::Upstream(UpstreamError::Transport {
-                backend: "shared fetch",
-                reason: "ended without an answer".into(),
-            }))
-        });
+        let mut again = true;
+        let result = loop {
+            let outcome = self
+                .flights
+                .run(key.clone(), waiter.priority, waiter.limit, &work)
+                .await;
+            let (result, joined) = match outcome {
+                Outcome::Led(v) => (v, false),
+                Outcome::Joined(v) => (v, true),
+                Outcome::Lost => (Err(CacheError::Lost.into()), false),
+                Outcome::TimedOut(after) => (Err(CacheError::Waited { after }.into()), false),
+            };
+            if joined {
+                self.metrics
+                    .coalesced
+                    .with_label_values(&[endpoint.as_str()])
+                    .inc();
+            }
+            match &result {
+                Err(ProxyError::Limit(e))
+                    if joined && again && Some(e.user()) != waiter.budget.as_deref() =>
+                {
+                    again = false;
+                }
+                _ => break result,
+            }
+        };
         match result {
             Err(e) => self.stale(&key, &e.to_string()).ok_or(e),
             ok => ok,
@@ -480,13 +498,14 @@ impl Cache {
     async fn fill_whole<F, Fut>(
         self: Arc<Self>,
         w: WholePlan,
-        fetch: F,
+        fetch: Arc<F>,
+        priority: watch::Receiver<Priority>,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(Vec<(String, String)>) -> Fut,
+        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
         Fut: Future<Output = Fetched>,
     {
-        let response = fetch(w.params.clone()).await?;
+        let response = fetch(w.request.clone(), priority).await?;
         self.keep(&w, &response);
         Ok(uncached(response))
     }
@@ -496,10 +515,11 @@ impl Cache {
     async fn fill_range<F, Fut>(
         self: Arc<Self>,
         r: RangePlan,
-        fetch: F,
+        fetch: Arc<F>,
+        priority: watch::Receiver<Priority>,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(Vec<(String, String)>) -> Fut,
+        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
         Fut: Future<Output = Fetched>,
     {
         let step = r.grid.step;
@@ -514,7 +534,7 @@ impl Cache {
 
         let mut fetched: Vec<(Span, Matrix)> = Vec::with_capacity(gaps.len());
         for gap in &gaps {
-            let response = fetch(with_span(&r.params, *gap)).await?;
+            let response = fetch(r.request.with_span(gap.from, gap.to), priority.clone()).await?;
             if !response.status.is_success() {
                 return Ok(uncached(response));
             }
@@ -523,7 +543,7 @@ impl Cache {
                 // Warnings, native histograms, or points off the grid asked for: the
                 // whole range as the backend answers it, uncached.
                 _ if *gap == r.want => return Ok(uncached(response)),
-                _ => return fetch(r.params.clone()).await.map(uncached),
+                _ => return fetch(r.request.clone(), priority).await.map(uncached),
             }
         }
 

@@ -21,23 +21,24 @@ use prometheus::{IntCounter, IntCounterVec};
 use serde::Deserialize;
 
 use crate::config::{LimitsConfig, PolicyConfig};
-use crate::limits::UserLimits;
+use crate::limits::Quotas;
 use file::{ModeLimits, Policy, PolicyError, load_dir};
 use rules::RuleSet;
 use state::{AuditEntry, Effective, Mode, Override, OverrideFile, Persisted, effective};
 
-/// A compiled policy with the user limits each mode hands to the limits stage.
+/// A compiled policy with the quotas each mode hands to the limits stage (the
+/// budgets' state lives in the [`crate::limits::Limiter`], which outlives reloads).
 pub struct Compiled {
     pub policy: Policy,
-    normal_limits: UserLimits,
-    sale_limits: UserLimits,
+    normal_limits: Quotas,
+    sale_limits: Quotas,
 }
 
 impl Compiled {
     fn new(policy: Policy, base: &LimitsConfig) -> Self {
         Compiled {
-            normal_limits: UserLimits::new(&merged(base, &policy.normal.limits)),
-            sale_limits: UserLimits::new(&merged(base, &policy.sale.limits)),
+            normal_limits: Quotas::new(&merged(base, &policy.normal.limits)),
+            sale_limits: Quotas::new(&merged(base, &policy.sale.limits)),
             policy,
         }
     }
@@ -51,7 +52,7 @@ impl Compiled {
         self.policy.mode(mode).min_refresh
     }
 
-    pub fn limits(&self, mode: Mode) -> &UserLimits {
+    pub fn limits(&self, mode: Mode) -> &Quotas {
         match mode {
             Mode::Normal => &self.normal_limits,
             Mode::Sale => &self.sale_limits,

@@ -236,3 +236,49 @@ async fn cancelled_clients_free_their_slots_and_queue_places() {
         "only the first and the third reached the backend"
     );
 }
+
+#[tokio::test]
+async fn a_user_at_their_limit_stays_limited_across_a_policy_reload() {
+    let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
+    let policies = tempfile::tempdir().expect("a policy directory");
+    let file = policies.path().join("p.yaml");
+    std::fs::write(&file, "normal:\n  rules: []\n").expect("write the policy");
+    let pg = Promguard::start(&format!(
+        "backends:\n  recent:\n    url: {}\n\
+         limits:\n  requests: {{per_second: 1000, burst: 1000}}\n  upstream: {{per_second: 1, burst: 20}}\n  max_in_flight: 100\n\
+         policy:\n  dir: {}\n  admin_token: t0ken\n  reload_interval: 1h\n",
+        backend.url,
+        policies.path().display()
+    ));
+    let burst = |from: usize| {
+        let urls: Vec<String> = (from..from + 30).map(|n| query_url(&pg, n)).collect();
+        async move {
+            let answers =
+                futures_util::future::join_all(urls.iter().map(|u| async move {
+                    client().get(u).send().await.map(|r| r.status().as_u16())
+                }))
+                .await;
+            answers.into_iter().filter(|s| matches!(s, Ok(200))).count()
+        }
+    };
+    // The user spends the whole burst of 20.
+    let passed = burst(0).await;
+    assert!((20..=22).contains(&passed), "{passed} of 30 passed");
+    // An edit of the policy reloads it (a new rule, nothing about limits).
+    std::fs::write(
+        &file,
+        "normal:\n  rules:\n    - {name: watch-regex, block: 'x', dry_run: true}\n",
+    )
+    .expect("edit the policy");
+    let reloaded = client()
+        .post(format!("{}/admin/policies/reload", pg.url))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+    // The budget is still spent: only what refilled since (one a second) passes,
+    // not a fresh burst of 20.
+    let after = burst(100).await;
+    assert!(after <= 8, "{after} of 30 passed after the reload");
+}

@@ -5,6 +5,7 @@
 mod bad_input;
 mod cache;
 mod chart;
+mod coalescing;
 mod compat;
 mod dashboards;
 mod differential;
