@@ -19,8 +19,9 @@ use tower::ServiceExt;
 use promguard::admission::{Class, Gate, Priority};
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
 use promguard::app::{AppState, app};
-use promguard::cache::extent::{Matrix, Span, assemble};
+use promguard::cache::extent::{Span, assemble};
 use promguard::cache::key::series_key;
+use promguard::cache::matrix::Matrix;
 use promguard::config::{Config, GateConfig, HumanDuration, LimitsConfig, RateConfig};
 use promguard::limits::{Limiter, Quotas};
 use promguard::metrics::Metrics;
@@ -153,14 +154,20 @@ fn stages(c: &mut Criterion) {
     });
     let whole = Matrix::parse(body.as_bytes()).expect("valid matrix");
     let cut = 1_795_165_200_000 + 1000 * 600_000;
-    let head = whole.slice(Span {
-        from: 1_795_165_200_000,
-        to: cut - 600_000,
-    });
-    let tail = whole.slice(Span {
-        from: cut,
-        to: cut + 7 * 600_000,
-    });
+    let head = assemble(&[(
+        Span {
+            from: 1_795_165_200_000,
+            to: cut - 600_000,
+        },
+        &whole,
+    )]);
+    let tail = assemble(&[(
+        Span {
+            from: cut,
+            to: cut + 7 * 600_000,
+        },
+        &whole,
+    )]);
     c.bench_function(
         "stitch 7 days of extents with a new tail and print JSON",
         |b| {

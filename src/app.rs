@@ -21,6 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::admission::{Class, Gate};
 use crate::cache::Cache;
+use crate::clock::MonotonicClock;
 use crate::config::{Config, PriorityConfig, Secret, parse_human_duration};
 use crate::error::error_response;
 use crate::identity::Identifier;
@@ -92,7 +93,11 @@ impl AppState {
                     .filter(|t| !t.is_empty())
                     .map(Secret)
             }),
-            cache: Arc::new(Cache::new(config.cache.clone(), &metrics)),
+            cache: Arc::new(Cache::new(
+                config.cache.clone(),
+                &metrics,
+                Arc::new(MonotonicClock),
+            )),
             recent_gate: Gate::new(
                 BackendId::Recent.as_str(),
                 config.admission.recent.for_priority(&config.priority),

@@ -26,6 +26,7 @@ pub mod admission;
 pub mod analysis;
 pub mod app;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod identity;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::clock::{Clock, MonotonicClock};
+
 use crate::config::{LimitsConfig, RateConfig, Unverified};
 use crate::identity::Caller;
 
@@ -191,21 +193,6 @@ impl Quotas {
     }
 }
 
-/// A source of "now" for the limiter, so tests move time by hand.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> Instant;
-}
-
-/// The real monotonic clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MonotonicClock;
-
-impl Clock for MonotonicClock {
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-}
-
 /// Every user's budget state, kept across policy reloads and mode changes: a
 /// reload swaps the [`Quotas`] it is checked against, never the state.
 ///
@@ -362,34 +349,9 @@ impl<C: Clock> Limiter<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use crate::config::{HumanDuration, UserOverride};
     use crate::identity::Source;
-
-    /// Time moved by hand.
-    #[derive(Clone)]
-    struct ManualClock {
-        base: Instant,
-        offset: Arc<Mutex<Duration>>,
-    }
-
-    impl ManualClock {
-        fn new() -> Self {
-            ManualClock {
-                base: Instant::now(),
-                offset: Arc::default(),
-            }
-        }
-
-        fn advance(&self, by: Duration) {
-            *lock(&self.offset) += by;
-        }
-    }
-
-    impl Clock for ManualClock {
-        fn now(&self) -> Instant {
-            self.base + *lock(&self.offset)
-        }
-    }
 
     fn config() -> LimitsConfig {
         LimitsConfig {

@@ -14,7 +14,8 @@ use axum::http::Method;
 use proptest::prelude::*;
 
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
-use promguard::cache::extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, missing};
+use promguard::cache::extent::{Grid, Span, assemble, chunk_interval, chunks_of, missing};
+use promguard::cache::matrix::Matrix;
 use promguard::request::{Expression, QueryParser, RequestKind, decode_form, parse};
 use promguard::scan::{ScanLimits, scan};
 use promguard::units::{

@@ -3,16 +3,15 @@
 //! A range query evaluates at `phase + k·step`; every step is independent, so the
 //! result can be cut at step-aligned boundaries and stitched back exactly. Results
 //! are kept in fixed absolute chunks ([`chunk_interval`]); [`missing`] says which
-//! spans a request still needs from the backend, [`Matrix`] parses and prints the
-//! Prometheus JSON, and [`assemble`] joins pieces into one answer. Pure.
+//! spans a request still needs from the backend, [`updated_chunks`] what to keep
+//! of what was fetched, and [`assemble`] joins pieces into one answer. Values,
+//! not I/O: the cache's fill applies them. Pure.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use super::matrix::Matrix;
+use super::matrix::{Points, Series, label_order};
 
 /// The evaluation timestamps of a range query: `phase + k·step`, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +65,6 @@ impl Span {
         let from = self.from.max(other.from);
         let to = self.to.min(other.to);
         (from <= to).then_some(Span { from, to })
-    }
-
-    pub fn contains(&self, t: i64) -> bool {
-        self.from <= t && t <= self.to
     }
 
     /// Number of grid points in the span.
@@ -135,227 +130,6 @@ pub fn missing(
     gaps
 }
 
-/// How a backend writes fractional timestamps: Prometheus always with three
-/// decimals (`.500`), VictoriaMetrics as short as possible (`.5`). Kept so a
-/// stitched answer reads exactly like a direct one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TimestampStyle {
-    #[default]
-    Millis3,
-    Shortest,
-}
-
-/// One series' points, stored compactly: timestamps, and the value strings
-/// concatenated with their end offsets (values stay the backend's exact text).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Points {
-    ts: Vec<i64>,
-    ends: Vec<u32>,
-    text: String,
-}
-
-impl Points {
-    pub fn len(&self) -> usize {
-        self.ts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ts.is_empty()
-    }
-
-    pub fn push(&mut self, ts: i64, value: &str) {
-        self.ts.push(ts);
-        self.text.push_str(value);
-        self.ends
-            .push(u32::try_from(self.text.len()).unwrap_or(u32::MAX));
-    }
-
-    pub fn get(&self, i: usize) -> (i64, &str) {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        (self.ts[i], &self.text[start..self.ends[i] as usize])
-    }
-
-    /// Indexes of the points within `span`.
-    fn range(&self, span: Span) -> std::ops::Range<usize> {
-        let lo = self.ts.partition_point(|&t| t < span.from);
-        let hi = self.ts.partition_point(|&t| t <= span.to);
-        lo..hi.max(lo)
-    }
-
-    fn extend_within(&mut self, other: &Points, span: Span) {
-        for i in other.range(span) {
-            let (t, v) = other.get(i);
-            self.push(t, v);
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.ts.len() * 8 + self.ends.len() * 4 + self.text.len()
-    }
-}
-
-/// One series of a matrix: its label set as the backend printed it, and its points.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Series {
-    /// The `metric` object's exact JSON text; backends print label sets sorted by
-    /// name, so equal text means equal label sets.
-    pub metric: Arc<str>,
-    pub points: Points,
-}
-
-/// A parsed `resultType: matrix` answer.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Matrix {
-    pub series: Vec<Series>,
-    pub style: TimestampStyle,
-}
-
-/// Why an answer cannot be cut into extents; it is then cached whole or not at all.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NotSplittable {
-    Invalid,
-    NotMatrix,
-    HasWarnings,
-    NativeHistograms,
-}
-
-#[derive(Deserialize)]
-struct RawAnswer<'a> {
-    #[serde(borrow)]
-    status: &'a str,
-    #[serde(borrow)]
-    data: Option<RawData<'a>>,
-    warnings: Option<serde::de::IgnoredAny>,
-    infos: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct RawData<'a> {
-    #[serde(rename = "resultType", borrow)]
-    result_type: &'a str,
-    #[serde(borrow)]
-    result: Vec<RawSeries<'a>>,
-}
-
-#[derive(Deserialize)]
-struct RawSeries<'a> {
-    #[serde(borrow)]
-    metric: &'a RawValue,
-    #[serde(borrow, default)]
-    values: Vec<(&'a RawValue, &'a str)>,
-    histograms: Option<serde::de::IgnoredAny>,
-}
-
-impl Matrix {
-    /// Parse a successful range-query answer.
-    ///
-    /// # Errors
-    ///
-    /// [`NotSplittable`] when the body is not a plain matrix without warnings.
-    pub fn parse(body: &[u8]) -> Result<Matrix, NotSplittable> {
-        let raw: RawAnswer = serde_json::from_slice(body).map_err(|_| NotSplittable::Invalid)?;
-        if raw.status != "success" {
-            return Err(NotSplittable::Invalid);
-        }
-        if raw.warnings.is_some() || raw.infos.is_some() {
-            return Err(NotSplittable::HasWarnings);
-        }
-        let data = raw.data.ok_or(NotSplittable::Invalid)?;
-        if data.result_type != "matrix" {
-            return Err(NotSplittable::NotMatrix);
-        }
-        let mut style = TimestampStyle::default();
-        let mut series = Vec::with_capacity(data.result.len());
-        for s in data.result {
-            if s.histograms.is_some() {
-                return Err(NotSplittable::NativeHistograms);
-            }
-            let mut points = Points::default();
-            for (ts, value) in s.values {
-                let (ms, seen) = parse_timestamp(ts.get()).ok_or(NotSplittable::Invalid)?;
-                if let Some(seen) = seen {
-                    style = seen;
-                }
-                points.push(ms, value);
-            }
-            series.push(Series {
-                metric: Arc::from(s.metric.get()),
-                points,
-            });
-        }
-        Ok(Matrix { series, style })
-    }
-
-    /// Give back the room its vectors grew into: a stored chunk is counted by
-    /// [`Matrix::bytes`], which assumes no slack.
-    pub fn shrink_to_fit(&mut self) {
-        self.series.shrink_to_fit();
-        for s in &mut self.series {
-            s.points.ts.shrink_to_fit();
-            s.points.ends.shrink_to_fit();
-            s.points.text.shrink_to_fit();
-        }
-    }
-
-    /// Approximate heap size, for the cache's byte bound.
-    pub fn bytes(&self) -> usize {
-        self.series
-            .iter()
-            .map(|s| s.metric.len() + s.points.bytes() + 64)
-            .sum::<usize>()
-            + 32
-    }
-
-    pub fn point_count(&self) -> usize {
-        self.series.iter().map(|s| s.points.len()).sum()
-    }
-
-    /// Whether every point lies on `grid` within `span`: what a backend must
-    /// answer for a range query on that grid. VictoriaMetrics moves unaligned
-    /// ranges of 50 points or more onto multiples of the step, and such an answer
-    /// must never be stored as extents of the grid it was asked for.
-    pub fn on_grid(&self, grid: &Grid, span: Span) -> bool {
-        self.series.iter().all(|s| {
-            s.points.ts.iter().all(|&t| {
-                span.from <= t && t <= span.to && (t - grid.phase).rem_euclid(grid.step) == 0
-            })
-        })
-    }
-
-    /// The part of this matrix within `span`; series without points there are dropped.
-    pub fn slice(&self, span: Span) -> Matrix {
-        assemble(&[(span, self)])
-    }
-
-    /// Print as a Prometheus API success body.
-    pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(self.bytes() + 64);
-        out.push_str(r#"{"status":"success","data":{"resultType":"matrix","result":["#);
-        for (i, s) in self.series.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(r#"{"metric":"#);
-            out.push_str(&s.metric);
-            out.push_str(r#","values":["#);
-            for p in 0..s.points.len() {
-                let (ts, value) = s.points.get(p);
-                if p > 0 {
-                    out.push(',');
-                }
-                out.push('[');
-                write_timestamp(&mut out, ts, self.style);
-                out.push_str(",\"");
-                out.push_str(value);
-                out.push_str("\"]");
-            }
-            out.push_str("]}");
-        }
-        out.push_str("]}}");
-        out
-    }
-}
-
 /// Join disjoint pieces, each valid within its span, into one matrix over their
 /// union: series matched by label set, points in time order, series sorted by
 /// label set as Prometheus sorts them, series without points dropped.
@@ -386,6 +160,42 @@ pub fn assemble(pieces: &[(Span, &Matrix)]) -> Matrix {
         series: series.into_iter().map(|(_, s)| s).collect(),
         style: style.unwrap_or_default(),
     }
+}
+
+/// What to keep of `fetched` pieces (each valid within its span): their immutable
+/// part, at or before `stable_to`, cut at chunk boundaries and merged with what the
+/// chunk already held (`cached`). Each returned chunk is (index, span, matrix).
+pub fn updated_chunks<'a>(
+    grid: &Grid,
+    interval: i64,
+    stable_to: i64,
+    cached: impl Fn(i64) -> Option<(Span, &'a Matrix)>,
+    fetched: &[(Span, Matrix)],
+) -> Vec<(i64, Span, Matrix)> {
+    let mut updated: Vec<(i64, Span, Matrix)> = Vec::new();
+    for (gap, matrix) in fetched {
+        let Some(stable) = gap.intersect(&Span {
+            from: gap.from,
+            to: stable_to,
+        }) else {
+            continue;
+        };
+        for i in chunks_of(stable, interval) {
+            let Some(part) = grid.chunk(i, interval).and_then(|c| c.intersect(&stable)) else {
+                continue;
+            };
+            let merged = match updated.iter().position(|(j, _, _)| *j == i) {
+                Some(at) => {
+                    let (_, span, old) = updated.swap_remove(at);
+                    merge_chunk(grid.step, Some((span, &old)), (part, matrix))
+                }
+                None => merge_chunk(grid.step, cached(i), (part, matrix)),
+            };
+            updated.push((i, merged.0, merged.1));
+        }
+    }
+    updated.sort_by_key(|(i, _, _)| *i);
+    updated
 }
 
 /// Merge newly fetched data (valid in `fresh`) into a chunk's cached data (valid
@@ -425,77 +235,7 @@ pub fn merge_chunk(
             };
             (union, assemble(&pieces))
         }
-        _ => (fspan, fmatrix.slice(fspan)),
-    }
-}
-
-/// Prometheus' `labels.Compare` order: label pairs sorted by name, compared pair by
-/// pair, shorter first. A `BTreeMap` gives the byte-wise name order Go uses.
-fn label_order(metric: &str) -> Vec<(String, String)> {
-    serde_json::from_str::<BTreeMap<String, String>>(metric)
-        .map(|m| m.into_iter().collect())
-        .unwrap_or_default()
-}
-
-/// Parse a JSON number timestamp exactly to milliseconds, noting its style when
-/// the text reveals it.
-fn parse_timestamp(text: &str) -> Option<(i64, Option<TimestampStyle>)> {
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: i64 = whole.parse().ok()?;
-    let mut millis: i64 = 0;
-    for (i, b) in fraction.bytes().enumerate() {
-        millis += i64::from(b - b'0') * [100, 10, 1][i];
-    }
-    let style = match fraction.len() {
-        3 if fraction.ends_with('0') => Some(TimestampStyle::Millis3),
-        1 | 2 => Some(TimestampStyle::Shortest),
-        _ => None,
-    };
-    let ms = secs.checked_mul(1000)?.checked_add(millis)?;
-    Some((if negative { -ms } else { ms }, style))
-}
-
-fn write_timestamp(out: &mut String, ms: i64, style: TimestampStyle) {
-    if ms < 0 {
-        out.push('-');
-    }
-    let abs = ms.unsigned_abs();
-    let _ = write!(out, "{}", abs / 1000);
-    let fraction = abs % 1000;
-    if fraction == 0 {
-        return;
-    }
-    match style {
-        TimestampStyle::Millis3 => {
-            let _ = write!(out, ".{fraction:03}");
-        }
-        TimestampStyle::Shortest => {
-            let text = format!("{fraction:03}");
-            out.push('.');
-            out.push_str(text.trim_end_matches('0'));
-        }
-    }
-}
-
-impl PartialOrd for Span {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Span {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.from, self.to).cmp(&(other.from, other.to))
+        _ => (fspan, assemble(&[(fspan, fmatrix)])),
     }
 }
 
@@ -606,43 +346,6 @@ mod tests {
         }
     }
 
-    const PROM: &str = r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"__name__":"up","job":"a"},"values":[[60,"1"],[120.500,"2"],[180,"3"]]},{"metric":{"job":"b"},"values":[[60,"NaN"],[180,"+Inf"]]}]}}"#;
-
-    #[test]
-    fn parse_and_print_round_trip_exactly() {
-        let m = Matrix::parse(PROM.as_bytes()).unwrap();
-        assert_eq!(m.style, TimestampStyle::Millis3);
-        assert_eq!(m.point_count(), 5);
-        assert_eq!(m.to_json(), PROM);
-
-        let vm = r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"a":"1"},"values":[[1795319303.5,"0.25"],[1795319364,"1.25"]]}]}}"#;
-        let m = Matrix::parse(vm.as_bytes()).unwrap();
-        assert_eq!(m.style, TimestampStyle::Shortest);
-        assert_eq!(m.to_json(), vm);
-    }
-
-    #[test]
-    fn what_cannot_be_split() {
-        let vector = r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
-        assert_eq!(
-            Matrix::parse(vector.as_bytes()),
-            Err(NotSplittable::NotMatrix)
-        );
-        let warned = r#"{"status":"success","warnings":["partial"],"data":{"resultType":"matrix","result":[]}}"#;
-        assert_eq!(
-            Matrix::parse(warned.as_bytes()),
-            Err(NotSplittable::HasWarnings)
-        );
-        let hist = r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"histograms":[[1,{}]]}]}}"#;
-        assert_eq!(
-            Matrix::parse(hist.as_bytes()),
-            Err(NotSplittable::NativeHistograms)
-        );
-        assert_eq!(Matrix::parse(b"<html>"), Err(NotSplittable::Invalid));
-        let exp = r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1e9,"1"]]}]}}"#;
-        assert_eq!(Matrix::parse(exp.as_bytes()), Err(NotSplittable::Invalid));
-    }
-
     #[test]
     fn assemble_stitches_pieces_and_sorts_series_like_prometheus() {
         let a = Matrix::parse(
@@ -664,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn label_order_matches_prometheus_compare() {
+    fn assemble_sorts_series_by_label_set_as_prometheus_compares_them() {
         // Compared pair by pair: {__name__="a"} < {__name__="a", x="1"} < {__name__="b"}.
         let m = Matrix::parse(
             br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"__name__":"b"},"values":[[1,"1"]]},{"metric":{"__name__":"a","x":"1"},"values":[[1,"1"]]},{"metric":{"__name__":"a"},"values":[[1,"1"]]}]}}"#,
@@ -680,6 +383,106 @@ mod tests {
                 r#"{"__name__":"b"}"#
             ]
         );
+    }
+
+    /// A matrix with one series holding a point at every minute of `span`.
+    fn minutes(span: Span) -> Matrix {
+        let mut points = Points::default();
+        let mut t = span.from;
+        while t <= span.to {
+            points.push(t, "1");
+            t += 60_000;
+        }
+        Matrix {
+            series: vec![Series {
+                metric: Arc::from("{}"),
+                points,
+            }],
+            style: Default::default(),
+        }
+    }
+
+    /// (what the chunks held, what was fetched, stable_to, expected chunks after);
+    /// step 1 min, 1 h chunks, as Trickster's extent-list table tests do it.
+    type UpdateCase = (Vec<(i64, Span)>, Vec<Span>, i64, Vec<(i64, Span)>);
+
+    #[test]
+    fn what_is_kept_of_a_fetch() {
+        let g = Grid::new(0, 60_000);
+        let m = 60_000;
+        let cases: Vec<UpdateCase> = vec![
+            // A first fetch across two chunks is cut at their edge.
+            (
+                vec![],
+                vec![span(10 * m, H + 20 * m)],
+                i64::MAX,
+                vec![(0, span(10 * m, H - m)), (1, span(H, H + 20 * m))],
+            ),
+            // Merge: a fetch adjacent to what a chunk holds extends it.
+            (
+                vec![(0, span(0, 30 * m))],
+                vec![span(31 * m, 50 * m)],
+                i64::MAX,
+                vec![(0, span(0, 50 * m))],
+            ),
+            // Merge across the edge: the older chunk grows to its end, the next
+            // starts.
+            (
+                vec![(0, span(0, 50 * m))],
+                vec![span(51 * m, H + 5 * m)],
+                i64::MAX,
+                vec![(0, span(0, H - m)), (1, span(H, H + 5 * m))],
+            ),
+            // A disjoint fetch replaces what the chunk held (no holes inside one).
+            (
+                vec![(0, span(0, 10 * m))],
+                vec![span(40 * m, 50 * m)],
+                i64::MAX,
+                vec![(0, span(40 * m, 50 * m))],
+            ),
+            // The fresh window: nothing after stable_to is kept.
+            (
+                vec![],
+                vec![span(0, H + 30 * m)],
+                H + 10 * m,
+                vec![(0, span(0, H - m)), (1, span(H, H + 10 * m))],
+            ),
+            // All of it fresh: nothing kept.
+            (vec![], vec![span(H, H + 30 * m)], H - m, vec![]),
+            // Two fetches into one chunk (a hole and the head) are both kept.
+            (
+                vec![(0, span(20 * m, 30 * m))],
+                vec![span(0, 19 * m), span(31 * m, 40 * m)],
+                i64::MAX,
+                vec![(0, span(0, 40 * m))],
+            ),
+        ];
+        for (held, fetched, stable_to, want) in cases {
+            let held: Vec<(i64, Span, Matrix)> =
+                held.into_iter().map(|(i, s)| (i, s, minutes(s))).collect();
+            let fetched: Vec<(Span, Matrix)> =
+                fetched.into_iter().map(|s| (s, minutes(s))).collect();
+            let cached = |i: i64| {
+                held.iter()
+                    .find(|(j, _, _)| *j == i)
+                    .map(|(_, s, m)| (*s, m))
+            };
+            let got = updated_chunks(&g, H, stable_to, cached, &fetched);
+            let spans: Vec<(i64, Span)> = got.iter().map(|(i, s, _)| (*i, *s)).collect();
+            assert_eq!(
+                spans,
+                want,
+                "fetched {:?}",
+                fetched.iter().map(|f| f.0).collect::<Vec<_>>()
+            );
+            for (_, s, m) in &got {
+                assert_eq!(
+                    m.point_count() as i64,
+                    s.points(60_000),
+                    "every point of {s:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -706,29 +509,5 @@ mod tests {
         );
         assert_eq!(s, span(600_000, 600_000));
         assert_eq!(m.point_count(), 0);
-    }
-
-    #[test]
-    fn timestamps_parse_exactly() {
-        assert_eq!(
-            parse_timestamp("1700000000"),
-            Some((1_700_000_000_000, None))
-        );
-        assert_eq!(
-            parse_timestamp("1700000000.5"),
-            Some((1_700_000_000_500, Some(TimestampStyle::Shortest)))
-        );
-        assert_eq!(
-            parse_timestamp("1700000000.250"),
-            Some((1_700_000_000_250, Some(TimestampStyle::Millis3)))
-        );
-        assert_eq!(
-            parse_timestamp("-1.5"),
-            Some((-1500, Some(TimestampStyle::Shortest)))
-        );
-        assert_eq!(parse_timestamp("1.2345"), None);
-        let mut s = String::new();
-        write_timestamp(&mut s, -1500, TimestampStyle::Millis3);
-        assert_eq!(s, "-1.500");
     }
 }

@@ -11,11 +11,12 @@
 pub mod coalesce;
 pub mod extent;
 pub mod key;
+pub mod matrix;
 pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::admission::Priority;
 use crate::analysis::QueryShape;
+use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -32,8 +34,9 @@ use crate::routing::BackendId;
 use crate::units::{Millis, millis};
 use crate::upstream::UpstreamResponse;
 use coalesce::{Coalescer, Outcome};
-use extent::{Grid, Matrix, Span, assemble, chunk_interval, chunks_of, merge_chunk, missing};
+use extent::{Grid, Span, assemble, chunk_interval, chunks_of, missing, updated_chunks};
 use key::{CacheKey, SeriesKey, answer_key, series_key};
+use matrix::Matrix;
 use store::{Chunk, Store};
 
 /// How an answer was produced. Feeds the `X-Cache` header and metric labels.
@@ -286,6 +289,7 @@ struct CacheMetrics {
 /// The cache stage: store, in-flight fetches and settings.
 pub struct Cache {
     store: Store,
+    clock: Arc<dyn Clock>,
     flights: Coalescer<CacheKey, Result<Served, ProxyError>, Priority>,
     config: CacheConfig,
     metrics: CacheMetrics,
@@ -295,9 +299,11 @@ pub struct Cache {
 type Fetched = Result<UpstreamResponse, ProxyError>;
 
 impl Cache {
-    pub fn new(config: CacheConfig, metrics: &Metrics) -> Self {
+    /// A cache judging freshness and age on `clock`.
+    pub fn new(config: CacheConfig, metrics: &Metrics, clock: Arc<dyn Clock>) -> Self {
         Cache {
             store: Store::new(config.max_bytes.0, metrics.cache_evictions.clone()),
+            clock,
             flights: Coalescer::default(),
             metrics: CacheMetrics {
                 lookups: metrics.cache_lookups.clone(),
@@ -398,7 +404,8 @@ impl Cache {
     /// A stored answer that is fresh, or younger than `floor`, as a hit.
     fn fresh(&self, key: &CacheKey, floor: Duration) -> Option<Served> {
         let answer = self.store.answer(key)?;
-        (Instant::now() < answer.fresh_until || answer.stored.elapsed() < floor).then(|| {
+        let now = self.clock.now();
+        (now < answer.fresh_until || now.duration_since(answer.stored) < floor).then(|| {
             self.metrics.points_served.inc_by(answer.points);
             Served {
                 status: StatusCode::OK,
@@ -462,7 +469,7 @@ impl Cache {
     /// how old it is and why it is served. Grafana shows the warning on the panel.
     pub fn stale(&self, key: &CacheKey, reason: &str) -> Option<Served> {
         let answer = self.store.answer(key)?;
-        let age = answer.stored.elapsed();
+        let age = self.clock.now().duration_since(answer.stored);
         if age > self.config.stale_max_age.0 {
             return None;
         }
@@ -489,6 +496,7 @@ impl Cache {
                 w.key.clone(),
                 response.body.clone(),
                 0,
+                self.clock.now(),
                 w.fresh,
                 self.keep_for(w.fresh),
             );
@@ -547,34 +555,13 @@ impl Cache {
             }
         }
 
-        let mut updated: Vec<(i64, Span, Matrix)> = Vec::new();
-        for (gap, matrix) in &fetched {
-            let Some(stable) = (Span {
-                from: gap.from,
-                to: gap.to.min(r.stable_to),
-            })
-            .intersect(gap) else {
-                continue;
-            };
-            for i in chunks_of(stable, interval) {
-                let Some(part) = r.grid.chunk(i, interval).and_then(|c| c.intersect(&stable))
-                else {
-                    continue;
-                };
-                let merged = match updated.iter().position(|(j, _, _)| *j == i) {
-                    Some(at) => {
-                        let (_, span, old) = updated.swap_remove(at);
-                        merge_chunk(step, Some((span, &old)), (part, matrix))
-                    }
-                    None => merge_chunk(
-                        step,
-                        cached_chunk(i).map(|c| (c.span, &c.matrix)),
-                        (part, matrix),
-                    ),
-                };
-                updated.push((i, merged.0, merged.1));
-            }
-        }
+        let updated = updated_chunks(
+            &r.grid,
+            interval,
+            r.stable_to,
+            |i| cached_chunk(i).map(|c| (c.span, &c.matrix)),
+            &fetched,
+        );
         for (i, span, matrix) in updated {
             self.store.put_chunk(
                 r.series.clone(),
@@ -604,8 +591,14 @@ impl Cache {
         } else {
             self.config.extent_ttl.0
         };
-        self.store
-            .put_answer(r.key, body.clone(), points, fresh, self.keep_for(fresh));
+        self.store.put_answer(
+            r.key,
+            body.clone(),
+            points,
+            self.clock.now(),
+            fresh,
+            self.keep_for(fresh),
+        );
         Ok(Served {
             status: StatusCode::OK,
             body,
@@ -647,4 +640,260 @@ fn with_warning(body: &Bytes, warning: &str) -> Bytes {
     out.extend_from_slice(b"],");
     out.extend_from_slice(rest);
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Class;
+    use crate::analysis::analyse_query;
+    use crate::clock::ManualClock;
+    use crate::request::{QueryParser, parse};
+    use axum::http::Method;
+    use std::sync::Mutex;
+
+    /// 2026-11-27T09:00:00Z, a whole hour.
+    const NOW: Millis = 1_795_770_000_000;
+    const MIN: i64 = 60_000;
+
+    /// What the fake backend was asked, and how it answers.
+    #[derive(Default)]
+    struct Backend {
+        asked: Mutex<Vec<(Millis, Millis)>>,
+        /// Answer on the grid of multiples of the step, as VictoriaMetrics does
+        /// for unaligned ranges, instead of the grid asked for.
+        realign: bool,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Backend {
+        /// A matrix (or a vector for instants) with one series whose value at t is t/1000.
+        fn answer(&self, req: &ApiRequest) -> Fetched {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ProxyError::Upstream(
+                    crate::upstream::UpstreamError::Timeout {
+                        backend: "recent",
+                        after_ms: 1,
+                    },
+                ));
+            }
+            let body = match req.kind {
+                RequestKind::Range {
+                    start,
+                    end,
+                    step_ms,
+                    ..
+                } => {
+                    self.asked.lock().unwrap().push((start, end));
+                    let first = if self.realign {
+                        start - start % step_ms
+                    } else {
+                        start
+                    };
+                    let mut values = Vec::new();
+                    let mut t = first;
+                    while t <= end {
+                        values.push(format!("[{},\"{}\"]", t / 1000, t / 1000));
+                        t += step_ms;
+                    }
+                    format!(
+                        r#"{{"status":"success","data":{{"resultType":"matrix","result":[{{"metric":{{"job":"a"}},"values":[{}]}}]}}}}"#,
+                        values.join(",")
+                    )
+                }
+                RequestKind::Instant { time, .. } => {
+                    self.asked.lock().unwrap().push((time, time));
+                    format!(
+                        r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[{},"1"]}}]}}}}"#,
+                        time / 1000
+                    )
+                }
+                _ => r#"{"status":"success","data":[]}"#.to_string(),
+            };
+            Ok(UpstreamResponse {
+                status: StatusCode::OK,
+                body: Bytes::from(body),
+            })
+        }
+
+        fn asked(&self) -> Vec<(Millis, Millis)> {
+            std::mem::take(&mut *self.asked.lock().unwrap())
+        }
+    }
+
+    struct Setup {
+        cache: Arc<Cache>,
+        clock: ManualClock,
+        backend: Arc<Backend>,
+        queries: QueryParser,
+    }
+
+    fn setup(backend: Backend) -> Setup {
+        let clock = ManualClock::new();
+        let config = CacheConfig::default();
+        Setup {
+            cache: Arc::new(Cache::new(config, &Metrics::new(), Arc::new(clock.clone()))),
+            clock,
+            backend: Arc::new(backend),
+            queries: QueryParser::default(),
+        }
+    }
+
+    impl Setup {
+        async fn ask(&self, params: &[(&str, String)], path: &str, now: Millis) -> Served {
+            self.try_ask(params, path, now).await.unwrap()
+        }
+
+        async fn try_ask(
+            &self,
+            params: &[(&str, String)],
+            path: &str,
+            now: Millis,
+        ) -> Result<Served, ProxyError> {
+            let params = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            let req = parse(&Method::POST, path, params, now, &self.queries).unwrap();
+            let (start, end, step) = match &req.kind {
+                RequestKind::Range {
+                    start,
+                    end,
+                    step_ms,
+                    ..
+                } => (*start, *end, *step_ms),
+                RequestKind::Instant { time, .. } => (*time, *time, 300_000),
+                _ => (now, now, 60_000),
+            };
+            let shape = match &req.kind {
+                RequestKind::Range { query, .. } | RequestKind::Instant { query, .. } => {
+                    analyse_query(query, start, end, step, Duration::from_secs(300))
+                }
+                _ => QueryShape::default(),
+            };
+            let plan = plan(
+                self.cache.config(),
+                &req,
+                &shape,
+                BackendId::Recent,
+                false,
+                now,
+                Duration::ZERO,
+                false,
+            );
+            if let Some(hit) = self.cache.lookup(&plan, req.endpoint) {
+                return Ok(hit);
+            }
+            let backend = self.backend.clone();
+            let waiter = Waiter {
+                priority: Priority::of(Class::Dashboard),
+                budget: None,
+                limit: Duration::from_secs(10),
+            };
+            self.cache
+                .serve(plan, req.endpoint, waiter, move |req, _| {
+                    let backend = backend.clone();
+                    async move { backend.answer(&req) }
+                })
+                .await
+        }
+
+        async fn range(&self, start: Millis, end: Millis, now: Millis) -> Served {
+            let params = [
+                ("query", "sum(rate(x[5m]))".to_string()),
+                ("start", crate::units::format_time(start)),
+                ("end", crate::units::format_time(end)),
+                ("step", "60".to_string()),
+            ];
+            self.ask(&params, "/api/v1/query_range", now).await
+        }
+    }
+
+    fn points(served: &Served) -> Vec<i64> {
+        let m = Matrix::parse(&served.body).expect("a matrix");
+        (0..m.series[0].points.len())
+            .map(|i| m.series[0].points.get(i).0)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_refreshing_range_fetches_only_its_new_tail() {
+        let s = setup(Backend::default());
+        let first = s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        assert_eq!(first.cache, CacheStatus::Miss);
+        assert_eq!(s.backend.asked(), [(NOW - 60 * MIN, NOW - 10 * MIN)]);
+        // A minute later the window moved by a step: only the new point is fetched.
+        let later = s.range(NOW - 59 * MIN, NOW - 9 * MIN, NOW + MIN).await;
+        assert_eq!(later.cache, CacheStatus::Partial);
+        assert_eq!(s.backend.asked(), [(NOW - 9 * MIN, NOW - 9 * MIN)]);
+        assert_eq!(points(&later).len(), 51);
+        assert_eq!(points(&later)[0], NOW - 59 * MIN);
+        // The same window again: every point from the cache.
+        let again = s.range(NOW - 59 * MIN, NOW - 9 * MIN, NOW + MIN).await;
+        assert_eq!(again.cache, CacheStatus::Hit);
+        assert!(s.backend.asked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_live_window_is_fetched_again_once_its_answer_is_old() {
+        let s = setup(Backend::default());
+        // Ends now: the last 5 minutes are not kept in extents.
+        let first = s.range(NOW - 60 * MIN, NOW, NOW).await;
+        assert_eq!(first.cache, CacheStatus::Miss);
+        s.backend.asked();
+        // Within fresh_ttl it is a hit; after it, only the live part is fetched.
+        assert_eq!(
+            s.range(NOW - 60 * MIN, NOW, NOW).await.cache,
+            CacheStatus::Hit
+        );
+        s.clock.advance(Duration::from_secs(11));
+        let refreshed = s.range(NOW - 60 * MIN, NOW, NOW + 11_000).await;
+        assert_eq!(refreshed.cache, CacheStatus::Partial);
+        assert_eq!(s.backend.asked(), [(NOW - 4 * MIN, NOW)]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_backend_is_covered_by_a_stale_answer_with_a_warning() {
+        let s = setup(Backend::default());
+        let params = [
+            ("query", "up".to_string()),
+            ("time", crate::units::format_time(NOW - 30_000)),
+        ];
+        assert_eq!(
+            s.ask(&params, "/api/v1/query", NOW).await.cache,
+            CacheStatus::Miss
+        );
+        s.clock.advance(Duration::from_secs(11));
+        s.backend
+            .fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let stale = s.ask(&params, "/api/v1/query", NOW).await;
+        assert_eq!(stale.cache, CacheStatus::Stale);
+        assert!(String::from_utf8_lossy(&stale.body).contains("11s old"));
+        // Past stale_max_age there is nothing to serve.
+        s.clock.advance(Duration::from_secs(15 * 60));
+        let outcome = s.try_ask(&params, "/api/v1/query", NOW).await;
+        assert!(
+            matches!(outcome, Err(ProxyError::Upstream(_))),
+            "the fetch's error, not an old answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_off_the_asked_grid_is_passed_through_and_never_kept() {
+        let s = setup(Backend {
+            realign: true,
+            ..Backend::default()
+        });
+        let start = NOW - 60 * MIN + 17_000;
+        let first = s.range(start, start + 50 * MIN, NOW).await;
+        assert_eq!(first.cache, CacheStatus::Miss);
+        assert_eq!(points(&first)[0], start - 17_000, "as the backend answered");
+        s.backend.asked();
+        // Nothing was kept: the same window is fetched again, whole.
+        s.clock.advance(Duration::from_secs(7 * 3600));
+        let again = s.range(start, start + 50 * MIN, NOW).await;
+        assert_eq!(again.cache, CacheStatus::Miss);
+        assert_eq!(s.backend.asked(), [(start, start + 50 * MIN)]);
+    }
 }

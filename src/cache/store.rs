@@ -15,8 +15,9 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use prometheus::IntCounterVec;
 
-use super::extent::{Matrix, Span};
+use super::extent::Span;
 use super::key::{CacheKey, SeriesKey};
+use super::matrix::Matrix;
 
 /// A whole answer, stored as the exact bytes to send.
 #[derive(Debug)]
@@ -139,17 +140,18 @@ impl Store {
         }
     }
 
-    /// Keep `body` as the answer for `key`: fresh for `fresh`, then kept up to
-    /// `keep` in total for stale serving.
+    /// Keep `body` as the answer for `key`, stored at `now`: fresh for `fresh`,
+    /// then kept up to `keep` in total for stale serving. (Eviction at the end of
+    /// `keep` runs on the real clock; freshness and age are judged on `now`.)
     pub fn put_answer(
         &self,
         key: CacheKey,
         body: Bytes,
         points: u64,
+        now: Instant,
         fresh: Duration,
         keep: Duration,
     ) {
-        let now = Instant::now();
         // The gzip copy is made later, on the first hit from a client that takes
         // it (Grafana always does), so its room is booked now: JSON answers shrink
         // about tenfold at the fast level, and an eighth leaves a margin.
@@ -224,6 +226,7 @@ mod tests {
             key.clone(),
             Bytes::from_static(b"{}"),
             0,
+            Instant::now(),
             Duration::ZERO,
             Duration::from_secs(60),
         );
@@ -245,6 +248,7 @@ mod tests {
             key.clone(),
             Bytes::from(json.clone()),
             0,
+            Instant::now(),
             Duration::from_secs(60),
             Duration::from_secs(60),
         );
@@ -263,6 +267,7 @@ mod tests {
             small.clone(),
             Bytes::from_static(b"{}"),
             0,
+            Instant::now(),
             Duration::from_secs(60),
             Duration::from_secs(60),
         );
@@ -278,6 +283,7 @@ mod tests {
                 CacheKey(format!("k{i}").into()),
                 Bytes::from(vec![b'x'; 1000]),
                 0,
+                Instant::now(),
                 Duration::from_secs(60),
                 Duration::from_secs(60),
             );
