@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 use promguard::admission::{Class, Gate, Priority};
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
-use promguard::app::{AppState, app};
+use promguard::app::app;
 use promguard::cache::extent::{Span, assemble};
 use promguard::cache::key::series_key;
 use promguard::cache::matrix::Matrix;
@@ -30,6 +30,7 @@ use promguard::policy::rules::Facts;
 use promguard::request::{ApiRequest, QueryParser, RequestKind, parse};
 use promguard::routing::BackendId;
 use promguard::scan::ScanLimits;
+use promguard::state::AppState;
 
 const QUERY: &str = r#"sum by (region) (rate(shop_orders_total{status="created",channel=~"web|app"}[5m])) / on (region) group_left shop_orders_forecast_per_minute"#;
 const NOW: i64 = 1_795_770_000_000;

@@ -1,13 +1,14 @@
-//! The HTTP surface: routes, shared state and edge layers.
+//! The HTTP surface: routes and edge layers.
 //!
-//! promguard's own endpoints (`/metrics`, `/-/healthy`, `/-/ready`, `/-/status`)
-//! are answered here; every other path goes to [`pipeline::handle`], wrapped with
-//! the per-request log line and request metrics.
+//! promguard's own endpoints (`/metrics`, `/-/healthy`, `/-/ready`, `/-/status`,
+//! `/admin/...`) are answered here; every other path goes to [`pipeline::handle`],
+//! wrapped with the per-request log line and request metrics. The shared state is
+//! [`crate::state::AppState`].
 
 use std::any::Any;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -18,198 +19,18 @@ use prometheus::IntCounter;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
-use crate::admission::{Class, Gate};
-use crate::cache::Cache;
-use crate::clock::MonotonicClock;
-use crate::config::{Config, PriorityConfig, Secret, parse_human_duration};
-use crate::error::error_response;
-use crate::identity::Identifier;
-use crate::limits::Limiter;
-use crate::metrics::Metrics;
+use crate::admission::Class;
+use crate::config::parse_human_duration;
+use crate::error::{ProxyError, error_response};
 use crate::pipeline::{self, Incoming, RequestCtx};
 use crate::policy::state::Mode;
-use crate::policy::{Policies, Setting, SwitchError};
-use crate::request::QueryParser;
-use crate::routing::{BackendId, RoutingTable};
+use crate::policy::{Setting, SwitchError};
+use crate::routing::BackendId;
+use crate::state::AppState;
 use crate::units::Millis;
-use crate::upstream::Upstream;
-
-/// Everything the handlers share, built once at startup.
-pub struct AppState {
-    pub identifier: Identifier,
-    /// Remembers parsed PromQL: dashboards repeat the same queries.
-    pub queries: QueryParser,
-    /// Sale windows, rule sets, per-mode user quotas and the SRE switch.
-    pub policies: Policies,
-    /// Every user's budget state, kept across policy reloads and mode changes.
-    pub limiter: Limiter,
-    /// Token for `/admin/...`; `None` disables the admin API.
-    pub admin_token: Option<Secret>,
-    pub cache: Arc<Cache>,
-    pub recent_gate: Arc<Gate>,
-    pub long_term_gate: Arc<Gate>,
-    pub priority: PriorityConfig,
-    /// No Grafana trust is configured, so dashboard headers cannot be verified and
-    /// are believed for priority.
-    pub trust_dashboard_headers: bool,
-    pub recent: Upstream,
-    pub long_term: Option<Upstream>,
-    pub routing: RoutingTable,
-    pub metrics: Metrics,
-    pub max_request_body: usize,
-    pub lookback_delta: Duration,
-}
-
-impl AppState {
-    /// Build the state from a validated configuration.
-    ///
-    /// # Errors
-    ///
-    /// When an HTTP client cannot be built, or the policy or its state file is invalid.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
-        let long_term = config
-            .backends
-            .long_term
-            .as_ref()
-            .map(|b| Upstream::new(BackendId::LongTerm, b))
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        let policies = Policies::new(
-            &config.policy,
-            &config.limits,
-            metrics.policy_reloads.clone(),
-            &metrics.state_file_errors,
-        )?;
-        record_settings(config, &metrics);
-        Ok(AppState {
-            identifier: Identifier::new(&config.identity),
-            queries: QueryParser::new(config.query.memo_bytes.0, config.query.limits()),
-            policies,
-            limiter: Limiter::default(),
-            admin_token: config.policy.admin_token.clone().or_else(|| {
-                std::env::var("PROMGUARD_ADMIN_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty())
-                    .map(Secret)
-            }),
-            cache: Arc::new(Cache::new(
-                config.cache.clone(),
-                &metrics,
-                Arc::new(MonotonicClock),
-            )),
-            recent_gate: Gate::new(
-                BackendId::Recent.as_str(),
-                config.admission.recent.for_priority(&config.priority),
-            ),
-            long_term_gate: Gate::new(
-                BackendId::LongTerm.as_str(),
-                config.admission.long_term.for_priority(&config.priority),
-            ),
-            priority: config.priority.clone(),
-            trust_dashboard_headers: config.identity.grafana.is_none(),
-            recent: Upstream::new(BackendId::Recent, &config.backends.recent)
-                .map_err(|e| e.to_string())?,
-            routing: RoutingTable {
-                recent_window: config.backends.recent.window.0,
-                has_long_term: long_term.is_some(),
-            },
-            long_term,
-            metrics,
-            max_request_body: usize::try_from(config.max_request_body.0).unwrap_or(usize::MAX),
-            lookback_delta: config.lookback_delta.0,
-        })
-    }
-
-    /// The upstream for a routing decision. Routing only picks `LongTerm` when one
-    /// is configured; falling back to `recent` keeps that invariant local.
-    pub fn upstream(&self, id: BackendId) -> &Upstream {
-        match id {
-            BackendId::LongTerm => self.long_term.as_ref().unwrap_or(&self.recent),
-            BackendId::Recent => &self.recent,
-        }
-    }
-
-    /// How long a request may wait for an answer fetched from `backend`: its own
-    /// `timeout` if lower than the backend's, plus the longest admission wait and
-    /// a grace, so that the backend's own timeout error arrives first.
-    pub fn wait_limit(&self, backend: BackendId, timeout: Option<Duration>) -> Duration {
-        let call = self.upstream(backend).timeout();
-        let call = timeout.map_or(call, |t| t.min(call));
-        call + self.gate(backend).config().max_wait.0 + Duration::from_secs(2)
-    }
-
-    /// The admission gate for a routing decision.
-    pub fn gate(&self, id: BackendId) -> &Arc<Gate> {
-        match id {
-            BackendId::Recent => &self.recent_gate,
-            BackendId::LongTerm => &self.long_term_gate,
-        }
-    }
-
-    /// Learn, in the background, how `backend` evaluates unaligned ranges (see
-    /// [`Upstream::learn_unaligned_ranges`]), when that is not known yet and no
-    /// probe ran lately. Asked when the first unaligned range arrives, so that
-    /// backends that only ever see Grafana's aligned ranges are never probed;
-    /// until it is known, unaligned ranges are cached whole.
-    pub fn learn_unaligned_ranges(self: &Arc<Self>, backend: BackendId) {
-        if !self.upstream(backend).claim_probe() {
-            return;
-        }
-        let state = self.clone();
-        tokio::spawn(async move {
-            let upstream = state.upstream(backend);
-            match upstream.learn_unaligned_ranges().await {
-                Ok(found) => tracing::info!(
-                    backend = upstream.id.as_str(),
-                    unaligned_ranges = ?found,
-                    "learned how the backend evaluates unaligned ranges"
-                ),
-                Err(e) => tracing::warn!(
-                    backend = upstream.id.as_str(),
-                    error = %e,
-                    "could not learn how the backend evaluates unaligned ranges; they \
-                     are cached as whole answers until it answers"
-                ),
-            }
-        });
-    }
-
-    fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
-        std::iter::once(&self.recent).chain(self.long_term.as_ref())
-    }
-}
-
-/// Export the configured limits as gauges, so dashboards draw them beside usage.
-fn record_settings(config: &Config, metrics: &Metrics) {
-    let set = |limit: &str, scope: &str, value: usize| {
-        metrics
-            .limit_settings
-            .with_label_values(&[limit, scope])
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
-    };
-    for (backend, gate) in [
-        (BackendId::Recent, &config.admission.recent),
-        (BackendId::LongTerm, &config.admission.long_term),
-    ] {
-        let gate = gate.for_priority(&config.priority);
-        set("max_in_flight", backend.as_str(), gate.max_in_flight);
-        set("reserved", backend.as_str(), gate.reserved);
-        set("max_queue", backend.as_str(), gate.max_queue);
-    }
-    let limits = &config.limits;
-    set("user_max_in_flight", "default", limits.max_in_flight);
-    set(
-        "user_requests_per_second",
-        "default",
-        limits.requests.per_second as usize,
-    );
-    set(
-        "user_upstream_per_second",
-        "default",
-        limits.upstream.per_second as usize,
-    );
-}
 
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -224,6 +45,32 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(api)
         .with_state(state)
         .layer(panic_guard(panics))
+        .layer(request_span())
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// A tracing span per request carrying its id (`X-Request-Id`: the caller's, or
+/// one promguard makes), so every log line of one request can be found together;
+/// the id also goes back on the answer. The request log line itself is the
+/// pipeline's, so the layer's own request and response events stay quiet.
+fn request_span() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&Request) -> tracing::Span + Clone,
+    (),
+    (),
+> {
+    TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", id)
+        })
+        .on_request(())
+        .on_response(())
 }
 
 /// Known bad input never reaches a panic (every stage refuses it first); this keeps
@@ -296,6 +143,7 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
         client = %client,
         org = caller.and_then(|c| c.org.as_deref()),
         dashboard = caller.and_then(|c| c.dashboard.as_deref()),
+        class = ctx.class.map(|c| c.as_str()),
         cache = ctx.cache.map(|c| c.as_str()),
         panel = caller.and_then(|c| c.panel.as_deref()),
         path,
@@ -312,7 +160,7 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     for id in BackendId::ALL {
-        let (in_flight, queued) = state.gate(id).usage();
+        let (in_flight, queued) = state.backend(id).gate.usage();
         for class in Class::ALL {
             state
                 .metrics
@@ -359,8 +207,8 @@ async fn healthy() -> &'static str {
 /// Ready when every configured backend answers its health path.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let probes = state
-        .upstreams()
-        .map(|u| async move { (u.id, u.probe().await) });
+        .backends()
+        .map(|b| async move { (b.upstream.id, b.upstream.probe().await) });
     let results = futures_util::future::join_all(probes).await;
     let all_ok = results.iter().all(|(_, r)| r.is_ok());
     let backends: serde_json::Map<_, _> = results
@@ -395,8 +243,8 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 /// JSON status: version, backends and exact latency percentiles per endpoint.
 async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let backends: Vec<_> = state
-        .upstreams()
-        .map(|u| json!({"name": u.id.as_str(), "url": u.base_url()}))
+        .backends()
+        .map(|b| json!({"name": b.upstream.id.as_str(), "url": b.upstream.base_url()}))
         .collect();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -445,36 +293,48 @@ fn identity_status(state: &AppState) -> serde_json::Value {
     })
 }
 
+/// Why an admin call was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdminError {
+    #[error("the admin API is disabled: set policy.admin_token or PROMGUARD_ADMIN_TOKEN")]
+    Disabled,
+    #[error("admin calls need Authorization: Bearer <admin token>")]
+    Unauthorized,
+    #[error("invalid body: {0}")]
+    Body(String),
+    #[error("say who you are (by) and why (reason): both go to the audit trail")]
+    Unaudited,
+    #[error("invalid \"for\": {0}")]
+    Duration(String),
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+    #[error("{0}; the previous policy stays in force")]
+    Reload(String),
+}
+
 /// Admin calls need the configured token, compared in constant time; without a
-/// configured token the admin API is off. Returns the refusal, if any.
-fn unauthorized(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.admin_token else {
-        return Some(error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the admin API is disabled: set policy.admin_token or PROMGUARD_ADMIN_TOKEN",
-        ));
-    };
+/// configured token the admin API is off.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
+    let token = state.admin_token.as_ref().ok_or(AdminError::Disabled)?;
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim());
-    (!bool::from(presented.as_bytes().ct_eq(token.0.as_bytes()))).then(|| {
-        error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "admin calls need Authorization: Bearer <admin token>",
-        )
-    })
+    if bool::from(presented.as_bytes().ct_eq(token.0.as_bytes())) {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
+    }
 }
 
-async fn admin_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    Json(state.policies.status(chrono::Utc::now())).into_response()
+async fn admin_status(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ProxyError> {
+    authorize(&state, &headers)?;
+    Ok(Json(state.policies.status(chrono::Utc::now())))
 }
 
 /// `{"mode": "on"|"off"|"auto", "for": "6h", "reason": "...", "by": "alice"}`
@@ -492,56 +352,43 @@ async fn admin_set_mode(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "bad_data", &message);
-    let request: SetMode = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad(format!("invalid body: {e}")),
-    };
+) -> Result<Json<serde_json::Value>, ProxyError> {
+    authorize(&state, &headers)?;
+    let request: SetMode =
+        serde_json::from_slice(&body).map_err(|e| AdminError::Body(e.to_string()))?;
     if request.reason.trim().is_empty() || request.by.trim().is_empty() {
-        return bad("say who you are (by) and why (reason): both go to the audit trail".into());
+        return Err(AdminError::Unaudited.into());
     }
-    let duration = match request
+    let duration = request
         .duration
         .as_deref()
         .map(parse_human_duration)
         .transpose()
-    {
-        Ok(d) => d.map(|d| d.0),
-        Err(e) => return bad(format!("invalid \"for\": {e}")),
-    };
-    match state.policies.set(
-        request.mode,
-        duration,
-        &request.reason,
-        &request.by,
-        chrono::Utc::now(),
-    ) {
-        Ok((effective, audit)) => Json(json!({"mode": effective, "audit": audit})).into_response(),
-        Err(e @ SwitchError::Persist(_)) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &e.to_string(),
-        ),
-        Err(e) => bad(e.to_string()),
-    }
+        .map_err(AdminError::Duration)?
+        .map(|d| d.0);
+    let (effective, audit) = state
+        .policies
+        .set(
+            request.mode,
+            duration,
+            &request.reason,
+            &request.by,
+            chrono::Utc::now(),
+        )
+        .map_err(AdminError::from)?;
+    Ok(Json(json!({"mode": effective, "audit": audit})))
 }
 
-async fn admin_reload(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = unauthorized(&state, &headers) {
-        return refused;
-    }
-    match state.policies.reload() {
-        Ok(()) => Json(json!({"status": "success"})).into_response(),
-        Err(e) => error_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_data",
-            &format!("{e}; the previous policy stays in force"),
-        ),
-    }
+async fn admin_reload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ProxyError> {
+    authorize(&state, &headers)?;
+    state
+        .policies
+        .reload()
+        .map_err(|e| AdminError::Reload(e.to_string()))?;
+    Ok(Json(json!({"status": "success"})))
 }
 
 #[cfg(test)]
@@ -550,6 +397,33 @@ mod tests {
     use axum::body::Body;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn every_answer_carries_a_request_id_and_a_callers_own_is_kept() {
+        let router = || {
+            Router::new()
+                .route("/", get(|| async { "ok" }))
+                .layer(request_span())
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        };
+        let made = router()
+            .oneshot(Request::get("/").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let id = made.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        let kept = router()
+            .oneshot(
+                Request::get("/")
+                    .header("x-request-id", "grafana-42")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(kept.headers()["x-request-id"], "grafana-42");
+    }
 
     #[tokio::test]
     async fn a_panicking_handler_answers_500_json_and_is_counted() {

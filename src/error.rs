@@ -9,9 +9,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::admission::Shed;
+use crate::app::AdminError;
 use crate::cache::CacheError;
 use crate::identity::IdentityError;
 use crate::limits::LimitError;
+use crate::policy::SwitchError;
 use crate::request::RequestError;
 use crate::upstream::UpstreamError;
 
@@ -55,6 +57,8 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 impl ProxyError {
@@ -64,6 +68,8 @@ impl ProxyError {
             | ProxyError::Request(_)
             | ProxyError::Limit(_)
             | ProxyError::Policy { .. } => Origin::Client,
+            ProxyError::Admin(AdminError::Switch(SwitchError::Persist(_))) => Origin::Upstream,
+            ProxyError::Admin(_) => Origin::Client,
             ProxyError::Shed(_) | ProxyError::Cache(_) => Origin::Upstream,
             ProxyError::Upstream(e) if e.is_client_fault() => Origin::Client,
             ProxyError::Upstream(_) => Origin::Upstream,
@@ -87,6 +93,18 @@ impl ProxyError {
             // 422 and "execution", as Prometheus answers a query it refuses to run:
             // Grafana shows the message on the panel.
             ProxyError::Policy { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
+            ProxyError::Admin(e) => match e {
+                AdminError::Disabled => (StatusCode::FORBIDDEN, "forbidden"),
+                AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+                AdminError::Switch(SwitchError::Persist(_)) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
+                AdminError::Reload(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_data"),
+                AdminError::Body(_)
+                | AdminError::Unaudited
+                | AdminError::Duration(_)
+                | AdminError::Switch(_) => (StatusCode::BAD_REQUEST, "bad_data"),
+            },
             ProxyError::Cache(CacheError::Lost) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ProxyError::Cache(CacheError::Waited { .. }) => {
                 (StatusCode::GATEWAY_TIMEOUT, "timeout")
@@ -125,6 +143,12 @@ impl IntoResponse for ProxyError {
             headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"promguard\""),
+            );
+        }
+        if matches!(self, ProxyError::Admin(AdminError::Unauthorized)) {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"promguard admin\""),
             );
         }
         response

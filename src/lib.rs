@@ -40,5 +40,6 @@ pub mod routing;
 pub mod scan;
 pub mod server;
 pub mod shutdown;
+pub mod state;
 pub mod units;
 pub mod upstream;

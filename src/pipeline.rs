@@ -18,17 +18,18 @@ use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::admission::{self, Class, Priority};
-use crate::analysis::{self, QueryShape};
-use crate::app::AppState;
+use crate::analysis::QueryShape;
 use crate::cache::{self, CacheStatus, Waiter};
 use crate::error::ProxyError;
 use crate::identity::{Caller, Source};
 use crate::policy::Compiled;
-use crate::policy::rules::{Decision, Facts, Refusal, RuleSet};
+use crate::policy::rules::{Decision, Refusal, RuleSet};
 use crate::policy::state::{Effective, Mode};
+use crate::policy::verdict::{Asker, Verdict, shape_of, verdict};
 use crate::refresh;
 use crate::request::{self, ApiRequest, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
+use crate::state::AppState;
 use crate::units::Millis;
 use crate::upstream::{UnalignedRanges, UpstreamResponse};
 
@@ -126,17 +127,25 @@ pub async fn handle(
     let mode = state.policies.mode(utc(ctx.now));
     let policy = state.policies.active();
 
-    // analyse: which samples it touches
-    let shape = shape_of(&req, state);
-
-    // route: recent Prometheus or the long-term store
-    let backend = routing::route(&state.routing, req.endpoint, &shape, ctx.now);
+    // analyse, route, decide: which samples it touches, recent Prometheus or the
+    // long-term store, and what the rules of the mode in force say
+    let Verdict {
+        shape,
+        backend,
+        decision,
+    } = verdict(
+        req.endpoint,
+        &req.kind,
+        policy.rules(mode.mode),
+        &state.routing,
+        state.lookback_delta,
+        asker(state, ctx),
+        ctx.now,
+    );
     ctx.backend = Some(backend);
-
-    // policy: the rules of the mode in force allow it, or refuse it with a reason;
-    // exempt callers (curated dashboards, on-call) keep the normal-mode budgets
-    let facts = facts(state, &req, &shape, backend, ctx);
-    let exempt = decide(state, &policy, &mode, &facts)?;
+    // refused with a reason, or allowed; exempt callers (curated dashboards,
+    // on-call) keep the normal-mode budgets
+    let exempt = enforce(state, &policy, &mode, decision)? == Subject::Exempt;
     let budgets = if exempt { Mode::Normal } else { mode.mode };
     let limits = policy.limits(budgets);
     let budget = ctx
@@ -158,7 +167,7 @@ pub async fn handle(
         .get_all(header::CACHE_CONTROL)
         .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.contains("no-cache")));
-    let unaligned_exact = match state.upstream(backend).unaligned_ranges() {
+    let unaligned_exact = match state.backend(backend).upstream.unaligned_ranges() {
         UnalignedRanges::AsAsked => true,
         UnalignedRanges::Realigned => false,
         UnalignedRanges::Unknown => {
@@ -252,27 +261,35 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Apply the rules of the mode in force: refuse, or allow and count the dry-run
-/// rules that would have refused. `Ok(true)` when the caller is exempt.
-fn decide(
+/// Whether the mode's rules bind a caller they allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    /// Exempt from the rules (curated dashboards, on-call users).
+    Exempt,
+    /// Allowed under the rules.
+    Bound,
+}
+
+/// Carry out the rules' decision: refuse, or allow and count the dry-run rules
+/// that would have refused.
+fn enforce(
     state: &AppState,
     policy: &Compiled,
     mode: &Effective,
-    facts: &Facts<'_>,
-) -> Result<bool, ProxyError> {
-    let rules = policy.rules(mode.mode);
+    decision: Decision,
+) -> Result<Subject, ProxyError> {
     let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
         counter
             .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
             .inc();
     };
-    match rules.decide(facts) {
+    match decision {
         Decision::Refuse(refusal) => {
             count(&state.metrics.policy_rejections, &refusal);
             Err(ProxyError::Policy {
                 mode: mode.describe(),
                 message: refusal.message,
-                advice: advice(rules),
+                advice: advice(policy.rules(mode.mode)),
             })
         }
         Decision::Allow { would_refuse } => {
@@ -285,9 +302,9 @@ fn decide(
                     refusal.message
                 );
             }
-            Ok(false)
+            Ok(Subject::Bound)
         }
-        Decision::Exempt => Ok(true),
+        Decision::Exempt => Ok(Subject::Exempt),
     }
 }
 
@@ -332,61 +349,34 @@ fn forwarder(
                 }
                 None => None,
             };
-            let slot = state
-                .gate(backend)
+            let backend = state.backend(backend);
+            let slot = backend
+                .gate
                 .admit(priority.clone())
                 .await
                 .inspect_err(|e| count_refusal(&state, e.why.as_str(), e.class))?;
             state
                 .metrics
                 .admission_wait
-                .with_label_values(&[backend.as_str()])
+                .with_label_values(&[backend.upstream.id.as_str()])
                 .observe(slot.waited.as_secs_f64());
-            Ok(state
-                .upstream(backend)
-                .forward(&req, &state.metrics)
-                .await?)
+            Ok(backend.upstream.forward(&req, &state.metrics).await?)
         })
     }
 }
 
-/// What the policy decision needs to know about this request.
-fn facts<'a>(
-    state: &AppState,
-    req: &'a ApiRequest,
-    shape: &'a QueryShape,
-    backend: BackendId,
-    ctx: &'a RequestCtx,
-) -> Facts<'a> {
+/// Who asks, as the rules may believe it: the dashboard only from the trusted
+/// Grafana, or from anyone when no Grafana trust is configured.
+fn asker<'a>(state: &AppState, ctx: &'a RequestCtx) -> Asker<'a> {
     let caller = ctx.caller.as_ref();
     let trusted = caller.is_some_and(|c| {
         state.trust_dashboard_headers || matches!(c.source, Source::GrafanaUser | Source::Grafana)
     });
-    let (range, query) = match &req.kind {
-        RequestKind::Range {
-            query, start, end, ..
-        } => (
-            Some(Duration::from_millis(
-                u64::try_from(end - start).unwrap_or(0),
-            )),
-            Some(query),
-        ),
-        RequestKind::Instant { query, .. } | RequestKind::Exemplars { query, .. } => {
-            (None, Some(query))
-        }
-        _ => (None, None),
-    };
-    Facts {
-        now: ctx.now,
+    Asker {
         user: caller.map_or("", |c| &*c.user),
         dashboard: caller
             .filter(|_| trusted)
             .and_then(|c| c.dashboard.as_deref()),
-        range,
-        oldest: shape.oldest,
-        furthest: shape.furthest.as_deref(),
-        backend,
-        query: query.map(|q| q.text.as_str()),
     }
 }
 
@@ -404,7 +394,7 @@ fn on_refresh_floor(
     let Some(snapped) = refresh::snap(&req, floor, live_after) else {
         return (req, shape);
     };
-    let snapped_shape = shape_of(&snapped, state);
+    let snapped_shape = shape_of(&snapped.kind, state.lookback_delta);
     if routing::route(&state.routing, snapped.endpoint, &snapped_shape, now) != backend {
         return (req, shape);
     }
@@ -435,28 +425,6 @@ fn count_refusal(state: &AppState, reason: &str, class: Class) {
         .with_label_values(&[reason, class.as_str()])
         .inc();
 }
-
-fn shape_of(req: &ApiRequest, state: &AppState) -> QueryShape {
-    match &req.kind {
-        RequestKind::Instant { query, time } => {
-            analysis::analyse_query(query, *time, *time, INSTANT_STEP_MS, state.lookback_delta)
-        }
-        RequestKind::Range {
-            query,
-            start,
-            end,
-            step_ms,
-        } => analysis::analyse_query(query, *start, *end, *step_ms, state.lookback_delta),
-        RequestKind::Metadata { start, end, .. } | RequestKind::Exemplars { start, end, .. } => {
-            QueryShape::from_span(*start, *end)
-        }
-        RequestKind::Static => QueryShape::default(),
-    }
-}
-
-/// The step an instant query's MetricsQL `[Ni]` ranges count in: VictoriaMetrics
-/// uses 5 minutes for instant queries.
-const INSTANT_STEP_MS: i64 = 300_000;
 
 /// Decode the URL query and, for form POSTs, the body. Body values come first, as
 /// in Prometheus (Go's `ParseForm`), so they win when a name appears in both.

@@ -6,11 +6,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::file::Policy;
-use super::rules::{Decision, Facts, human};
+use super::rules::{Decision, human};
 use super::state::{Effective, effective};
-use crate::analysis::analyse_query;
-use crate::request::{Endpoint, Query};
-use crate::routing::{RoutingTable, route};
+use super::verdict::{Asker, Verdict, verdict};
+use crate::request::{Endpoint, Query, RequestKind};
+use crate::routing::RoutingTable;
 use crate::units::Millis;
 
 /// The query and who asks it.
@@ -59,30 +59,45 @@ pub fn explain(
     lookback_delta: Duration,
     q: &Question<'_>,
 ) -> Explanation {
-    let shape = analyse_query(q.query, q.start, q.end, q.step_ms, lookback_delta);
     let at = chrono::DateTime::from_timestamp_millis(q.at).unwrap_or_default();
     let mode = effective(&policy.windows, None, at);
-    let endpoint = if q.range_query {
-        Endpoint::QueryRange
+    let (endpoint, kind) = if q.range_query {
+        (
+            Endpoint::QueryRange,
+            RequestKind::Range {
+                query: q.query.clone(),
+                start: q.start,
+                end: q.end,
+                step_ms: q.step_ms,
+            },
+        )
     } else {
-        Endpoint::Query
+        (
+            Endpoint::Query,
+            RequestKind::Instant {
+                query: q.query.clone(),
+                time: q.start,
+            },
+        )
     };
-    let backend = route(routing, endpoint, &shape, q.at);
     let mode_policy = policy.mode(mode.mode);
-    let rules = &mode_policy.rules;
-    let facts = Facts {
-        now: q.at,
-        user: q.user,
-        dashboard: q.dashboard,
-        range: q
-            .range_query
-            .then(|| Duration::from_millis(u64::try_from(q.end - q.start).unwrap_or(0))),
-        oldest: shape.oldest,
-        furthest: shape.furthest.as_deref(),
+    let Verdict {
+        shape,
         backend,
-        query: Some(&q.query.text),
-    };
-    let (decision, rule, message, dry_run) = match rules.decide(&facts) {
+        decision,
+    } = verdict(
+        endpoint,
+        &kind,
+        &mode_policy.rules,
+        routing,
+        lookback_delta,
+        Asker {
+            user: q.user,
+            dashboard: q.dashboard,
+        },
+        q.at,
+    );
+    let (decision, rule, message, dry_run) = match decision {
         Decision::Refuse(r) => ("refuse", Some(r.rule), Some(r.message), Vec::new()),
         Decision::Exempt => ("exempt", None, None, Vec::new()),
         Decision::Allow { would_refuse } => (

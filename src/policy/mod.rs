@@ -9,6 +9,7 @@ pub mod explain;
 pub mod file;
 pub mod rules;
 pub mod state;
+pub mod verdict;
 pub mod window;
 
 use std::hash::{Hash, Hasher};

@@ -1,0 +1,380 @@
+//! The command line: its flags and subcommands, and every subcommand but `serve`
+//! (checking configuration and policy files, explaining a policy decision,
+//! switching sale mode through a running promguard's admin API). `main.rs` runs
+//! the proxy itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use url::Url;
+
+use promguard::config::{BackendConfig, Config, HumanDuration, LogFormat, parse_human_duration};
+use promguard::policy::explain::{Question, explain};
+use promguard::policy::file::load_dir;
+use promguard::request::{Query, QueryParser};
+use promguard::routing::RoutingTable;
+use promguard::units::{parse_api_duration, parse_time};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A Prometheus query proxy that guards metrics backends during sales"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Serve(Box<ServeArgs>),
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// The YAML file to check.
+        file: PathBuf,
+    },
+    /// Check policy files, or explain what they would do with a query.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Switch sale mode on a running promguard (through its admin API).
+    SaleMode(Box<SaleModeArgs>),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate every policy file in a directory.
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+    },
+    /// Print the decision, mode, window, backend, lookback and deciding rule.
+    Explain(Box<ExplainArgs>),
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The policy directory.
+    #[arg(long)]
+    policies: PathBuf,
+    /// When the query would run (RFC 3339 or Unix seconds); default now.
+    #[arg(long)]
+    at: Option<String>,
+    /// The PromQL.
+    #[arg(long)]
+    query: String,
+    /// Range query start (RFC 3339 or Unix seconds).
+    #[arg(long, requires = "end", conflicts_with = "time")]
+    start: Option<String>,
+    /// Range query end.
+    #[arg(long, requires = "start")]
+    end: Option<String>,
+    /// Range query step (the decision depends on it only for MetricsQL ranges
+    /// written in steps, such as `[1i]`); default 60s.
+    #[arg(long)]
+    step: Option<String>,
+    /// Instant query time; default `--at`.
+    #[arg(long)]
+    time: Option<String>,
+    /// Who asks.
+    #[arg(long, default_value = "anonymous")]
+    user: String,
+    /// The dashboard uid the panel belongs to.
+    #[arg(long)]
+    dashboard: Option<String>,
+    /// How far back the recent Prometheus holds data.
+    #[arg(long, value_parser = parse_human_duration, default_value = "15d")]
+    recent_window: HumanDuration,
+    /// There is no long-term store: everything goes to the recent Prometheus.
+    #[arg(long)]
+    no_long_term: bool,
+    /// text or json.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct SaleModeArgs {
+    #[command(subcommand)]
+    command: SaleModeCommand,
+    /// promguard's address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:9091",
+        env = "PROMGUARD_URL"
+    )]
+    url: Url,
+    /// The admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "PROMGUARD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SaleModeCommand {
+    /// Force sale mode on for a while.
+    On(Switch),
+    /// Force sale mode off for a while, even inside a scheduled window.
+    Off(Switch),
+    /// Follow the schedule again.
+    Auto {
+        #[arg(long)]
+        reason: String,
+        /// Who switches (audited); default $USER.
+        #[arg(long, env = "USER")]
+        by: String,
+    },
+    /// Print the mode, its source, the windows and the audit trail.
+    Status,
+}
+
+#[derive(Args)]
+struct Switch {
+    /// How long, e.g. 6h.
+    #[arg(long = "for", value_parser = parse_human_duration)]
+    duration: HumanDuration,
+    #[arg(long)]
+    reason: String,
+    /// Who switches (audited); default $USER.
+    #[arg(long, env = "USER")]
+    by: String,
+}
+
+/// Flags override the file's values; with `--recent-url` no file is needed at all.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// YAML configuration file (see promguard.example.yaml).
+    #[arg(long, env = "PROMGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Base URL of the Prometheus holding recent data.
+    #[arg(long)]
+    recent_url: Option<Url>,
+    /// How far back the recent Prometheus holds data, e.g. 2d.
+    #[arg(long, value_parser = parse_human_duration)]
+    recent_window: Option<HumanDuration>,
+    /// Base URL of the long-term store (VictoriaMetrics, Thanos, Mimir).
+    #[arg(long)]
+    long_term_url: Option<Url>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// Run every subcommand but `serve`.
+///
+/// # Errors
+///
+/// What the subcommand reports: an invalid file, an unreachable promguard.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            println!(
+                "{}: OK (recent {}, long_term {})",
+                file.display(),
+                config.backends.recent.url,
+                config
+                    .backends
+                    .long_term
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |b| b.url.to_string())
+            );
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => {
+            let policy = load_dir(&dir)?;
+            println!(
+                "{}: OK ({} files, {} windows, {} normal rules, {} sale rules)",
+                dir.display(),
+                policy.files.len(),
+                policy.windows.len(),
+                policy.normal.rules.rules.len(),
+                policy.sale.rules.rules.len()
+            );
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Explain(args),
+        } => explain_command(*args),
+        Command::SaleMode(args) => sale_mode_command(*args),
+        Command::Serve(_) => bail!("serve runs in main"),
+    }
+}
+
+/// The configuration `serve` runs with: the file's, overridden by flags.
+///
+/// # Errors
+///
+/// An unreadable or invalid file, or no backend given at all.
+pub fn resolve_config(args: ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match (&args.config, &args.recent_url) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(url)) => Config::with_recent(url.clone()),
+        (None, None) => bail!("give --config FILE, or at least --recent-url URL"),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(url) = args.recent_url {
+        config.backends.recent.url = url;
+    }
+    if let Some(window) = args.recent_window {
+        config.backends.recent.window = window;
+    }
+    if let Some(url) = args.long_term_url {
+        match &mut config.backends.long_term {
+            Some(lt) => lt.url = url,
+            None => config.backends.long_term = Some(BackendConfig::new(url)),
+        }
+    }
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
+    let policy = load_dir(&args.policies)?;
+    let time = |param: &str, text: &str| {
+        parse_time(text).map_err(|e| anyhow::anyhow!("invalid --{param}: {e}"))
+    };
+    let at = match &args.at {
+        Some(t) => time("at", t)?,
+        None => chrono::Utc::now().timestamp_millis(),
+    };
+    let (expr, canonical) = QueryParser::default()
+        .parse(&args.query)
+        .map_err(|e| anyhow::anyhow!("invalid --query: {e}"))?;
+    let query = Query {
+        text: args.query.clone(),
+        expr,
+        canonical,
+    };
+    let (start, end, range_query) = match (&args.start, &args.end, &args.time) {
+        (Some(s), Some(e), _) => (time("start", s)?, time("end", e)?, true),
+        (_, _, Some(t)) => {
+            let t = time("time", t)?;
+            (t, t, false)
+        }
+        _ => (at, at, false),
+    };
+    let step_ms = match &args.step {
+        Some(step) => parse_api_duration(step)
+            .map(|d| promguard::units::millis(d).max(1))
+            .map_err(|e| anyhow::anyhow!("invalid --step: {e}"))?,
+        None => 60_000,
+    };
+    let routing = RoutingTable {
+        recent_window: args.recent_window.0,
+        has_long_term: !args.no_long_term,
+    };
+    let e = explain(
+        &policy,
+        &routing,
+        promguard::analysis::DEFAULT_LOOKBACK_DELTA,
+        &Question {
+            query: &query,
+            start,
+            end,
+            step_ms,
+            range_query,
+            at,
+            user: &args.user,
+            dashboard: args.dashboard.as_deref(),
+        },
+    );
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Output::Text => {
+            println!("decision:  {}", e.decision);
+            println!("mode:      {}", e.mode.describe());
+            println!("backend:   {}", e.backend);
+            if let (Some(back), Some(oldest), Some(newest)) = (&e.lookback, e.oldest, e.newest) {
+                println!("lookback:  {back} (samples from {oldest} to {newest}, Unix seconds)");
+            }
+            if let Some(f) = &e.furthest {
+                println!("furthest:  {f}");
+            }
+            if e.analysis != "parsed" {
+                println!(
+                    "analysis:  {} (promguard's parser cannot read this query; its bounds \
+                     add up every range and offset, and the backend judges the query)",
+                    e.analysis
+                );
+            }
+            if let Some(m) = &e.message {
+                println!("why:       {m}");
+            }
+            for d in &e.dry_run {
+                println!("dry run:   {d}");
+            }
+            if let Some(r) = &e.min_refresh {
+                println!("refresh:   from the backend at most every {r} while live");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sale_mode_command(args: SaleModeArgs) -> anyhow::Result<()> {
+    let token = args
+        .token
+        .context("give --token or set PROMGUARD_ADMIN_TOKEN")?;
+    let url = args.url.join("admin/sale-mode")?;
+    let body = match &args.command {
+        SaleModeCommand::Status => None,
+        SaleModeCommand::On(s) | SaleModeCommand::Off(s) => Some(serde_json::json!({
+            "mode": if matches!(args.command, SaleModeCommand::On(_)) { "on" } else { "off" },
+            "for": format!("{}s", s.duration.0.as_secs()),
+            "reason": s.reason,
+            "by": s.by,
+        })),
+        SaleModeCommand::Auto { reason, by } => Some(serde_json::json!({
+            "mode": "auto", "reason": reason, "by": by,
+        })),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, text) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let request = match &body {
+            None => client.get(url.clone()),
+            Some(b) => client
+                .post(url.clone())
+                .header("content-type", "application/json")
+                .body(b.to_string()),
+        };
+        let response = request.bearer_auth(&token).send().await?;
+        let status = response.status();
+        anyhow::Ok((status, response.text().await?))
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    if !status.is_success() {
+        bail!("promguard answered {status}");
+    }
+    Ok(())
+}
