@@ -10,10 +10,12 @@
 
 use serde_json::Value;
 
-use crate::cache::QUERIES;
-use crate::harness::{
+use promguard_testkit::{
     Promguard, Rng, assert_same_answer, backends, differs, now_secs, range, sorted_by_metric,
 };
+
+use crate::BINS;
+use crate::cache::QUERIES;
 
 const DEFAULT_ROUNDS: u64 = 8;
 
@@ -62,14 +64,14 @@ async fn answers_equal_prometheus_for_any_window() {
             tolerance: 0.0,
             backend: "recent",
         },
-        &backends().prometheus,
+        &backends(BINS).prometheus,
     )
     .await;
 }
 
 #[tokio::test]
 async fn answers_equal_victoria_metrics_for_any_window() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
     run(
         Target {
             name: "VictoriaMetrics",
@@ -83,13 +85,14 @@ async fn answers_equal_victoria_metrics_for_any_window() {
             tolerance: 1e-9,
             backend: "long_term",
         },
-        &backends().victoria,
+        &backends(BINS).victoria,
     )
     .await;
 }
 
 async fn run(target: Target, direct: &str) {
     let pg = Promguard::with_recent_window(
+        BINS,
         target.recent_window,
         "limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n",
     );
