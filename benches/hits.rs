@@ -25,14 +25,6 @@
 //! Run: `cargo bench --bench hits`; HITS_SECS per cell (5), HITS_ROUNDS (3).
 //! Writes `benches/results/hits.md`.
 
-#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
-#[path = "../tests/e2e/harness.rs"]
-mod harness;
-#[path = "storm/nginx.rs"]
-mod nginx;
-#[path = "storm/procstat.rs"]
-mod procstat;
-
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -44,8 +36,11 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use harness::{Promguard, backends, now_secs, repo};
-use nginx::Nginx;
+use promguard_testkit::nginx::Nginx;
+use promguard_testkit::{Bins, Promguard, backends, now_secs, procstat, repo};
+
+/// This package's binaries, which the testkit starts.
+const BINS: Bins = promguard_testkit::bins!();
 
 const CONCURRENCY: [usize; 2] = [1, 32];
 /// The per-user request budget counts cache hits; a load generator is one "user"
@@ -125,8 +120,8 @@ async fn main() {
     };
     let seconds = Duration::from_secs(env("HITS_SECS", 5));
     let rounds = env("HITS_ROUNDS", 3) as usize;
-    let b = backends();
-    let pg = Promguard::in_front_of_backends(CONFIG);
+    let b = backends(BINS);
+    let pg = Promguard::in_front_of_backends(BINS, CONFIG);
     let proxy = Nginx::start(&[("prometheus", &b.prometheus)], "1h");
     let servers = [
         (Arm::Promguard, pg.url.clone(), pg.pid()),

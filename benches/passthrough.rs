@@ -6,16 +6,15 @@
 //! p99 of each with the difference. Run: `cargo bench --bench passthrough`.
 //! Writes `benches/results/passthrough.md`.
 
-#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
-#[path = "../tests/e2e/harness.rs"]
-mod harness;
-
 use std::fmt::Write as _;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-use harness::{Promguard, backends, client, now_secs};
+use promguard_testkit::{Bins, Promguard, backends, client, now_secs, repo};
+
+/// This package's binaries, which the testkit starts.
+const BINS: Bins = promguard_testkit::bins!();
 
 const ROUNDS: usize = 2000;
 
@@ -31,10 +30,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ROUNDS);
-    let b = backends();
+    let b = backends(BINS);
     // The cache disabled and the per-user budgets out of the way: this measures the
     // proxy path itself (parse, analyse, route, limit, admit, forward), not refusals.
     let pg = Promguard::in_front_of_backends(
+        BINS,
         "cache:\n  enabled: false\n\
          limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n",
     );
@@ -115,7 +115,7 @@ async fn main() {
     );
     let out = format!("{header}{report}");
     print!("{out}");
-    let path = harness::repo().join("benches/results/passthrough.md");
+    let path = repo().join("benches/results/passthrough.md");
     std::fs::write(&path, out).expect("write the results");
 }
 

@@ -30,17 +30,16 @@
 //!
 //! Run: `cargo bench --bench refresh`; writes `benches/results/refresh.md`.
 
-#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
-#[path = "../tests/e2e/harness.rs"]
-mod harness;
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use harness::{Promguard, backends, client, now_secs, repo, scrape};
+use promguard_testkit::{Bins, Promguard, backends, client, now_secs, repo, scrape};
+
+/// This package's binaries, which the testkit starts.
+const BINS: Bins = promguard_testkit::bins!();
 
 const QUERY: &str = "sum by (region) (rate(shop_orders_total[5m]))";
 const RANGE_S: i64 = 7 * 86_400;
@@ -96,9 +95,9 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let b = backends();
+    let b = backends(BINS);
 
-    let pg = Promguard::in_front_of_backends(CONFIG);
+    let pg = Promguard::in_front_of_backends(BINS, CONFIG);
     let first = now_secs();
     let mut realtime = Vec::new();
     let started = Instant::now();
@@ -115,7 +114,7 @@ async fn main() {
     }
     drop(pg);
 
-    let pg = Promguard::in_front_of_backends(CONFIG);
+    let pg = Promguard::in_front_of_backends(BINS, CONFIG);
     let hour_end = now_secs() - 600;
     let mut replay = Vec::new();
     for k in 0..3600 / REFRESH_S {

@@ -6,12 +6,12 @@
 //! proxy; the backends are shared.
 
 use promguard::config::{AdmissionConfig, CacheConfig, parse_human_duration};
+use promguard_testkit::nginx::Nginx;
+use promguard_testkit::{Promguard, client, procstat, repo};
 
+use crate::BINS;
 use crate::backends::Backends;
-use crate::harness::{Promguard, client, repo};
 use crate::load::{Endpoints, GRAFANA_SECRET, GRAFANA_SECRET_HEADER, Grafana};
-use crate::nginx::Nginx;
-use crate::procstat;
 
 /// Prometheus holds 2 days; everything older is read from VictoriaMetrics.
 const RECENT_WINDOW: &str = "2d";
@@ -176,20 +176,23 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
         }
         // The README's flags-only command.
         Arm::Quickstart => promguard(
-            Promguard::with_flags(&[
-                "--recent-url",
-                &backends.prometheus,
-                "--recent-window",
-                RECENT_WINDOW,
-                "--long-term-url",
-                &backends.victoria,
-            ]),
+            Promguard::with_flags(
+                BINS,
+                &[
+                    "--recent-url",
+                    &backends.prometheus,
+                    "--recent-window",
+                    RECENT_WINDOW,
+                    "--long-term-url",
+                    &backends.victoria,
+                ],
+            ),
             None,
         ),
-        Arm::Identity => promguard(Promguard::start(&identity_config(backends)), None),
+        Arm::Identity => promguard(Promguard::start(BINS, &identity_config(backends)), None),
         Arm::Tuned | Arm::Sale => {
             let state = tempfile::tempdir().expect("a state directory");
-            let process = Promguard::start(&config(backends, state.path()));
+            let process = Promguard::start(BINS, &config(backends, state.path()));
             set_sale_mode(&process.url, arm == Arm::Sale).await;
             promguard(process, Some(state))
         }

@@ -2,7 +2,7 @@
 //!
 //! Starts Prometheus (2 days at 30 s, with the curated dashboards' recording rules)
 //! and VictoriaMetrics (3 years by default: 1 h steps, then the last 2 days at 30 s)
-//! with scripts/backends.sh, like the test harness does but with the storm's data
+//! with scripts/backends.sh, like the testkit does for the tests but with the storm's data
 //! span, and stops them when the bench ends, however it ends. Prometheus 2.42
 //! exports no count of samples read, so its query log is switched on (a config
 //! reload) and the `totalQueryableSamples` of every API query summed;
@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Scrape, repo, run_backends_script};
-use crate::procstat;
+use promguard_testkit::{Scrape, get, procstat, repo, run_backends_script};
+
+use crate::BINS;
 
 /// Query endpoints, as Prometheus labels its handlers and VictoriaMetrics its paths.
 const PROMETHEUS_HANDLERS: &[&str] = &[
@@ -96,6 +97,7 @@ impl Backends {
         let dir = std::env::temp_dir().join(format!("promguard-storm-{}", std::process::id()));
         // Blocking the runtime is fine here: nothing else runs before the backends.
         let started = run_backends_script(
+            BINS,
             &dir,
             &[
                 "--instances",
@@ -127,7 +129,7 @@ impl Backends {
     /// Switch on Prometheus' query log: add `query_log_file` to the config file it
     /// runs with (as it reports in its flags) and reload it (SIGHUP).
     async fn enable_query_log(&self) {
-        let flags = crate::harness::get(&format!("{}/api/v1/status/flags", self.prometheus), &[])
+        let flags = get(&format!("{}/api/v1/status/flags", self.prometheus), &[])
             .await
             .2;
         let path = flags
@@ -175,7 +177,7 @@ impl Backends {
     /// Drop VictoriaMetrics' rollup result cache, so no arm inherits answers an
     /// earlier arm computed.
     pub async fn reset_caches(&self) {
-        let http = crate::harness::client();
+        let http = promguard_testkit::client();
         http.get(format!("{}/internal/resetRollupResultCache", self.victoria))
             .send()
             .await
@@ -291,7 +293,7 @@ impl Drop for Backends {
 /// A /metrics page, or `None` when it does not come within `timeout`.
 pub async fn scrape_within(base: &str, timeout: Duration) -> Option<Scrape> {
     tokio::time::timeout(timeout, async {
-        let response = crate::harness::client()
+        let response = promguard_testkit::client()
             .get(format!("{base}/metrics"))
             .send()
             .await

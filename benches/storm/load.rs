@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use crate::grafana::{Call, HttpCall};
+use promguard_testkit::grafana::{Call, HttpCall};
+
 use crate::population::{Dashboard, Engineer, Kind, Target};
 
 /// The shared secret promguard's identity stage expects from Grafana (set on the

@@ -7,18 +7,20 @@
 //! dashboard's time range, each panel as wide as its grid position on the
 //! engineer's screen. Personal dashboards are what people build without thinking
 //! about cost: a catalogue of plausible queries over ranges from 30 minutes to 3
-//! years, with range selectors up to 30 days.
+//! years, with range selectors up to 30 days. Every request is shaped by the
+//! testkit's model of Grafana (`promguard_testkit::grafana`), the one the tests use.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse};
-
-use crate::grafana::Call;
+use promguard_testkit::grafana::{
+    Call, Dashboard as Board, DataSource, Resolution, Screen, Sizing,
+};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;
@@ -154,168 +156,69 @@ const SCREENS: &[(i64, u32)] = &[(1366, 15), (1536, 15), (1920, 50), (2560, 20)]
 /// Grafana's refresh picker: 10s, 30s, 1m.
 const REFRESH_MS: &[(u64, u32)] = &[(10_000, 30), (30_000, 50), (60_000, 20)];
 
-/// A panel `cols` of 24 grid columns wide, in pixels, which is what Grafana sends
-/// as `maxDataPoints`: the screen minus the side menu and the panel's padding.
-fn panel_px(screen: i64, cols: i64) -> i64 {
-    ((screen - 100) * cols / 24 - 16).max(100)
+/// The data source as Grafana's defaults and `dashboards/provisioning/` have it: a
+/// 15 s scrape interval.
+const DATA_SOURCE: DataSource = DataSource::GRAFANA_DEFAULT;
+
+/// How Grafana sizes a personal or Explore panel `cols` of 24 grid columns wide on a
+/// `screen` pixels wide: by its width, with no min interval or min step of its own.
+fn sizing(screen: i64, cols: i64) -> Sizing {
+    Sizing {
+        max_data_points: Screen { width_px: screen }.panel_px(cols),
+        panel_min_interval_ms: None,
+        target_min_step_ms: None,
+    }
 }
 
-/// A curated dashboard as read from its JSON model.
+/// A curated dashboard as read from its JSON model, with its variables at "All".
 struct CuratedFile {
-    uid: Arc<str>,
-    range_ms: i64,
-    /// label_values(...) variable queries: (label, matcher).
-    variables: Vec<(String, Option<String>)>,
-    /// (panel id, grid width, relative time override, target).
-    targets: Vec<(u32, i64, Option<i64>, JsonTarget)>,
-}
-
-struct JsonTarget {
-    expr: String,
-    instant: bool,
-    min_interval_ms: i64,
+    board: Board,
+    variables: BTreeMap<String, String>,
 }
 
 impl CuratedFile {
     fn load(path: &Path) -> Self {
-        let text = std::fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("read curated dashboard {}: {e}", path.display()));
-        let json: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-        let uid = json["uid"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{} has no uid", path.display()));
-        let range_ms = json["time"]["from"]
-            .as_str()
-            .and_then(|f| f.strip_prefix("now-"))
-            .and_then(parse_ms)
-            .unwrap_or_else(|| panic!("{}: time.from is not now-<duration>", path.display()));
-        // Multi-value variables at "All" become their allValue (".*").
-        let mut substitutions = Vec::new();
-        let mut variables = Vec::new();
-        for var in json["templating"]["list"].as_array().into_iter().flatten() {
-            if var["type"] != "query" {
-                continue;
-            }
-            let name = var["name"].as_str().unwrap_or_default();
-            let all = var["allValue"].as_str().unwrap_or(".*");
-            substitutions.push((format!("${{{name}}}"), all.to_string()));
-            substitutions.push((format!("${name}"), all.to_string()));
-            if let Some(query) = var["definition"].as_str().and_then(label_values) {
-                variables.push(query);
-            }
-        }
-        // Longest names first, so `$region` does not eat `$regions`.
-        substitutions.sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
-        let mut targets = Vec::new();
-        for panel in panels(&json) {
-            let id = panel["id"].as_u64().unwrap_or(0) as u32;
-            let cols = panel["gridPos"]["w"].as_i64().unwrap_or(24);
-            let time_from = panel["timeFrom"].as_str().and_then(parse_ms);
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                let Some(expr) = target["expr"].as_str().filter(|e| !e.is_empty()) else {
-                    continue;
-                };
-                let expr = substitutions
-                    .iter()
-                    .fold(expr.to_string(), |e, (from, to)| e.replace(from, to));
-                let min_interval_ms = target["interval"]
-                    .as_str()
-                    .and_then(parse_ms)
-                    .unwrap_or(crate::grafana::SCRAPE_INTERVAL_MS);
-                let json_target = JsonTarget {
-                    expr,
-                    instant: target["instant"].as_bool().unwrap_or(false)
-                        && !target["range"].as_bool().unwrap_or(false),
-                    min_interval_ms,
-                };
-                targets.push((id, cols, time_from, json_target));
-            }
-        }
-        assert!(!targets.is_empty(), "{} has no targets", path.display());
-        CuratedFile {
-            uid: uid.into(),
-            range_ms,
-            variables,
-            targets,
-        }
+        let board = Board::load(path);
+        let variables = board.all_selected().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            board.query_panels().iter().any(|p| !p.targets.is_empty()),
+            "{} has no targets",
+            path.display()
+        );
+        CuratedFile { board, variables }
     }
 
-    /// The dashboard as opened on a `screen` pixels wide.
+    /// The dashboard as opened on a `screen` pixels wide: its variables, then every
+    /// target of every panel, as Grafana's model sends them.
     fn open(&self, rng: &mut StdRng, screen: i64) -> Dashboard {
+        let range_ms = self.board.range_ms().unwrap_or_else(|e| panic!("{e}"));
         let on_load = self
-            .variables
-            .iter()
-            .map(|(label, matcher)| {
-                target(
-                    0,
-                    Call::LabelValues {
-                        label: label.as_str().into(),
-                        matcher: matcher.as_deref().map(Arc::from),
-                        range_ms: self.range_ms,
-                    },
-                )
-            })
+            .board
+            .query_variables()
+            .filter_map(|v| v.call(range_ms))
+            .map(|call| target(0, call))
             .collect();
-        let panels = self
-            .targets
-            .iter()
-            .map(|(id, cols, time_from, t)| {
-                let call = if t.instant {
-                    Call::Instant {
-                        expr: t.expr.as_str().into(),
-                    }
-                } else {
-                    Call::range(
-                        &t.expr,
-                        time_from.unwrap_or(self.range_ms),
-                        panel_px(screen, *cols),
-                        t.min_interval_ms,
-                    )
-                };
-                target(*id, call)
-            })
-            .collect();
+        let screen = Screen { width_px: screen };
+        let mut panels = Vec::new();
+        for panel in self.board.query_panels() {
+            for t in &panel.targets {
+                let calls = self
+                    .board
+                    .calls(panel, t, &self.variables, DATA_SOURCE, screen)
+                    .unwrap_or_else(|e| {
+                        panic!("{} panel {} {}: {e}", self.board.uid, panel.id, t.ref_id)
+                    });
+                panels.extend(calls.into_iter().map(|call| target(panel.id, call)));
+            }
+        }
         Dashboard {
-            uid: self.uid.clone(),
+            uid: self.board.uid.as_str().into(),
             kind: Kind::Curated,
             refresh_ms: pick(rng, REFRESH_MS),
             on_load,
             panels,
         }
     }
-}
-
-/// Every panel, including those inside collapsed rows.
-fn panels(dashboard: &Value) -> Vec<&Value> {
-    let mut out = Vec::new();
-    for panel in dashboard["panels"].as_array().into_iter().flatten() {
-        if panel["type"] == "row" {
-            out.extend(panel["panels"].as_array().into_iter().flatten());
-        } else {
-            out.push(panel);
-        }
-    }
-    out
-}
-
-/// `label_values(metric{...}, label)` → (label, Some(matcher));
-/// `label_values(label)` → (label, None).
-fn label_values(definition: &str) -> Option<(String, Option<String>)> {
-    let inner = definition
-        .trim()
-        .strip_prefix("label_values(")?
-        .strip_suffix(')')?;
-    Some(match inner.rsplit_once(',') {
-        Some((matcher, label)) => (label.trim().to_string(), Some(matcher.trim().to_string())),
-        None => (inner.trim().to_string(), None),
-    })
-}
-
-fn parse_ms(text: &str) -> Option<i64> {
-    promql_parser::util::parse_duration(text)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
 }
 
 /// Queries people put on their own dashboards; `{r}` is the range selector.
@@ -365,12 +268,13 @@ fn personal_dashboard(rng: &mut StdRng, login: &str, k: usize, screen: i64) -> D
                 range_ms
             };
             let cols = pick(rng, &[(8, 30), (12, 50), (24, 20)]);
+            let resolution = Resolution::new(range, sizing(screen, cols), DATA_SOURCE);
             let call = Call::range(
                 &query.replace("{r}", selector),
-                range,
-                panel_px(screen, cols),
-                crate::grafana::SCRAPE_INTERVAL_MS,
-            );
+                &resolution,
+                &BTreeMap::new(),
+            )
+            .expect("personal queries use only Grafana's built-in variables");
             target(id + 1, call)
         })
         .collect();
@@ -446,21 +350,18 @@ fn explore(rng: &mut StdRng, screen: i64) -> Explore {
         ]);
         let query = PERSONAL_QUERIES[rng.random_range(0..PERSONAL_QUERIES.len())]
             .replace("{r}", "$__rate_interval");
+        // Both queries of one Explore run share the run's interval.
+        let resolution = Resolution::new(range_ms, sizing(screen, 24), DATA_SOURCE);
+        let no_variables = BTreeMap::new();
+        let built_ins = "Explore queries use only Grafana's built-in variables";
         visits.push(vec![
             target(
                 0,
-                Call::range(
-                    &query,
-                    range_ms,
-                    panel_px(screen, 24),
-                    crate::grafana::SCRAPE_INTERVAL_MS,
-                ),
+                Call::range(&query, &resolution, &no_variables).expect(built_ins),
             ),
             target(
                 0,
-                Call::Instant {
-                    expr: query.replace("$__rate_interval", "1m").into(),
-                },
+                Call::instant(&query, &resolution, &no_variables).expect(built_ins),
             ),
         ]);
     }

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use promguard_testkit::{Promguard, client};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client};
 
 struct Case {
     method: &'static str,
@@ -38,10 +40,13 @@ fn case(
 #[tokio::test]
 async fn every_kind_of_bad_input_gets_a_json_error_and_no_backend_call() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "max_request_body: 1KiB\nbackends:\n  recent:\n    url: {}\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "max_request_body: 1KiB\nbackends:\n  recent:\n    url: {}\n",
+            backend.url
+        ),
+    );
     let mut cases = vec![
         case(
             "GET",
@@ -249,10 +254,13 @@ async fn every_kind_of_bad_input_gets_a_json_error_and_no_backend_call() {
 #[tokio::test]
 async fn wrong_credentials_are_refused_not_downgraded() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\nidentity:\n  users:\n    alice: apass\n  bearer_tokens:\n    alerting: tok\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\nidentity:\n  users:\n    alice: apass\n  bearer_tokens:\n    alerting: tok\n",
+            backend.url
+        ),
+    );
     let url = format!("{}/api/v1/query?query=up", pg.url);
     let wrong = client()
         .get(&url)

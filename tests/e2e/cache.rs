@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::faults::{FaultServer, Mode};
-use crate::harness::{
+use promguard_testkit::{
     Promguard, Rng, assert_same_answer, backends, client, now_secs, range, scrape, sorted_by_metric,
 };
+
+use crate::BINS;
+use crate::faults::{FaultServer, Mode};
 
 /// Per-user budgets out of the way, for tests that send floods as one user.
 const UNLIMITED: &str = "limits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n  max_in_flight: 1000\n";
@@ -28,8 +30,8 @@ pub const QUERIES: &[&str] = &[
 
 #[tokio::test]
 async fn stitched_answers_equal_prometheus_exactly() {
-    let pg = Promguard::in_front_of_backends("");
-    let prom = &backends().prometheus;
+    let pg = Promguard::in_front_of_backends(BINS, "");
+    let prom = &backends(BINS).prometheus;
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut seen = BTreeSet::new();
     for round in 0..24 {
@@ -74,11 +76,11 @@ async fn stitched_answers_equal_prometheus_exactly() {
 
 #[tokio::test]
 async fn stitched_answers_equal_victoria_metrics_within_1e_9() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
     // Anything older than 2 hours goes to VictoriaMetrics, which holds the last two
     // days at scrape resolution, as a long-term store does.
-    let pg = Promguard::with_recent_window("2h", "");
-    let vm = &backends().victoria;
+    let pg = Promguard::with_recent_window(BINS, "2h", "");
+    let vm = &backends(BINS).victoria;
     let mut rng = Rng(0x5EED_0000_0000_0002);
     let mut seen = BTreeSet::new();
     for _ in 0..10 {
@@ -105,8 +107,8 @@ async fn stitched_answers_equal_victoria_metrics_within_1e_9() {
 
 #[tokio::test]
 async fn late_samples_are_fetched_again_after_the_fresh_ttl() {
-    let pg = Promguard::in_front_of_backends("cache:\n  fresh_ttl: 1s\n");
-    let prom = &backends().prometheus;
+    let pg = Promguard::in_front_of_backends(BINS, "cache:\n  fresh_ttl: 1s\n");
+    let prom = &backends(BINS).prometheus;
     let query = "sum(rate(http_requests_total[1m]))";
     let end = now_secs() / 15 * 15;
     let start = end - 3600;
@@ -133,10 +135,13 @@ async fn late_samples_are_fetched_again_after_the_fresh_ttl() {
 #[tokio::test]
 async fn a_hundred_identical_requests_make_one_upstream_call() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(400))).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\n{UNLIMITED}",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\n{UNLIMITED}",
+            backend.url
+        ),
+    );
     for path in [
         "/api/v1/query?query=up&time=1700000000",
         "/api/v1/query_range?query=up&start=1700000040&end=1700003640&step=60",
@@ -166,7 +171,10 @@ async fn a_hundred_identical_requests_make_one_upstream_call() {
 #[tokio::test]
 async fn metadata_is_cached_and_no_cache_bypasses() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let url = format!("{}/api/v1/labels?start=1700000005&end=1700003590", pg.url);
     let first = client().get(&url).send().await.expect("answer");
     assert_eq!(first.headers()["x-cache"], "MISS");
@@ -187,10 +195,13 @@ async fn metadata_is_cached_and_no_cache_bypasses() {
 #[tokio::test]
 async fn a_failing_backend_is_covered_by_a_stale_answer_with_a_warning() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\ncache:\n  fresh_ttl: 1s\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\ncache:\n  fresh_ttl: 1s\n",
+            backend.url
+        ),
+    );
     let url = format!("{}/api/v1/query?query=up&time={}", pg.url, now_secs());
     let fresh = client().get(&url).send().await.expect("answer");
     assert_eq!(fresh.headers()["x-cache"], "MISS");
@@ -219,10 +230,13 @@ async fn a_failing_backend_is_covered_by_a_stale_answer_with_a_warning() {
 #[tokio::test]
 async fn the_byte_bound_holds_under_many_distinct_queries() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\ncache:\n  max_bytes: 256KiB\n{UNLIMITED}",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\ncache:\n  max_bytes: 256KiB\n{UNLIMITED}",
+            backend.url
+        ),
+    );
     for i in 0..3000 {
         let url = format!(
             "{}/api/v1/query?query=up%7Bi%3D%22{i}%22%7D&time=1700000000",
@@ -252,10 +266,13 @@ fn rss_bytes(pid: u32) -> u64 {
 #[tokio::test]
 async fn memory_stays_near_the_bound_when_far_more_passes_through() {
     let backend = FaultServer::start(Mode::Big(64 * 1024)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\ncache:\n  max_bytes: 4MiB\n{UNLIMITED}",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\ncache:\n  max_bytes: 4MiB\n{UNLIMITED}",
+            backend.url
+        ),
+    );
     let before = rss_bytes(pg.pid());
     // About 190 MiB of distinct answers through a 4 MiB cache.
     for i in 0..3000 {
@@ -284,7 +301,10 @@ async fn memory_stays_near_the_bound_when_far_more_passes_through() {
 async fn hits_go_out_gzipped_to_clients_that_accept_it() {
     use std::io::Read;
     let backend = FaultServer::start(Mode::Big(64 * 1024)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let url = format!("{}/api/v1/query?query=up&time=1700000000", pg.url);
     // A client that does not decompress by itself, so the wire format is visible.
     let raw = reqwest::Client::builder()

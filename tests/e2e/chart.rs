@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::harness::repo;
+use promguard_testkit::repo;
 
 #[test]
 fn the_helm_chart_renders_and_validates() {

@@ -3,7 +3,9 @@
 //! tolerant scan, and answered exactly as VictoriaMetrics answers them; a query the
 //! backend refuses gets the backend's own error.
 
-use crate::harness::{Promguard, assert_same_answer, backends, get, now_secs, sorted_by_metric};
+use promguard_testkit::{Promguard, assert_same_answer, backends, get, now_secs, sorted_by_metric};
+
+use crate::BINS;
 
 /// Queries people type into Grafana's Prometheus data source in front of
 /// VictoriaMetrics, most of which promql-parser does not know.
@@ -29,12 +31,13 @@ const QUERIES: &[&str] = &[
 
 #[tokio::test]
 async fn metricsql_and_newer_promql_are_answered_as_victoria_metrics_answers_them() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
-    let vm = &backends().victoria;
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
+    let vm = &backends(BINS).victoria;
     // VictoriaMetrics as the only backend, as many run it.
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {vm}\n    window: 60d\n"
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {vm}\n    window: 60d\n"),
+    );
     // Settled data, well inside what VictoriaMetrics holds at scrape resolution.
     let end = (now_secs() - 6 * 3600) / 60 * 60;
     let start = end - 3 * 3600;
@@ -73,8 +76,8 @@ async fn metricsql_and_newer_promql_are_answered_as_victoria_metrics_answers_the
 
 #[tokio::test]
 async fn what_the_backend_refuses_is_refused_with_the_backends_own_error() {
-    let pg = Promguard::in_front_of_backends("");
-    let prom = &backends().prometheus;
+    let pg = Promguard::in_front_of_backends(BINS, "");
+    let prom = &backends(BINS).prometheus;
     let time = (now_secs() - 3600).to_string();
     // Valid MetricsQL, but Prometheus does not speak it; nor does it know
     // holt_winters any more in version 3 (this is 2.x, which does).

@@ -10,10 +10,12 @@
 
 use serde_json::Value;
 
-use crate::cache::QUERIES;
-use crate::harness::{
+use promguard_testkit::{
     Promguard, Rng, assert_same_answer, backends, differs, now_secs, range, sorted_by_metric,
 };
+
+use crate::BINS;
+use crate::cache::QUERIES;
 
 const DEFAULT_ROUNDS: u64 = 8;
 
@@ -62,14 +64,14 @@ async fn answers_equal_prometheus_for_any_window() {
             tolerance: 0.0,
             backend: "recent",
         },
-        &backends().prometheus,
+        &backends(BINS).prometheus,
     )
     .await;
 }
 
 #[tokio::test]
 async fn answers_equal_victoria_metrics_for_any_window() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
     run(
         Target {
             name: "VictoriaMetrics",
@@ -83,7 +85,7 @@ async fn answers_equal_victoria_metrics_for_any_window() {
             tolerance: 1e-9,
             backend: "long_term",
         },
-        &backends().victoria,
+        &backends(BINS).victoria,
     )
     .await;
 }
@@ -92,6 +94,7 @@ async fn run(target: Target, direct: &str) {
     // A short fresh_ttl, so that a live window's answer is fetched again within
     // the comparison's retries rather than served from cache for 10 s.
     let pg = Promguard::with_recent_window(
+        BINS,
         target.recent_window,
         "cache:\n  fresh_ttl: 1s\nlimits:\n  requests: {per_second: 100000, burst: 100000}\n  upstream: {per_second: 100000, burst: 100000}\n",
     );

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use promguard_testkit::{Promguard, client, now_secs, scrape};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, now_secs, scrape};
 
 /// The headers a default Grafana sends with a panel query: no user, no secret.
 fn grafana_panel(
@@ -32,7 +34,7 @@ async fn upstream_queries(pg: &Promguard) -> f64 {
 
 #[tokio::test]
 async fn fifty_stat_panels_within_one_second_cost_prometheus_one_query() {
-    let pg = Promguard::in_front_of_backends("");
+    let pg = Promguard::in_front_of_backends(BINS, "");
     let query = "sum(rate(shop_orders_total{status=\"created\"}[5m])) * 60";
     // One second inside one 5 s instant step, in the live window.
     let cell = (now_secs() - 20) / 5 * 5;
@@ -92,10 +94,13 @@ async fn fifty_stat_panels_within_one_second_cost_prometheus_one_query() {
 async fn a_grafana_burst_without_identity_is_not_refused_for_hits_or_curated_panels() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
     // Tiny budgets, told apart per dashboard, so that refusals would show.
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\npriority:\n  dashboards: [orders]\nlimits:\n  requests: {{per_second: 1, burst: 5}}\n  upstream: {{per_second: 1, burst: 5}}\n  unverified: per_dashboard\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\npriority:\n  dashboards: [orders]\nlimits:\n  requests: {{per_second: 1, burst: 5}}\n  upstream: {{per_second: 1, burst: 5}}\n  unverified: per_dashboard\n",
+            backend.url
+        ),
+    );
     let http = client();
     let send = |dashboard: &'static str, query: String| {
         let request = grafana_panel(http.post(format!("{}/api/v1/query", pg.url)), dashboard, 1)
@@ -127,7 +132,10 @@ async fn a_grafana_burst_without_identity_is_not_refused_for_hits_or_curated_pan
     );
 
     // With the default (limits.unverified: off), a whole Grafana is not one user.
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let http = client();
     let mut refused = 0;
     for i in 0..300 {
@@ -148,7 +156,10 @@ async fn a_grafana_burst_without_identity_is_not_refused_for_hits_or_curated_pan
 #[tokio::test]
 async fn the_identity_mode_and_what_to_configure_are_said_once() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     assert_eq!(pg.log_lines_with("identity mode unverified"), 1);
     for _ in 0..3 {
         let status = grafana_panel(
@@ -164,7 +175,7 @@ async fn the_identity_mode_and_what_to_configure_are_said_once() {
     }
     let warned = |pg: &Promguard, text: &str| pg.log_lines_with(text);
     assert!(
-        crate::harness::eventually(20, Duration::from_millis(50), async || {
+        promguard_testkit::eventually(20, Duration::from_millis(50), async || {
             warned(&pg, "carry no proof") == 1
         })
         .await,
@@ -192,10 +203,13 @@ async fn the_identity_mode_and_what_to_configure_are_said_once() {
     );
 
     // A proven Grafana that sends no user header is told to send it.
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\nidentity:\n  grafana: {{secret_header: X-Secret, secret: s3cret}}\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\nidentity:\n  grafana: {{secret_header: X-Secret, secret: s3cret}}\n",
+            backend.url
+        ),
+    );
     for _ in 0..2 {
         let request = grafana_panel(
             client().get(format!("{}/api/v1/query?query=up&time=1", pg.url)),
@@ -206,7 +220,7 @@ async fn the_identity_mode_and_what_to_configure_are_said_once() {
         assert_eq!(request.send().await.expect("an answer").status(), 200);
     }
     assert!(
-        crate::harness::eventually(20, Duration::from_millis(50), async || {
+        promguard_testkit::eventually(20, Duration::from_millis(50), async || {
             warned(&pg, "sends no X-Grafana-User") == 1
         })
         .await

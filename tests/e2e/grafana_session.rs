@@ -5,9 +5,11 @@
 
 use serde_json::Value;
 
-use crate::harness::{
+use promguard_testkit::{
     Promguard, assert_same_answer, backends, eventually, get, now_secs, post_form, sorted_by_metric,
 };
+
+use crate::BINS;
 
 const GRAFANA_HEADERS: &[(&str, &str)] = &[
     ("X-Dashboard-Uid", "orders"),
@@ -36,17 +38,20 @@ fn data_len(v: &Value) -> usize {
 
 #[tokio::test]
 async fn panel_queries_route_by_time_and_match_the_backend() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
-    let b = backends();
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
+    let b = backends(BINS);
     // The README's flags-only command: routing by time needs no config file.
-    let pg = Promguard::with_flags(&[
-        "--recent-url",
-        &b.prometheus,
-        "--recent-window",
-        "2d",
-        "--long-term-url",
-        &b.victoria,
-    ]);
+    let pg = Promguard::with_flags(
+        BINS,
+        &[
+            "--recent-url",
+            &b.prometheus,
+            "--recent-window",
+            "2d",
+            "--long-term-url",
+            &b.victoria,
+        ],
+    );
     let query = r#"sum by (region) (rate(shop_orders_total{status="created"}[5m]))"#;
 
     // A "last 1 hour" panel: Prometheus holds it.
@@ -119,8 +124,8 @@ async fn panel_queries_route_by_time_and_match_the_backend() {
 
 #[tokio::test]
 async fn instant_queries_save_and_test_and_build_info() {
-    let pg = Promguard::in_front_of_backends("");
-    let b = backends();
+    let pg = Promguard::in_front_of_backends(BINS, "");
+    let b = backends(BINS);
 
     // Grafana's "Save & test".
     let form = [("query", "1+1".to_string()), ("time", "4".to_string())];
@@ -212,9 +217,9 @@ async fn instant_queries_save_and_test_and_build_info() {
 
 #[tokio::test]
 async fn explore_metric_browser_matches_the_backend() {
-    let _vm = crate::harness::VM_COUNTERS.read().await;
-    let pg = Promguard::in_front_of_backends("");
-    let b = backends();
+    let _vm = promguard_testkit::VM_COUNTERS.read().await;
+    let pg = Promguard::in_front_of_backends(BINS, "");
+    let b = backends(BINS);
     // Minute-aligned, as promguard snaps metadata spans to the minute (so that
     // the metric browser's storms share answers).
     let end = (now_secs() - 60) / 60 * 60;

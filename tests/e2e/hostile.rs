@@ -10,8 +10,10 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::Value;
 
+use promguard_testkit::{Promguard, client, scrape};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, scrape};
 
 /// One raw HTTP/1.1 exchange: the path goes on the wire exactly as written (HTTP
 /// client libraries normalise `..` and `%2e` before sending, which is the point).
@@ -89,7 +91,10 @@ fn form(query: &str) -> String {
 #[tokio::test]
 async fn deep_and_out_of_range_queries_are_refused_before_the_parser() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let nested =
         |open: &str, close: &str, n: usize| format!("{}up{}", open.repeat(n), close.repeat(n));
     let deep = [
@@ -131,7 +136,10 @@ async fn deep_and_out_of_range_queries_are_refused_before_the_parser() {
 #[tokio::test]
 async fn spans_beyond_any_backend_are_refused_and_wide_ones_plan_in_bounded_work() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let (status, body) = raw(
         &pg.url,
         "GET",
@@ -180,10 +188,13 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test]
 async fn refused_queries_hold_no_memory() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\nquery:\n  memo_bytes: 4MiB\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\nquery:\n  memo_bytes: 4MiB\n",
+            backend.url
+        ),
+    );
     still_serves(&pg).await;
     let before = rss_kib(pg.pid());
     let http = client();
@@ -216,7 +227,10 @@ async fn refused_queries_hold_no_memory() {
 #[tokio::test]
 async fn paths_that_would_be_normalised_are_refused_and_never_forwarded() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!("backends:\n  recent:\n    url: {}\n", backend.url));
+    let pg = Promguard::start(
+        BINS,
+        &format!("backends:\n  recent:\n    url: {}\n", backend.url),
+    );
     let paths = [
         "/api/v1/../../-/quit",
         "/api/v1/%2e%2e/%2e%2e/-/quit",
@@ -254,10 +268,13 @@ fn basic(user: &str, password: &str) -> String {
 #[tokio::test]
 async fn credentials_promguard_cannot_verify_are_refused_with_401() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\nidentity:\n  users:\n    alice: apass\n  bearer_tokens:\n    alerting: tok-1\n",
-        backend.url
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\nidentity:\n  users:\n    alice: apass\n  bearer_tokens:\n    alerting: tok-1\n",
+            backend.url
+        ),
+    );
     let no_colon = base64::engine::general_purpose::STANDARD.encode("justauser");
     let refused = [
         "Basic !!!notbase64!!!".to_string(),
@@ -302,11 +319,14 @@ async fn credentials_promguard_cannot_verify_are_refused_with_401() {
 async fn the_admin_switch_refuses_durations_it_cannot_honour() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
     let state = tempfile::tempdir().expect("state dir");
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\npolicy:\n  admin_token: t0ken\n  state_file: {}\n",
-        backend.url,
-        state.path().join("sale-mode.json").display()
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\npolicy:\n  admin_token: t0ken\n  state_file: {}\n",
+            backend.url,
+            state.path().join("sale-mode.json").display()
+        ),
+    );
     let switch = |duration: &str| {
         client()
             .post(format!("{}/admin/sale-mode", pg.url))
@@ -347,11 +367,14 @@ async fn a_damaged_state_file_is_set_aside_and_promguard_starts_on_schedule() {
         let state = tempfile::tempdir().expect("state dir");
         let file = state.path().join("sale-mode.json");
         std::fs::write(&file, damaged).expect("write the damaged file");
-        let pg = Promguard::start(&format!(
-            "backends:\n  recent:\n    url: {}\npolicy:\n  admin_token: t0ken\n  state_file: {}\n",
-            backend.url,
-            file.display()
-        ));
+        let pg = Promguard::start(
+            BINS,
+            &format!(
+                "backends:\n  recent:\n    url: {}\npolicy:\n  admin_token: t0ken\n  state_file: {}\n",
+                backend.url,
+                file.display()
+            ),
+        );
         let status: Value = client()
             .get(format!("{}/admin/sale-mode", pg.url))
             .bearer_auth("t0ken")

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use promguard_testkit::{Promguard, client, eventually, scrape};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, eventually, scrape};
 
 fn config(backend: &str, extra: &str) -> String {
     format!(
@@ -35,10 +37,13 @@ async fn metric(pg: &Promguard, prefix: &str) -> f64 {
 #[tokio::test]
 async fn backend_in_flight_never_exceeds_the_cap() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(150))).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "admission:\n  recent: {max_in_flight: 4, reserved: 1, max_queue: 100, max_wait: 30s}\n",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "admission:\n  recent: {max_in_flight: 4, reserved: 1, max_queue: 100, max_wait: 30s}\n",
+        ),
+    );
     let calls: Vec<_> = (0..40)
         .map(|n| {
             let url = query_url(&pg, n);
@@ -65,11 +70,14 @@ async fn backend_in_flight_never_exceeds_the_cap() {
 #[tokio::test]
 async fn curated_dashboards_get_through_an_explore_storm() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_secs(4))).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "admission:\n  recent: {max_in_flight: 4, reserved: 2, max_queue: 4, max_wait: 200ms, retry_after: 7s}\n\
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "admission:\n  recent: {max_in_flight: 4, reserved: 2, max_queue: 4, max_wait: 200ms, retry_after: 7s}\n\
          priority:\n  dashboards: [orders]\n",
-    ));
+        ),
+    );
     // Explore: no dashboard headers. Far more than the backend may take.
     let storm: Vec<_> = (0..24)
         .map(|n| {
@@ -142,12 +150,15 @@ async fn curated_dashboards_get_through_an_explore_storm() {
 #[tokio::test]
 async fn a_user_over_budget_gets_429_and_others_do_not() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\n\
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\n\
          identity:\n  grafana: {{secret_header: X-Secret, secret: s3cret}}\n\
          limits:\n  upstream: {{per_second: 1, burst: 2}}\n",
-        backend.url
-    ));
+            backend.url
+        ),
+    );
     let as_grafana_user = |user: &'static str, n: usize| {
         client()
             .get(query_url(&pg, n))
@@ -201,10 +212,13 @@ async fn a_user_over_budget_gets_429_and_others_do_not() {
 #[tokio::test]
 async fn cancelled_clients_free_their_slots_and_queue_places() {
     let backend = FaultServer::start(Mode::Hang).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "admission:\n  recent: {max_in_flight: 1, reserved: 0, max_queue: 8, max_wait: 30s}\n",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "admission:\n  recent: {max_in_flight: 1, reserved: 0, max_queue: 8, max_wait: 30s}\n",
+        ),
+    );
     let patient_for = |ms| {
         reqwest::Client::builder()
             .timeout(Duration::from_millis(ms))

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real promguard binary against real Prometheus and
 //! VictoriaMetrics (started by `scripts/backends.sh` with generated data), and
 //! against small fault servers for failures real backends cannot show on demand.
+//! The harness is the testkit's (`testkit/`); the fault servers are this crate's.
 
 mod bad_input;
 mod cache;
@@ -12,9 +13,11 @@ mod differential;
 mod faults;
 mod grafana_defaults;
 mod grafana_session;
-mod harness;
 mod hostile;
 mod limits;
 mod sale_mode;
 mod slow_clients;
 mod upstream_faults;
+
+/// This package's binaries, which the testkit starts.
+const BINS: promguard_testkit::Bins = promguard_testkit::bins!();

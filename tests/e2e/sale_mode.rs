@@ -11,9 +11,11 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 
-use crate::harness::{
-    Promguard, VM_COUNTERS, client, eventually, now_secs, post_form, scrape, vm_query_count,
+use promguard_testkit::{
+    Promguard, VM_COUNTERS, backends, client, eventually, now_secs, post_form, scrape,
 };
+
+use crate::BINS;
 
 const TOKEN: &str = "test-admin-token";
 
@@ -34,11 +36,14 @@ fn policy_now() -> String {
 }
 
 fn start(policy_dir: &Path, state: &Path) -> Promguard {
-    Promguard::in_front_of_backends(&format!(
-        "policy:\n  dir: {}\n  state_file: {}\n  admin_token: {TOKEN}\n  reload_interval: 1h\n",
-        policy_dir.display(),
-        state.display()
-    ))
+    Promguard::in_front_of_backends(
+        BINS,
+        &format!(
+            "policy:\n  dir: {}\n  state_file: {}\n  admin_token: {TOKEN}\n  reload_interval: 1h\n",
+            policy_dir.display(),
+            state.display()
+        ),
+    )
 }
 
 /// A 1-hour panel whose selector reads 30 days back.
@@ -110,7 +115,7 @@ async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
     {
         // Nothing else may query VictoriaMetrics while its counters are compared.
         let _quiet = VM_COUNTERS.write().await;
-        let before = vm_query_count().await;
+        let before = backends(BINS).vm_query_count().await;
         let (status, _, body) = post_form(&url(&pg), &deep_query(), &[]).await;
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["errorType"], "execution");
@@ -127,7 +132,7 @@ async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
             assert!(error.contains(needle), "{needle:?} missing in {error:?}");
         }
         assert_eq!(
-            vm_query_count().await,
+            backends(BINS).vm_query_count().await,
             before,
             "the long-term store received nothing"
         );
@@ -244,7 +249,7 @@ async fn the_admin_api_needs_its_token() {
         admin(&pg, "/admin/policies/reload", Some(TOKEN)).await.0,
         200
     );
-    let off = Promguard::in_front_of_backends("");
+    let off = Promguard::in_front_of_backends(BINS, "");
     assert_eq!(
         admin(&off, "/admin/policies/reload", Some(TOKEN)).await.0,
         403,
@@ -278,11 +283,14 @@ async fn policies_reload_when_their_files_change_and_on_sighup() {
         format!("{}{}", window_only(), "sale:\n  rules: []\n"),
     )
     .expect("write");
-    let pg = Promguard::in_front_of_backends(&format!(
-        "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 200ms\n",
-        dir.path().display(),
-        dir.path().join("state.json").display()
-    ));
+    let pg = Promguard::in_front_of_backends(
+        BINS,
+        &format!(
+            "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 200ms\n",
+            dir.path().display(),
+            dir.path().join("state.json").display()
+        ),
+    );
     assert_eq!(instant_status(&pg).await, 200);
     // An edit is picked up by the content poll.
     std::fs::write(&file, format!("{}{REFUSE_ALL}", window_only())).expect("write");
@@ -296,11 +304,14 @@ async fn policies_reload_when_their_files_change_and_on_sighup() {
     let dir2 = tempfile::tempdir().expect("temp dir");
     let file2 = dir2.path().join("p.yaml");
     std::fs::write(&file2, format!("{}{REFUSE_ALL}", window_only())).expect("write");
-    let pg2 = Promguard::in_front_of_backends(&format!(
-        "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 1h\n",
-        dir2.path().display(),
-        dir2.path().join("state.json").display()
-    ));
+    let pg2 = Promguard::in_front_of_backends(
+        BINS,
+        &format!(
+            "policy:\n  dir: {}\n  state_file: {}\n  reload_interval: 1h\n",
+            dir2.path().display(),
+            dir2.path().join("state.json").display()
+        ),
+    );
     assert_eq!(instant_status(&pg2).await, 422);
     std::fs::write(&file2, format!("{}sale:\n  rules: []\n", window_only())).expect("write");
     let hup = Command::new("kill")

@@ -9,8 +9,10 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use promguard_testkit::{Promguard, eventually, scrape};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, eventually, scrape};
 
 /// A configuration with a `server:` section and a fault backend that answers an
 /// empty vector at once; `extra` goes at the end.
@@ -103,7 +105,10 @@ async fn exchange(stream: &mut TcpStream) -> u16 {
 #[tokio::test]
 async fn half_sent_heads_are_closed_after_the_header_timeout() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&config(&backend.url, "  header_read_timeout: 1s\n", ""));
+    let pg = Promguard::start(
+        BINS,
+        &config(&backend.url, "  header_read_timeout: 1s\n", ""),
+    );
     let mut slow = Vec::new();
     for _ in 0..5 {
         slow.push(half_open(&pg).await);
@@ -120,11 +125,14 @@ async fn half_sent_heads_are_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn kept_alive_connections_outlive_the_header_timeout_until_the_idle_timeout() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "  header_read_timeout: 1s\n  idle_timeout: 5s\n",
-        "",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "  header_read_timeout: 1s\n  idle_timeout: 5s\n",
+            "",
+        ),
+    );
     let mut conn = TcpStream::connect(addr(&pg)).await.expect("connect");
     assert_eq!(exchange(&mut conn).await, 200);
     // Idle for more than twice the header timeout: the connection is still good.
@@ -139,11 +147,14 @@ async fn kept_alive_connections_outlive_the_header_timeout_until_the_idle_timeou
 #[tokio::test]
 async fn http2_connections_idle_past_the_header_timeout() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "  header_read_timeout: 1s\n  idle_timeout: 1m\n",
-        "",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "  header_read_timeout: 1s\n  idle_timeout: 1m\n",
+            "",
+        ),
+    );
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .timeout(Duration::from_secs(10))
@@ -170,11 +181,14 @@ async fn http2_connections_idle_past_the_header_timeout() {
 #[tokio::test]
 async fn past_the_bound_new_connections_get_a_503_at_once() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&config(
-        &backend.url,
-        "  max_connections: 8\n  header_read_timeout: 1m\n",
-        "",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &config(
+            &backend.url,
+            "  max_connections: 8\n  header_read_timeout: 1m\n",
+            "",
+        ),
+    );
     // Let the harness's start-up probe give its slot back, so that the eight
     // slow clients take all eight.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -235,7 +249,7 @@ fn small_reserve(backend: &str) -> String {
 async fn a_low_file_limit_lowers_the_bound_so_descriptors_never_run_out() {
     const FILE_LIMIT: u64 = 128;
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let mut pg = Promguard::start_with_file_limit(&small_reserve(&backend.url), FILE_LIMIT);
+    let mut pg = Promguard::start_with_file_limit(BINS, &small_reserve(&backend.url), FILE_LIMIT);
     // More slow clients than the process has descriptors.
     let mut held = Vec::new();
     for _ in 0..FILE_LIMIT + 30 {
@@ -287,7 +301,7 @@ async fn a_low_file_limit_lowers_the_bound_so_descriptors_never_run_out() {
 #[tokio::test]
 async fn out_of_descriptors_promguard_backs_off_logs_once_and_recovers() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let mut pg = Promguard::start(&small_reserve(&backend.url));
+    let mut pg = Promguard::start(BINS, &small_reserve(&backend.url));
     // Take the descriptors away from under the bound, as a leak or a burst of
     // backend connections would: a few left above those open now.
     let pid = pg.pid();

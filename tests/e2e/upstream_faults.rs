@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use promguard_testkit::{Promguard, client, free_port, scrape};
+
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, free_port, scrape};
 
 fn recent_only(url: &str, extra: &str) -> String {
     format!("backends:\n  recent:\n    url: {url}\n{extra}")
@@ -34,10 +36,10 @@ async fn in_flight(pg: &Promguard) -> f64 {
 
 #[tokio::test]
 async fn backend_down_is_503_naming_the_backend() {
-    let pg = Promguard::start(&recent_only(
-        &format!("http://127.0.0.1:{}", free_port()),
-        "",
-    ));
+    let pg = Promguard::start(
+        BINS,
+        &recent_only(&format!("http://127.0.0.1:{}", free_port()), ""),
+    );
     let (status, body) = query(&pg).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["errorType"], "unavailable");
@@ -59,7 +61,7 @@ async fn backend_down_is_503_naming_the_backend() {
 #[tokio::test]
 async fn hanging_backend_times_out_with_504() {
     let backend = FaultServer::start(Mode::Hang).await;
-    let pg = Promguard::start(&recent_only(&backend.url, "    timeout: 1s\n"));
+    let pg = Promguard::start(BINS, &recent_only(&backend.url, "    timeout: 1s\n"));
     let (status, body) = query(&pg).await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["errorType"], "timeout");
@@ -74,7 +76,7 @@ async fn hanging_backend_times_out_with_504() {
 #[tokio::test]
 async fn garbage_from_the_backend_is_502() {
     let backend = FaultServer::start(Mode::Garbage).await;
-    let pg = Promguard::start(&recent_only(&backend.url, ""));
+    let pg = Promguard::start(BINS, &recent_only(&backend.url, ""));
     let (status, body) = query(&pg).await;
     assert_eq!(status, 502, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
@@ -87,7 +89,7 @@ async fn garbage_from_the_backend_is_502() {
 #[tokio::test]
 async fn oversized_answers_are_refused_with_advice() {
     let backend = FaultServer::start(Mode::Slow(Duration::ZERO)).await;
-    let pg = Promguard::start(&recent_only(&backend.url, "    max_response: 16\n"));
+    let pg = Promguard::start(BINS, &recent_only(&backend.url, "    max_response: 16\n"));
     let (status, body) = query(&pg).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["errorType"], "execution");
@@ -102,7 +104,7 @@ async fn oversized_answers_are_refused_with_advice() {
 #[tokio::test]
 async fn in_flight_gauge_moves_under_load() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(1500))).await;
-    let pg = Promguard::start(&recent_only(&backend.url, ""));
+    let pg = Promguard::start(BINS, &recent_only(&backend.url, ""));
     assert_eq!(in_flight(&pg).await, 0.0);
     // Distinct queries: identical ones would share one upstream call.
     let requests: Vec<_> = (0..5)
@@ -132,7 +134,7 @@ async fn in_flight_gauge_moves_under_load() {
 #[tokio::test]
 async fn a_client_that_leaves_cancels_the_upstream_call() {
     let backend = FaultServer::start(Mode::Hang).await;
-    let pg = Promguard::start(&recent_only(&backend.url, ""));
+    let pg = Promguard::start(BINS, &recent_only(&backend.url, ""));
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()
@@ -153,7 +155,7 @@ async fn a_client_that_leaves_cancels_the_upstream_call() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(800))).await;
-    let mut pg = Promguard::start(&recent_only(&backend.url, ""));
+    let mut pg = Promguard::start(BINS, &recent_only(&backend.url, ""));
     let url = format!("{}/api/v1/query?query=up", pg.url);
     let request = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
     while backend.counters.in_flight.load(Ordering::SeqCst) == 0 {

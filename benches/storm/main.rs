@@ -37,39 +37,32 @@
 //! (direct,nginx,quickstart,identity,tuned,sale), STORM_FONT (a TrueType font for
 //! the plots). Needs the Debian packages prometheus, victoria-metrics, nginx-light
 //! and fonts-dejavu-core.
+//!
+//! The driver is this directory: `population` (who asks what), `load` (plays it),
+//! `arms` (what stands in front of the backends), `backends` (the storm's own, with
+//! Prometheus' query log), `report` and `plot`. Grafana's requests, the harness and
+//! the nginx baseline are the testkit's (`testkit/`).
 
-#[allow(dead_code)] // the shared end-to-end harness; this bench uses part of it
-#[path = "../tests/e2e/harness.rs"]
-mod harness;
-
-#[path = "storm/arms.rs"]
 mod arms;
-#[path = "storm/backends.rs"]
 mod backends;
-#[path = "storm/grafana.rs"]
-mod grafana;
-#[path = "storm/load.rs"]
 mod load;
-#[path = "storm/nginx.rs"]
-mod nginx;
-#[path = "storm/plot.rs"]
 mod plot;
-#[path = "storm/population.rs"]
 mod population;
-#[path = "storm/procstat.rs"]
-mod procstat;
-#[path = "storm/report.rs"]
 mod report;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use promguard_testkit::{Bins, procstat, repo, scrape};
+
 use arms::Arm;
 use backends::{Backends, Logged};
-use harness::{repo, scrape};
 use load::Load;
 use population::Shape;
 use report::{ArmResult, PromguardStats, Rate, RunInfo, Sample, Steady};
+
+/// This package's binaries, which the testkit starts.
+const BINS: Bins = promguard_testkit::bins!();
 
 /// The steady state is measured from here (a share of the run) to its end: the ramp
 /// ends at 60%, and the last engineers' first loads are over a few seconds later.

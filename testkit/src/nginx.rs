@@ -1,18 +1,20 @@
-//! nginx with proxy_cache in front of the backends: the baseline arm.
+//! nginx with proxy_cache in front of the backends: the baseline the hits and storm
+//! benches measure promguard's cache against.
 //!
-//! Renders benches/nginx/nginx.conf with one benches/nginx/cached-server.conf block
-//! per backend into a temporary prefix, runs nginx in the foreground with as many
-//! workers as cores (promguard's runtime uses as many threads), and stops it on drop.
+//! Renders `nginx/nginx.conf` with one `nginx/cached-server.conf` block per backend
+//! into a temporary prefix, runs nginx (Debian package nginx-light) in the foreground
+//! with as many workers as cores (promguard's runtime uses as many threads), and stops
+//! it on drop.
 
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::free_port;
+use crate::free_port;
 
-const MAIN: &str = include_str!("../nginx/nginx.conf");
-const SERVER: &str = include_str!("../nginx/cached-server.conf");
+const MAIN: &str = include_str!("nginx/nginx.conf");
+const SERVER: &str = include_str!("nginx/cached-server.conf");
 
 /// A running nginx, stopped on drop.
 pub struct Nginx {
@@ -25,6 +27,10 @@ pub struct Nginx {
 impl Nginx {
     /// Start nginx caching every successful answer for `ttl` (nginx syntax, `30s`),
     /// with one server per `(name, backend URL)`.
+    ///
+    /// # Panics
+    ///
+    /// When nginx cannot be started or does not listen within 10 s.
     pub fn start(backends: &[(&str, &str)], ttl: &str) -> Self {
         let prefix = tempfile::tempdir().expect("create the nginx prefix");
         // Workers drop root privileges (to nobody) and must reach their cache and
