@@ -80,9 +80,13 @@ launch() {
 
 # Polls URL $2 until it answers 2xx, failing early if daemon $1 has exited.
 wait_http() {
-  local name=$1 url=$2 deadline=$((SECONDS + $3))
+  local name=$1 url=$2 deadline=$((SECONDS + $3)) pid
+  pid=$(<"$dir/$name.pid")
   until curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null; do
-    [[ -n $(running_pid "$name") ]] || die "$name exited; see $dir/$name.log:
+    # Whether the process still exists, not what it runs: right after launch it
+    # may not have exec'd its program yet, and on a loaded machine that takes a
+    # while.
+    kill -0 "$pid" 2>/dev/null || die "$name exited; see $dir/$name.log:
 $(tail -n 5 "$dir/$name.log")"
     ((SECONDS < deadline)) || die "$name did not answer $url within $3 s; see $dir/$name.log"
     sleep 0.5

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use crate::BINS;
 use crate::faults::{FaultServer, Mode};
-use crate::harness::{Promguard, client, scrape};
+use promguard_testkit::{Promguard, client, scrape};
 
 const SECRET: &str = "s3cret";
 
@@ -39,7 +40,7 @@ async fn a_curated_panel_joining_an_explore_fetch_lifts_it_past_the_flood() {
     // No Explore fetch waits more than 1 s for a slot: less than the 1.5 s the
     // one unreserved slot stays taken, so only the reserved slot can serve the
     // curated panel in time.
-    let pg = std::sync::Arc::new(Promguard::start(&config(&backend.url, "1s")));
+    let pg = std::sync::Arc::new(Promguard::start(BINS, &config(&backend.url, "1s")));
     // Four Explore users fill the one unreserved slot and queue behind it.
     let mut flood = Vec::new();
     for n in 0..4 {
@@ -78,7 +79,7 @@ async fn a_curated_panel_joining_an_explore_fetch_lifts_it_past_the_flood() {
 #[tokio::test]
 async fn a_waiter_is_never_refused_for_the_budget_of_the_request_it_joined() {
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(1500))).await;
-    let pg = std::sync::Arc::new(Promguard::start(&config(&backend.url, "5s")));
+    let pg = std::sync::Arc::new(Promguard::start(BINS, &config(&backend.url, "5s")));
     // Bob holds his one in-flight slot with a slow query...
     let holding = tokio::spawn({
         let pg = pg.clone();

@@ -257,13 +257,16 @@ async fn a_user_at_their_limit_stays_limited_across_a_policy_reload() {
     let policies = tempfile::tempdir().expect("a policy directory");
     let file = policies.path().join("p.yaml");
     std::fs::write(&file, "normal:\n  rules: []\n").expect("write the policy");
-    let pg = Promguard::start(&format!(
-        "backends:\n  recent:\n    url: {}\n\
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent:\n    url: {}\n\
          limits:\n  requests: {{per_second: 1000, burst: 1000}}\n  upstream: {{per_second: 1, burst: 20}}\n  max_in_flight: 100\n\
          policy:\n  dir: {}\n  admin_token: t0ken\n  reload_interval: 1h\n",
-        backend.url,
-        policies.path().display()
-    ));
+            backend.url,
+            policies.path().display()
+        ),
+    );
     let burst = |from: usize| {
         let urls: Vec<String> = (from..from + 30).map(|n| query_url(&pg, n)).collect();
         async move {
