@@ -450,4 +450,181 @@ mod tests {
         assert_eq!(json["errorType"], "internal");
         assert_eq!(panics.get(), 1);
     }
+
+    /// A stand-in backend on loopback that answers every call with an empty
+    /// vector and counts them: enough to see what reaches a backend.
+    async fn fake_backend() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let backend = Router::new().fallback(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, backend).await });
+        (url, calls)
+    }
+
+    /// The assembled app in front of the fake backend, with `extra` top-level
+    /// configuration and `policy` lines under `policy:`.
+    async fn proxy(
+        extra: &str,
+        policy: &str,
+    ) -> (
+        Router,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tempfile::TempDir,
+    ) {
+        let (url, calls) = fake_backend().await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        let config = crate::config::Config::parse(&format!(
+            "backends:\n  recent:\n    url: {url}\npolicy:\n  state_file: {}\n{policy}{extra}",
+            state.join("sale-mode.json").display()
+        ))
+        .unwrap();
+        config.validate().unwrap();
+        let state = AppState::new(&config, crate::metrics::Metrics::new()).unwrap();
+        (app(Arc::new(state)), calls, dir)
+    }
+
+    async fn send(app: &Router, request: Request) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, headers, json)
+    }
+
+    fn get_request(uri: &str) -> Request {
+        Request::get(uri).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refusals_are_json_errors_and_reach_no_backend() {
+        let (app, calls, _dir) = proxy("max_request_body: 1KiB\n", "").await;
+        let cases: Vec<(Request, StatusCode, &str)> = vec![
+            (
+                get_request("/api/v1/admin/tsdb/snapshot"),
+                StatusCode::FORBIDDEN,
+                "forbidden",
+            ),
+            (get_request("/-/quit"), StatusCode::FORBIDDEN, "forbidden"),
+            (
+                get_request("/api/v1/%2e%2e/-/quit"),
+                StatusCode::BAD_REQUEST,
+                "bad_data",
+            ),
+            (get_request("/graph"), StatusCode::NOT_FOUND, "not_found"),
+            (
+                get_request("/api/v1/query?query=sum(x"),
+                StatusCode::BAD_REQUEST,
+                "bad_data",
+            ),
+            (
+                get_request("/api/v1/query_range?query=up&start=2&end=1&step=1"),
+                StatusCode::BAD_REQUEST,
+                "bad_data",
+            ),
+            (
+                get_request("/api/v1/query?query=up[1e300]"),
+                StatusCode::BAD_REQUEST,
+                "bad_data",
+            ),
+            (
+                Request::post("/api/v1/query")
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(Body::from(format!("query={}", "x".repeat(4096))))
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "bad_data",
+            ),
+            (
+                Request::delete("/api/v1/query?query=up")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bad_data",
+            ),
+            (
+                Request::get("/api/v1/query?query=up")
+                    .header(header::AUTHORIZATION, "Basic !!!")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+        ];
+        for (request, status, error_type) in cases {
+            let what = request.uri().to_string();
+            let (got, headers, body) = send(&app, request).await;
+            assert_eq!(got, status, "{what}: {body}");
+            assert_eq!(body["status"], "error", "{what}");
+            assert_eq!(body["errorType"], error_type, "{what}");
+            assert!(
+                body["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{what}"
+            );
+            if status == StatusCode::UNAUTHORIZED {
+                assert!(headers.contains_key(header::WWW_AUTHENTICATE), "{what}");
+            }
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_query_is_forwarded_once_then_served_from_the_cache() {
+        let (app, calls, _dir) = proxy("", "").await;
+        let uri = "/api/v1/query?query=up&time=1700000000";
+        let (status, headers, _) = send(&app, get_request(uri)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-cache"], "MISS");
+        assert_eq!(headers["x-promguard-backend"], "recent");
+        let (_, headers, _) = send(&app, get_request(uri)).await;
+        assert_eq!(headers["x-cache"], "HIT");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_admin_api_needs_its_token_and_checks_what_it_is_given() {
+        let (closed, _, _closed_dir) = proxy("", "").await;
+        let (status, _, body) = send(&closed, get_request("/admin/sale-mode")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+        let (app, _, _dir) = proxy("", "  admin_token: t0ken\n").await;
+        let (status, headers, _) = send(&app, get_request("/admin/sale-mode")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.contains_key(header::WWW_AUTHENTICATE));
+        let admin = |body: &'static str| {
+            Request::post("/admin/sale-mode")
+                .header(header::AUTHORIZATION, "bearer t0ken")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let (status, _, body) = send(
+            &app,
+            admin(r#"{"mode":"on","for":"-1","reason":"r","by":"sre"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, _, body) = send(
+            &app,
+            admin(r#"{"mode":"on","for":"6h","reason":"","by":"sre"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, _, body) = send(
+            &app,
+            admin(r#"{"mode":"on","for":"6h","reason":"drill","by":"sre"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["mode"]["mode"], "sale");
+    }
 }

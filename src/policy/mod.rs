@@ -86,7 +86,7 @@ pub enum SwitchError {
 }
 
 /// What an SRE asks the switch for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Setting {
     On,
