@@ -27,8 +27,10 @@ pub enum Class {
 }
 
 impl Class {
+    /// Every class, lowest first, for the per-class admission gauges.
     pub const ALL: [Class; 3] = [Class::Explore, Class::Dashboard, Class::Critical];
 
+    /// The `class` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Class::Explore => "explore",
@@ -76,14 +78,22 @@ pub fn curated(caller: &Caller, priority: &PriorityConfig, trust_headers: bool) 
     class.as_str(), why.describe(), retry_after.as_secs()
 )]
 pub struct Shed {
+    /// Which backend's gate shed it (`recent`, `long_term`).
     pub backend: &'static str,
+    /// The class the request was shed at; its highest, if it rose while queued.
     pub class: Class,
+    /// Which of the three ways to be shed happened; the `reason` label.
     pub why: ShedReason,
+    /// Upstream calls running on the backend when it was shed, all classes.
     pub in_flight: usize,
+    /// Requests still waiting in the backend's queue at that moment.
     pub queued: usize,
+    /// Sent as `Retry-After`: `admission.<backend>.retry_after`.
     pub retry_after: Duration,
 }
 
+/// How a request came to be shed; the `reason` label of
+/// `promguard_limit_rejections_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
     /// The queue was full of requests of the same or higher class.
@@ -95,6 +105,7 @@ pub enum ShedReason {
 }
 
 impl ShedReason {
+    /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             ShedReason::QueueFull => "queue_full",
@@ -118,7 +129,9 @@ impl ShedReason {
 /// them counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Priority {
+    /// Best class among the requests waiting on the fetch.
     pub class: Class,
+    /// How many requests wait on the fetch; breaks ties within a class.
     pub callers: usize,
 }
 
@@ -184,6 +197,7 @@ impl State {
 
 /// The admission gate of one backend.
 pub struct Gate {
+    /// The backend's name (`recent`, `long_term`), for sheds and logs.
     pub backend: &'static str,
     config: GateConfig,
     state: Mutex<State>,
@@ -243,6 +257,9 @@ impl Drop for QueuePlace<'_> {
 }
 
 impl Gate {
+    /// A gate for `backend` (its [`crate::routing::BackendId::as_str`]); `config`
+    /// comes through [`GateConfig::for_priority`], which frees the reserved slots
+    /// when nobody can be critical.
     pub fn new(backend: &'static str, config: GateConfig) -> Arc<Self> {
         Arc::new(Gate {
             backend,
@@ -257,6 +274,8 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The settings it enforces; [`crate::state::AppState::wait_limit`] adds its
+    /// `max_wait` to bound how long a request waits for a shared fetch.
     pub fn config(&self) -> &GateConfig {
         &self.config
     }

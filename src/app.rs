@@ -296,18 +296,26 @@ fn identity_status(state: &AppState) -> serde_json::Value {
 /// Why an admin call was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AdminError {
+    /// No admin token is configured, so the admin API is off (403).
     #[error("the admin API is disabled: set policy.admin_token or PROMGUARD_ADMIN_TOKEN")]
     Disabled,
+    /// The `Authorization: Bearer` token is missing or not the admin token (401).
     #[error("admin calls need Authorization: Bearer <admin token>")]
     Unauthorized,
+    /// The body of `POST /admin/sale-mode` is not the expected JSON; serde's message.
     #[error("invalid body: {0}")]
     Body(String),
+    /// `by` or `reason` is empty: every switch must be attributable in the audit trail.
     #[error("say who you are (by) and why (reason): both go to the audit trail")]
     Unaudited,
+    /// `for` is not a duration promguard can read; the parser's message.
     #[error("invalid \"for\": {0}")]
     Duration(String),
+    /// The policy runtime refused the switch (no duration, too long, or not saved).
     #[error(transparent)]
     Switch(#[from] SwitchError),
+    /// `POST /admin/policies/reload` could not load the policy directory (422): a
+    /// file unreadable or invalid, named with its line; the old policy stays.
     #[error("{0}; the previous policy stays in force")]
     Reload(String),
 }

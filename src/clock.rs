@@ -5,6 +5,7 @@ use std::time::Instant;
 
 /// A monotonic clock.
 pub trait Clock: Send + Sync + 'static {
+    /// The current instant; never goes backwards.
     fn now(&self) -> Instant;
 }
 
@@ -38,10 +39,12 @@ impl Default for ManualClock {
 
 #[cfg(test)]
 impl ManualClock {
+    /// A clock standing at the real now, until moved.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Move time forward by `by`, for every clone of this clock.
     pub fn advance(&self, by: std::time::Duration) {
         *self.offset.lock().unwrap_or_else(|p| p.into_inner()) += by;
     }

@@ -18,8 +18,10 @@ use url::Url;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Address and port Grafana and other clients connect to; `--listen` overrides it.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How log lines are written; `--log-format` overrides it.
     #[serde(default)]
     pub log_format: LogFormat,
     /// Largest accepted request body; Grafana's POSTed queries are a few KiB.
@@ -31,21 +33,33 @@ pub struct Config {
     /// The backends' `--query.lookback-delta`; instant selectors read this far back.
     #[serde(default = "default_lookback_delta")]
     pub lookback_delta: HumanDuration,
+    /// Client connections: header and idle timeouts, and how many may be open.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Where queries go: the recent Prometheus and, optionally, a long-term store.
+    /// The one required section.
     pub backends: Backends,
+    /// How callers prove who they are, and whether Grafana's `X-Grafana-User` is
+    /// believed.
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// The shared result cache: whole answers and range extents.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Per-user budgets: the base that each mode's policy may override.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Per-backend caps on upstream calls, with their queues and shedding.
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// Curated dashboards and named users: served first, on reserved slots, when a
+    /// backend is busy.
     #[serde(default)]
     pub priority: PriorityConfig,
+    /// Sale-mode policies, the switch's state file and the admin API.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Bounds on query text, checked before any parser runs.
     #[serde(default)]
     pub query: QueryConfig,
 }
@@ -150,7 +164,9 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RateConfig {
+    /// Sustained rate: how many per second the bucket refills; 0 counts as 1.
     pub per_second: u32,
+    /// How many may be spent at once from a full bucket; 0 counts as 1.
     pub burst: u32,
 }
 
@@ -191,6 +207,7 @@ pub enum Unverified {
 }
 
 impl Unverified {
+    /// The setting as written in YAML; shown in `/-/status`.
     pub fn as_str(self) -> &'static str {
         match self {
             Unverified::Off => "off",
@@ -220,11 +237,17 @@ impl Default for LimitsConfig {
     }
 }
 
+/// One user's own budgets under `limits.users`, keyed by user name as identified
+/// (Grafana login, basic-auth or bearer user). Each budget left out is the one
+/// everyone has in the mode in force.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UserOverride {
+    /// Replaces `limits.requests` for this user.
     pub requests: Option<RateConfig>,
+    /// Replaces `limits.upstream` for this user.
     pub upstream: Option<RateConfig>,
+    /// Replaces `limits.max_in_flight` for this user.
     pub max_in_flight: Option<usize>,
 }
 
@@ -232,7 +255,9 @@ pub struct UserOverride {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionConfig {
+    /// The gate in front of `backends.recent`.
     pub recent: GateConfig,
+    /// The gate in front of `backends.long_term`; unused without one.
     pub long_term: GateConfig,
 }
 
@@ -255,6 +280,8 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// One backend's admission gate: the cap on its upstream calls, the slots held
+/// back for the critical class, and the queue in front of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GateConfig {
@@ -309,6 +336,7 @@ pub struct PriorityConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// Off: every request is forwarded (`X-Cache: BYPASS`) and nothing is stored.
     pub enabled: bool,
     /// Bound on cached answers and extents (payload plus bookkeeping).
     pub max_bytes: ByteSize,
@@ -351,14 +379,18 @@ impl Default for CacheConfig {
     }
 }
 
+/// How log lines are written; the level filter is `PROMGUARD_LOG`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines, coloured only on a terminal.
     #[default]
     Text,
+    /// One JSON object per line, fields flattened, for log pipelines.
     Json,
 }
 
+/// The backends promguard forwards to; routing picks one per request.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backends {
@@ -368,6 +400,7 @@ pub struct Backends {
     pub long_term: Option<BackendConfig>,
 }
 
+/// How to reach one backend, and how much of it one call may use.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
@@ -377,6 +410,8 @@ pub struct BackendConfig {
     /// reaching further go to `long_term`.
     #[serde(default = "default_recent_window")]
     pub window: HumanDuration,
+    /// Longest wait to open a connection to the backend; past it the call fails as
+    /// unavailable (503).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     /// Upper bound on one upstream call; a client's `timeout` parameter can only lower it.
@@ -424,20 +459,26 @@ pub struct IdentityConfig {
     pub bearer_tokens: BTreeMap<String, Secret>,
 }
 
+/// How the trusted Grafana proves a request came through it: a secret header,
+/// the data source's basic auth, or both (either one is enough).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrafanaTrust {
     /// A custom header set on the Grafana datasource, and its secret value.
     pub secret_header: Option<String>,
+    /// The value `secret_header` must carry; compared in constant time.
     pub secret: Option<Secret>,
     /// Or the datasource's basic-auth credentials.
     pub basic_auth: Option<BasicAuth>,
 }
 
+/// Basic-auth credentials, as configured on the Grafana data source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuth {
+    /// The user name the data source sends.
     pub username: String,
+    /// Its password; compared in constant time.
     pub password: Secret,
 }
 
@@ -590,16 +631,29 @@ fn default_health_path() -> String {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read: missing, a directory, no permission.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file's path as given.
         path: String,
+        /// What the operating system said.
         source: std::io::Error,
     },
+    /// Not valid YAML, or a field unknown, missing or of the wrong type.
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file's path as given.
+        path: String,
+        /// The YAML parser's message, with the field's path, line and column.
+        message: String,
+    },
+    /// Fields that parse but cannot work (a zero bound, `reserved` not below
+    /// `max_in_flight`, half of a Grafana trust), found by [`Config::validate`].
     #[error("{field}: {message}")]
     Invalid {
+        /// The setting's path in the YAML, e.g. `admission.recent`.
         field: &'static str,
+        /// What is wrong, and what is allowed.
         message: String,
     },
 }

@@ -27,6 +27,7 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The `origin` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Client => "client",
@@ -39,29 +40,45 @@ impl Origin {
 /// `Clone` because requests that share one upstream call share its failure too.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
+    /// Credentials that cannot be verified (401, with `WWW-Authenticate`).
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// A request promguard refuses to forward: bad parameters, a path it does not
+    /// serve, a query over the scan's bounds (400, 403, 404 or 405).
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// The caller is over a per-user budget (429 with `Retry-After`).
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// The backend's gate shed the request (503 with `Retry-After`).
     #[error(transparent)]
     Shed(#[from] Shed),
+    /// A policy rule of the mode in force refuses the query (422 `execution`, as
+    /// Prometheus refuses a query, so Grafana shows it on the panel).
     #[error("{mode}: {message}. {advice}")]
     Policy {
+        /// The mode, its window and until when, e.g. `sale mode (window 'black-friday', …)`.
         mode: String,
+        /// The rule and what the query reads, from the rule's refusal.
         message: String,
+        /// What to do instead: narrow the range, or use the curated dashboards.
         advice: String,
     },
+    /// The backend call failed: unreachable (503), timed out (504), answer too large
+    /// (422) or not an API answer (502).
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Waiting on a fetch shared with other requests failed (500, 504).
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// An admin call was refused.
     #[error(transparent)]
     Admin(#[from] AdminError),
 }
 
 impl ProxyError {
+    /// Who is at fault, for the request log and the `origin` label: the caller, or
+    /// what promguard depends on (a backend; the disk, for a switch it cannot save).
     pub fn origin(&self) -> Origin {
         match self {
             ProxyError::Identity(_)

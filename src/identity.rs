@@ -23,8 +23,11 @@ pub enum Source {
     GrafanaUser,
     /// The trusted Grafana, without a user header (`send_user_header` off).
     Grafana,
+    /// A user of `identity.users`, by basic auth.
     BasicAuth,
+    /// A script or alerting job by one of `identity.bearer_tokens`.
     Bearer,
+    /// No credentials: known by client address (`anonymous@<ip>`).
     Anonymous,
 }
 
@@ -39,6 +42,7 @@ impl Source {
         "anonymous",
     ];
 
+    /// The `source` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Source::GrafanaUser => "grafana_user",
@@ -56,10 +60,17 @@ pub struct Caller {
     /// Who it is: a login, a configured user, `grafana` (the trusted Grafana
     /// without a user header) or `anonymous@<ip>`.
     pub user: Arc<str>,
+    /// How `user` was established; decides whether it is one person.
     pub source: Source,
+    /// The TCP peer's address: promguard reads no forwarding headers.
     pub client: IpAddr,
+    /// `X-Grafana-Org-Id`, for the request log only.
     pub org: Option<String>,
+    /// `X-Dashboard-Uid`; `None` for Explore and clients other than Grafana. Decides
+    /// the priority class (curated only where the header can be believed) and, with
+    /// `limits.unverified: per_dashboard`, the budget key.
     pub dashboard: Option<String>,
+    /// `X-Panel-Id`, for the request log only.
     pub panel: Option<String>,
     /// The request carries Grafana's own headers (its `User-Agent`, org or data
     /// source id): it came through a Grafana, proven or not, and so may stand for
@@ -91,12 +102,20 @@ impl Caller {
     }
 }
 
+/// Why a request's credentials were refused (401). Credentials that cannot be
+/// verified are never downgraded to anonymous, so a misconfigured client finds out
+/// at once.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
+    /// Basic auth with a user or password that matches neither the trusted Grafana
+    /// nor `identity.users`.
     #[error("invalid credentials")]
     BadCredentials,
+    /// A bearer token that is none of `identity.bearer_tokens`.
     #[error("unknown bearer token")]
     UnknownToken,
+    /// An `Authorization` header promguard cannot read: another scheme, bad base64,
+    /// no `user:password`, an empty token.
     #[error(
         "the Authorization header is not valid Basic or Bearer credentials; send \
          `Basic <base64 of user:password>` or `Bearer <token>`, or no Authorization header"
@@ -147,6 +166,7 @@ pub enum IdentityMode {
 }
 
 impl IdentityMode {
+    /// The value shown in the start-up log and `/-/status`.
     pub fn as_str(self) -> &'static str {
         match self {
             IdentityMode::Grafana => "grafana",
@@ -175,7 +195,10 @@ impl IdentityMode {
 /// `X-Grafana-User` header was ignored.
 #[derive(Debug)]
 pub struct Identified {
+    /// Who is asking.
     pub caller: Caller,
+    /// A request without proof sent `X-Grafana-User`, which was ignored; the pipeline
+    /// counts it in `promguard_identity_untrusted_user_header_total`.
     pub ignored_user_header: bool,
 }
 

@@ -22,6 +22,8 @@
 //! to Prometheus-style responses), [`metrics`] (self-metrics), [`config`] and
 //! [`shutdown`].
 
+#![warn(missing_docs)]
+
 pub mod admission;
 pub mod analysis;
 pub mod app;

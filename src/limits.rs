@@ -22,11 +22,15 @@ use crate::identity::Caller;
 /// Which budget a request spent. Feeds metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Budget {
+    /// Every request that needs the backend, coalesced waiters included (cache hits
+    /// too with `limits.count_hits`): generous, so cached dashboards stay viewable.
     Requests,
+    /// Each upstream call: what a flood of distinct heavy queries runs out of.
     Upstream,
 }
 
 impl Budget {
+    /// The budget's name in refusal messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Budget::Requests => "requests",
@@ -38,25 +42,37 @@ impl Budget {
 /// A refusal by a per-user limit (HTTP 429).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LimitError {
+    /// The budget is spent: more requests than its rate and burst allow.
     #[error(
         "user {user} is over the {} budget of {per_second}/s (burst {burst}); retry in {}s{}",
         budget.as_str(), retry_after.as_secs().max(1), advice(*budget)
     )]
     Rate {
+        /// The budget key: a person, or an address and dashboard under
+        /// `limits.unverified: per_dashboard`.
         user: Arc<str>,
+        /// Which budget ran out.
         budget: Budget,
+        /// That budget's sustained rate, quoted in the message.
         per_second: u32,
+        /// That budget's burst, quoted in the message.
         burst: u32,
+        /// When the next token is due.
         retry_after: Duration,
     },
+    /// The key already had `max_in_flight` upstream calls running, and none finished
+    /// within `limits.in_flight_wait`.
     #[error(
         "user {user} already has {limit} queries running on the backends and none finished within {} ms; \
          wait for your open panels to load, or close some",
         waited.as_millis()
     )]
     Concurrency {
+        /// The budget key, as for [`LimitError::Rate`].
         user: Arc<str>,
+        /// Its `max_in_flight` in the mode in force.
         limit: usize,
+        /// How long it waited for a slot.
         waited: Duration,
     },
 }
@@ -78,6 +94,8 @@ impl LimitError {
         }
     }
 
+    /// For `Retry-After`: when the next token is due, at least 1 s; 1 s for a
+    /// concurrency refusal, since slots free up as panels load.
     pub fn retry_after(&self) -> Duration {
         match self {
             LimitError::Rate { retry_after, .. } => (*retry_after).max(Duration::from_secs(1)),
@@ -126,6 +144,8 @@ struct UserQuota {
 const MAX_KEY_UID: usize = 128;
 
 impl Quotas {
+    /// The quotas `config` gives: its budgets for everyone, and each of
+    /// `limits.users` with its own over them.
     pub fn new(config: &LimitsConfig) -> Self {
         let default = UserQuota {
             requests: config.requests,
@@ -248,6 +268,8 @@ impl Default for Limiter<MonotonicClock> {
 }
 
 impl<C: Clock> Limiter<C> {
+    /// A limiter with no state yet, reading time from `clock` (tests pass one they
+    /// move by hand).
     pub fn with_clock(clock: C) -> Self {
         Limiter {
             buckets: Mutex::new(HashMap::new()),

@@ -25,12 +25,17 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Every metric promguard exports.
 pub struct Metrics {
+    /// The `promguard_`-prefixed registry all of these are in; `/metrics` renders it.
     pub registry: Registry,
     /// Upstream calls in flight, by backend and endpoint.
     pub upstream_in_flight: IntGaugeVec,
     /// Client requests by endpoint, final status and backend (`none` when answered locally).
     pub requests: IntCounterVec,
+    /// Client's view of each request, by endpoint
+    /// (`promguard_http_request_duration_seconds`).
     pub request_duration: HistogramVec,
+    /// Each backend call including reading its body, by backend and endpoint
+    /// (`promguard_upstream_request_duration_seconds`).
     pub upstream_duration: HistogramVec,
     /// Upstream failures by backend and kind (`connect`, `timeout`, `too_large`, …).
     pub upstream_errors: IntCounterVec,
@@ -41,23 +46,37 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     /// Requests that waited on an identical request's upstream call instead of making their own.
     pub cache_coalesced: IntCounterVec,
+    /// Answers and extents held; set from the store at each scrape.
     pub cache_entries: IntGauge,
+    /// Bytes the cache's bound counts (payload plus bookkeeping); set at each scrape.
     pub cache_bytes: IntGauge,
+    /// Entries dropped, by cause: `size` (room for new ones) or `expired` (their
+    /// time to live ran out).
     pub cache_evictions: IntCounterVec,
     /// Range-query points fetched from backends, against points served to clients.
     pub cache_points_fetched: IntCounter,
+    /// Range-query points sent to clients, from cache or not; against
+    /// `cache_points_fetched`, what the cache saves the backends.
     pub cache_points_served: IntCounter,
     /// Refusals by per-user limits and admission, by reason and class.
     pub rejections: IntCounterVec,
+    /// Admitted upstream calls running, by backend and class; set at each scrape.
     pub admission_in_flight: IntGaugeVec,
+    /// Requests waiting for a backend slot, by backend; set at each scrape.
     pub admission_queue: IntGaugeVec,
+    /// How long admitted calls waited for their slot, by backend; the shed ones are
+    /// counted in `rejections`.
     pub admission_wait: HistogramVec,
     /// The configured limits, so dashboards can draw them next to usage.
     pub limit_settings: IntGaugeVec,
     /// 1 for the mode in force, labelled with its source and window.
     pub sale_mode: IntGaugeVec,
+    /// Queries refused by an enforcing rule, by mode, rule and limit.
     pub policy_rejections: IntCounterVec,
+    /// Queries a dry-run rule let through but would have refused, by mode, rule
+    /// and limit: what a rule would do before it is enforced.
     pub policy_dry_run: IntCounterVec,
+    /// Policy reloads by result: `success`, or `error` when the old policy stays.
     pub policy_reloads: IntCounterVec,
     /// Requests whose handler panicked (a bug), answered with a 500.
     pub http_panics: IntCounter,
@@ -419,13 +438,21 @@ struct LatencyRecorders {
 /// One row of the status page.
 #[derive(Debug, Serialize)]
 pub struct LatencySummary {
+    /// `request` for what clients saw, or a backend's name for its upstream calls.
     pub scope: &'static str,
+    /// The API endpoint's label (`query_range`, `labels`, …).
     pub endpoint: &'static str,
+    /// Observations since start-up; the recorders are never reset.
     pub count: u64,
+    /// Median, in milliseconds (three significant digits, like the others).
     pub p50_ms: f64,
+    /// 90th percentile, in milliseconds.
     pub p90_ms: f64,
+    /// 99th percentile, in milliseconds.
     pub p99_ms: f64,
+    /// 99.9th percentile, in milliseconds.
     pub p999_ms: f64,
+    /// The slowest, in milliseconds.
     pub max_ms: f64,
 }
 

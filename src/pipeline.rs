@@ -35,17 +35,26 @@ use crate::upstream::{UnalignedRanges, UpstreamResponse};
 
 /// Everything known about one request as it moves through the stages.
 pub struct RequestCtx {
+    /// When the request arrived, for the duration metric and the log line.
     pub started: Instant,
     /// "Now" for this request, fixed once so every stage agrees on it.
     pub now: Millis,
+    /// Set once identified; `None` when identification failed.
     pub caller: Option<Caller>,
+    /// The admission class, set right after identification.
     pub class: Option<Class>,
+    /// The parsed request (a live instant already moved onto its shared instant);
+    /// `None` when parsing refused it, so the endpoint label is `none`.
     pub request: Option<Arc<ApiRequest>>,
+    /// How the answer was produced, once the cache stage answered; the log's `cache`.
     pub cache: Option<CacheStatus>,
+    /// Where routing sent the request, hits included; `none` in the metrics and log
+    /// when it ended before routing.
     pub backend: Option<BackendId>,
 }
 
 impl RequestCtx {
+    /// A context for a request that arrived at `now` (Unix milliseconds).
     pub fn new(now: Millis) -> Self {
         RequestCtx {
             started: Instant::now(),
@@ -61,11 +70,18 @@ impl RequestCtx {
 
 /// The raw pieces of an HTTP request the pipeline reads.
 pub struct Incoming {
+    /// The method; forms are read from POST bodies only.
     pub method: Method,
+    /// The URL path, checked for canonical form by the parser.
     pub path: String,
+    /// The raw URL query string, decoded by the pipeline.
     pub query: Option<String>,
+    /// The request headers: credentials, Grafana's headers, `Cache-Control`,
+    /// `Accept-Encoding`.
     pub headers: HeaderMap,
+    /// Read only for form POSTs, up to `max_request_body`.
     pub body: Body,
+    /// The TCP peer's address, for anonymous callers' keys.
     pub client: IpAddr,
 }
 

@@ -23,20 +23,31 @@ pub const MAX_POINTS_PER_SERIES: i64 = 11_000;
 /// The Prometheus API endpoints promguard knows. Feeds metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
+    /// `/api/v1/query`: instant queries (stat, gauge and table panels).
     Query,
+    /// `/api/v1/query_range`: graph panels; cached as extents.
     QueryRange,
+    /// `/api/v1/series`: the series matching selectors over a span.
     Series,
+    /// `/api/v1/labels`: label names, for the query editor and variables.
     Labels,
+    /// `/api/v1/label/<name>/values`: a label's values, for variables.
     LabelValues,
+    /// `/api/v1/metadata`: metric types and help, for the query editor.
     Metadata,
+    /// `/api/v1/query_exemplars`: exemplars of a query's selectors; never cached.
     QueryExemplars,
+    /// `/api/v1/rules`: the backend's alerting and recording rules.
     Rules,
+    /// `/api/v1/status/buildinfo`: Grafana's probe of the backend's flavour and
+    /// version.
     BuildInfo,
     /// Any other read-only `GET /api/v1/...`, forwarded as is.
     Other,
 }
 
 impl Endpoint {
+    /// Every endpoint, for series registered up front.
     pub const ALL: [Endpoint; 10] = [
         Endpoint::Query,
         Endpoint::QueryRange,
@@ -50,6 +61,7 @@ impl Endpoint {
         Endpoint::Other,
     ];
 
+    /// The `endpoint` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Endpoint::Query => "query",
@@ -87,6 +99,7 @@ impl Endpoint {
 pub struct ApiPath(String);
 
 impl ApiPath {
+    /// The path, e.g. `/api/v1/query_range`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -112,7 +125,10 @@ pub enum Expression {
 /// A PromQL expression together with the text the caller sent.
 #[derive(Debug, Clone)]
 pub struct Query {
+    /// The text as sent: forwarded unchanged, so the backend evaluates exactly what
+    /// the caller wrote.
     pub text: String,
+    /// What the parser, or failing it the scan, made of the text, for analysis.
     pub expr: Expression,
     /// The expression printed back by the parser, when that round-trips; the
     /// normalised token text for scanned queries; the text otherwise. Equal for
@@ -235,26 +251,41 @@ fn canonical_form(expr: &Expr, text: &str) -> String {
 /// What the caller asks for, with every parameter checked.
 #[derive(Debug, Clone)]
 pub enum RequestKind {
+    /// An instant query: one evaluation at `time`.
     Instant {
+        /// The expression evaluated at `time`.
         query: Query,
+        /// Evaluation time, Unix milliseconds; "now" when the caller sent none.
         time: Millis,
     },
+    /// A range query: evaluations at `start + k·step_ms` up to `end`.
     Range {
+        /// The expression evaluated at every step.
         query: Query,
+        /// First evaluation, Unix milliseconds.
         start: Millis,
+        /// Upper bound of the evaluations, at or after `start`.
         end: Millis,
+        /// Milliseconds between evaluations: positive, and at most
+        /// [`MAX_POINTS_PER_SERIES`] points in the range.
         step_ms: i64,
     },
     /// `/series`, `/labels`, `/label/<name>/values`: selectors over a time span.
     Metadata {
         /// The `match[]` selectors as sent, in order.
         matchers: Vec<String>,
+        /// Start of the span as sent; `Millis::MIN` for Prometheus' "unbounded".
         start: Option<Millis>,
+        /// End of the span as sent; `Millis::MAX` for Prometheus' "unbounded".
         end: Option<Millis>,
     },
+    /// `/query_exemplars`: the exemplars of a query's selectors over a span.
     Exemplars {
+        /// The PromQL whose selectors pick the exemplars.
         query: Query,
+        /// Start of the span as sent; `Millis::MIN` for Prometheus' "unbounded".
         start: Option<Millis>,
+        /// End of the span as sent; `Millis::MAX` for Prometheus' "unbounded".
         end: Option<Millis>,
     },
     /// Endpoints whose answer does not depend on stored samples (metadata, rules,
@@ -267,9 +298,12 @@ pub enum RequestKind {
 /// built. Moving a span or an instant works on the typed fields.
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
+    /// Which endpoint it is: decides parsing, caching, routing and the `endpoint`
+    /// label.
     pub endpoint: Endpoint,
     /// Path under the backend's base URL, e.g. `/api/v1/query_range`.
     pub path: ApiPath,
+    /// The typed parameters.
     pub kind: RequestKind,
     /// Parameters promguard does not interpret (`nocache`, `limit`, `dedup`,
     /// `partial_response`, …), forwarded and keyed as sent, in order.
@@ -375,31 +409,70 @@ impl ApiRequest {
 /// Why a request was refused before any backend was contacted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum RequestError {
+    /// A parameter missing or not what Prometheus accepts: a time, step, point
+    /// count, matcher, label name, or a query the scan refuses.
     #[error("invalid parameter \"{param}\": {reason}")]
-    InvalidParam { param: &'static str, reason: String },
+    InvalidParam {
+        /// The parameter's name (`query`, `step`, `match[]`, …).
+        param: &'static str,
+        /// What is wrong, and often what would be accepted.
+        reason: String,
+    },
+    /// A parameter's name or value is not UTF-8 once percent-decoded; refused
+    /// rather than forwarded with replacement characters.
     #[error("parameter {param:?} is not valid UTF-8 once percent-decoded")]
-    Encoding { param: String },
+    Encoding {
+        /// The parameter's name (lossily decoded, cut to 64 characters).
+        param: String,
+    },
+    /// A form body longer than `max_request_body`.
     #[error("request body is larger than the limit of {limit} bytes")]
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        /// `max_request_body`, in bytes.
+        limit: usize,
+    },
+    /// The body could not be read (the client went away, a broken transfer).
     #[error("could not read the request body: {0}")]
     Body(String),
+    /// The method is not one Prometheus accepts on this endpoint (405).
     #[error("{method} is not allowed on {path}; use {allowed}")]
     MethodNotAllowed {
+        /// The method sent.
         method: String,
+        /// The path asked for.
         path: String,
+        /// What the endpoint takes: `GET`, or `GET or POST`.
         allowed: &'static str,
     },
+    /// A write, delete or admin path of the backend, or one of its lifecycle
+    /// endpoints (`/-/quit`): refused (403) so promguard is no way around the
+    /// backend's own access control.
     #[error(
         "{path} is a write or admin endpoint of the backend; promguard only forwards read queries"
     )]
-    Forbidden { path: String },
+    Forbidden {
+        /// The path asked for.
+        path: String,
+    },
+    /// A path outside `/api/v1/` that is not a backend's admin path (404).
     #[error("{path} is not a Prometheus query API endpoint")]
-    NotFound { path: String },
+    NotFound {
+        /// The path asked for.
+        path: String,
+    },
+    /// A path promguard would not forward as it is (percent-encoding, empty or dot
+    /// segments, other characters): refused, never normalised, since the HTTP
+    /// client would normalise it into a path promguard never checked.
     #[error(
         "the path {path:?} is not in canonical form ({why}); promguard only forwards paths \
          of plain segments"
     )]
-    NonCanonicalPath { path: String, why: &'static str },
+    NonCanonicalPath {
+        /// The path asked for, cut to 200 characters.
+        path: String,
+        /// Which rule it breaks (a dot segment, percent-encoding, …).
+        why: &'static str,
+    },
 }
 
 type Result<T> = std::result::Result<T, RequestError>;

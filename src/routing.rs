@@ -20,8 +20,10 @@ pub enum BackendId {
 }
 
 impl BackendId {
+    /// Both backends, for per-backend gauges and series registered up front.
     pub const ALL: [BackendId; 2] = [BackendId::Recent, BackendId::LongTerm];
 
+    /// The `backend` label value, also the backend's name in logs and errors.
     pub fn as_str(self) -> &'static str {
         match self {
             BackendId::Recent => "recent",
@@ -35,6 +37,8 @@ impl BackendId {
 pub struct RoutingTable {
     /// How far back the recent backend holds data (its retention, minus a margin).
     pub recent_window: Duration,
+    /// Whether `backends.long_term` is configured; without it everything goes to
+    /// `recent`, however old.
     pub has_long_term: bool,
 }
 

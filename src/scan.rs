@@ -36,17 +36,35 @@ impl Default for ScanLimits {
 /// accept it, or it exceeds promguard's documented bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScanError {
+    /// Longer than `query.max_length`.
     #[error("the query is {length} bytes long, more than the limit of {max} (query.max_length)")]
-    TooLong { length: usize, max: usize },
+    TooLong {
+        /// The text's length, in bytes.
+        length: usize,
+        /// `query.max_length`, in bytes.
+        max: usize,
+    },
+    /// Nested deeper than `query.max_depth`: the parser and every walk over the
+    /// tree recurse, so each level costs stack.
     #[error(
         "the query nests {depth} levels deep (brackets and chained operators), more than \
          the limit of {max} (query.max_depth)"
     )]
-    TooDeep { depth: usize, max: usize },
+    TooDeep {
+        /// The depth where the scan stopped: the first level past `max`.
+        depth: usize,
+        /// `query.max_depth`.
+        max: usize,
+    },
+    /// A bracket closed by the wrong kind, closing nothing, or never closed; which
+    /// one, in words.
     #[error("unbalanced brackets: {0}")]
     Unbalanced(String),
+    /// A quote that is never closed; the byte offset where the string starts.
     #[error("unterminated string starting at byte {0}")]
     UnterminatedString(usize),
+    /// A duration over 292 years (what Go's `time.Duration` holds; the parser
+    /// panics beyond it), as written.
     #[error("duration {0:?} is out of range: durations must be at most 292 years")]
     Duration(String),
 }
@@ -65,8 +83,9 @@ pub struct Scanned {
     pub offsets_back: Reach,
     /// Negative offsets (reading ahead of the evaluation time), added up.
     pub offsets_ahead: Reach,
-    /// The earliest and latest `@ <timestamp>`, in milliseconds.
+    /// The earliest `@ <timestamp>`, in milliseconds.
     pub at_min: Option<Millis>,
+    /// The latest `@ <timestamp>`, in milliseconds.
     pub at_max: Option<Millis>,
     /// `@ start()` or `@ end()` appear.
     pub uses_range_bounds: bool,
@@ -82,7 +101,10 @@ pub struct Scanned {
 /// A duration found in the text: milliseconds plus a count of steps.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Reach {
+    /// Durations written in time units, in milliseconds.
     pub ms: f64,
+    /// Durations written in steps (MetricsQL's `5i`), resolved per request by
+    /// [`Reach::at_step`].
     pub steps: f64,
 }
 

@@ -61,7 +61,12 @@ const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// What the accept loop enforces, resolved at start-up by [`prepare`].
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    /// `server.header_read_timeout`: how long a connection may take to send a whole
+    /// request head, counted from connecting or from its first byte after an idle
+    /// spell.
     pub header_read_timeout: Duration,
+    /// `server.idle_timeout`: how long a kept-alive connection may wait with no
+    /// request in progress before promguard closes it.
     pub idle_timeout: Duration,
     /// `server.max_connections`, lowered to fit the file limit.
     pub max_connections: usize,
@@ -70,15 +75,24 @@ pub struct Settings {
 /// Why the server cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// `getrlimit(RLIMIT_NOFILE)` failed, so the connection bound cannot be sized.
     #[error("cannot read the file limit (RLIMIT_NOFILE): {0}")]
     FileLimit(#[source] io::Error),
+    /// The file limit is not above what promguard reserves, so no client could
+    /// connect: start-up fails rather than refusing everyone.
     #[error(
         "the file limit (RLIMIT_NOFILE) is {limit} and promguard keeps {reserve} descriptors \
          for backend connections and its own files: none are left for clients; raise it \
          (ulimit -n, systemd LimitNOFILE=) or lower backends' max_idle_connections and \
          admission max_in_flight"
     )]
-    FileLimitTooLow { limit: u64, reserve: u64 },
+    FileLimitTooLow {
+        /// The soft limit after raising it as far as allowed (to the hard one).
+        limit: u64,
+        /// Descriptors kept for promguard's own files, refusals being written and,
+        /// per backend, admission `max_in_flight` plus `max_idle_connections`.
+        reserve: u64,
+    },
 }
 
 /// Raise the soft file limit to the hard one, and size the connection bound by it.

@@ -21,12 +21,16 @@ use crate::upstream::Upstream;
 
 /// One configured backend: its client and the gate in front of it.
 pub struct Backend {
+    /// The HTTP client that forwards to it, and what it learnt about the backend
+    /// (how it evaluates unaligned ranges).
     pub upstream: Upstream,
+    /// Its admission gate; shared, since every [`crate::admission::Permit`] holds it.
     pub gate: Arc<Gate>,
 }
 
 /// Everything the handlers share.
 pub struct AppState {
+    /// Decides who a request is from (Grafana trust, basic auth, bearer tokens).
     pub identifier: Identifier,
     /// Remembers parsed PromQL: dashboards repeat the same queries.
     pub queries: QueryParser,
@@ -36,16 +40,26 @@ pub struct AppState {
     pub limiter: Limiter,
     /// Token for `/admin/...`; `None` disables the admin API.
     pub admin_token: Option<Secret>,
+    /// Whole answers and range extents, with the in-flight fetches they coalesce onto.
     pub cache: Arc<Cache>,
     /// The backends by [`BackendId`]: `recent` always, `long_term` when configured.
     backends: Vec<Backend>,
+    /// Curated dashboards and named users: admission's critical class; curated
+    /// dashboards also spend no per-user budget.
     pub priority: PriorityConfig,
     /// No Grafana trust is configured, so dashboard headers cannot be verified and
     /// are believed for priority.
     pub trust_dashboard_headers: bool,
+    /// Where routing sends a query: the recent window and whether a long-term store
+    /// exists.
     pub routing: RoutingTable,
+    /// Self-metrics, served at `/metrics`; tests build their own.
     pub metrics: Metrics,
+    /// `max_request_body` in bytes: a longer form body is refused (400) before
+    /// it is parsed.
     pub max_request_body: usize,
+    /// The backends' lookback delta: how far back an instant selector reads, which
+    /// analysis adds to a query's oldest sample.
     pub lookback_delta: Duration,
 }
 

@@ -23,9 +23,11 @@ pub const MAX_TIME: Millis = 253_402_300_799_999;
 /// would otherwise overflow arithmetic further on.
 pub const MAX_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
 
-/// Prometheus' spellings of the smallest and largest representable times, which its
-/// own clients send for "unbounded" on metadata endpoints.
+/// Prometheus' spelling of its smallest representable time, which its own clients
+/// send for "unbounded" on metadata endpoints.
 pub const MIN_TIME_FORMATTED: &str = "-292273086-05-16T16:47:06Z";
+/// Prometheus' spelling of its largest representable time: "unbounded" at the
+/// other end.
 pub const MAX_TIME_FORMATTED: &str = "292277025-08-18T07:12:54.999999999Z";
 
 /// A timestamp parameter: Unix seconds (fractional allowed) or RFC 3339, between

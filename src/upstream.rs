@@ -29,31 +29,55 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why an upstream call failed. `Clone` because coalesced waiters share one.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
+    /// No connection could be made (refused, DNS, connect timeout): 503, the
+    /// backend is down or unreachable.
     #[error("backend {backend} ({url}) is unavailable: {reason}")]
     Unavailable {
+        /// The backend's name (`recent`, `long_term`).
         backend: &'static str,
+        /// The backend's base URL, so the operator sees which address failed.
         url: String,
+        /// The client's error chain.
         reason: String,
     },
+    /// No full answer within the call's timeout: `backends.*.timeout`, or the
+    /// client's own `timeout` plus a grace if lower (504).
     #[error("backend {backend} did not answer within {after_ms} ms")]
     Timeout {
+        /// The backend's name (`recent`, `long_term`).
         backend: &'static str,
+        /// The timeout that ran out, in milliseconds.
         after_ms: u128,
     },
+    /// The answer, decompressed, is over the backend's `max_response`: the query
+    /// asks for too much, so it counts as the client's fault (422).
     #[error(
         "the answer from backend {backend} exceeds the {limit}-byte response limit; \
          narrow the time range, raise the step, or aggregate more (sum by ...)"
     )]
-    TooLarge { backend: &'static str, limit: u64 },
+    TooLarge {
+        /// The backend's name (`recent`, `long_term`).
+        backend: &'static str,
+        /// `max_response` of the backend, in bytes.
+        limit: u64,
+    },
+    /// The body is not a Prometheus API envelope (`status` `success` or `error`):
+    /// a proxy's error page, a wrong URL (502).
     #[error("backend {backend} answered HTTP {status} with an invalid body: {reason}")]
     InvalidResponse {
+        /// The backend's name (`recent`, `long_term`).
         backend: &'static str,
+        /// The HTTP status it answered with.
         status: u16,
+        /// What is wrong with the body.
         reason: String,
     },
+    /// The connection failed once made: reset, closed early, a broken body (502).
     #[error("backend {backend} failed mid-response: {reason}")]
     Transport {
+        /// The backend's name (`recent`, `long_term`).
         backend: &'static str,
+        /// The client's error chain.
         reason: String,
     },
 }
@@ -79,7 +103,9 @@ impl UpstreamError {
 /// What a backend answered: a Prometheus API envelope, success or error.
 #[derive(Debug, Clone)]
 pub struct UpstreamResponse {
+    /// The backend's status, passed on to the client (its 4xx and 5xx errors too).
     pub status: StatusCode,
+    /// The whole body, decompressed, at most `max_response` bytes.
     pub body: Bytes,
 }
 
@@ -98,6 +124,7 @@ pub enum UnalignedRanges {
 /// One configured backend with its own connection pool.
 #[derive(Debug)]
 pub struct Upstream {
+    /// Which backend this is; its name in labels, logs and errors.
     pub id: BackendId,
     base: Url,
     client: reqwest::Client,
@@ -234,6 +261,7 @@ impl Upstream {
         self.timeout
     }
 
+    /// The configured base URL, for `/-/status`.
     pub fn base_url(&self) -> &str {
         self.base.as_str()
     }

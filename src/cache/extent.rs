@@ -16,14 +16,19 @@ use super::matrix::{Points, Series, label_order};
 /// The evaluation timestamps of a range query: `phase + k·step`, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grid {
+    /// Milliseconds between evaluations; always positive (the parser refuses `step ≤ 0`).
     pub step: i64,
+    /// `start mod step`, in `[0, step)`: ranges with the same step and phase share
+    /// timestamps, whatever their start.
     pub phase: i64,
 }
 
 /// A closed span of grid timestamps, `from ≤ to`, both on the grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    /// First grid timestamp, in milliseconds.
     pub from: i64,
+    /// Last grid timestamp, included.
     pub to: i64,
 }
 
@@ -36,12 +41,14 @@ impl Grid {
         }
     }
 
+    /// The first grid timestamp at or after `t`.
     pub fn at_or_after(&self, t: i64) -> i64 {
         let k = (t - self.phase).div_euclid(self.step);
         let g = self.phase + k * self.step;
         if g < t { g + self.step } else { g }
     }
 
+    /// The last grid timestamp at or before `t`.
     pub fn at_or_before(&self, t: i64) -> i64 {
         let k = (t - self.phase).div_euclid(self.step);
         self.phase + k * self.step
@@ -61,6 +68,7 @@ impl Grid {
 }
 
 impl Span {
+    /// The grid timestamps both spans share, if any; both must be on the same grid.
     pub fn intersect(&self, other: &Span) -> Option<Span> {
         let from = self.from.max(other.from);
         let to = self.to.min(other.to);

@@ -17,8 +17,11 @@ use super::extent::{Grid, Span};
 /// stitched answer reads exactly like a direct one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TimestampStyle {
+    /// Prometheus: a fraction always has three digits (`.500`); the style assumed
+    /// until an answer shows otherwise.
     #[default]
     Millis3,
+    /// VictoriaMetrics: trailing zeros of a fraction dropped (`.5`).
     Shortest,
 }
 
@@ -32,14 +35,18 @@ pub struct Points {
 }
 
 impl Points {
+    /// How many points the series has.
     pub fn len(&self) -> usize {
         self.ts.len()
     }
 
+    /// Whether the series has no points.
     pub fn is_empty(&self) -> bool {
         self.ts.is_empty()
     }
 
+    /// Append a point. Timestamps must come in increasing order: spans are looked up
+    /// by binary search.
     pub fn push(&mut self, ts: i64, value: &str) {
         self.ts.push(ts);
         self.text.push_str(value);
@@ -47,6 +54,11 @@ impl Points {
             .push(u32::try_from(self.text.len()).unwrap_or(u32::MAX));
     }
 
+    /// Point `i`: its timestamp in milliseconds and its value as the backend wrote it.
+    ///
+    /// # Panics
+    ///
+    /// When `i` is not below [`Points::len`].
     pub fn get(&self, i: usize) -> (i64, &str) {
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
         (self.ts[i], &self.text[start..self.ends[i] as usize])
@@ -77,22 +89,32 @@ pub struct Series {
     /// The `metric` object's exact JSON text; backends print label sets sorted by
     /// name, so equal text means equal label sets.
     pub metric: Arc<str>,
+    /// Its points in time order.
     pub points: Points,
 }
 
 /// A parsed `resultType: matrix` answer.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Matrix {
+    /// In the backend's order when parsed; [`super::extent::assemble`] sorts as
+    /// Prometheus does.
     pub series: Vec<Series>,
+    /// How to print fractional timestamps, as learnt from the answer's own points.
     pub style: TimestampStyle,
 }
 
 /// Why an answer cannot be cut into extents; it is then cached whole or not at all.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NotSplittable {
+    /// Not a JSON success answer, or a timestamp promguard cannot read (more than
+    /// three decimals).
     Invalid,
+    /// A success of another result type than `matrix`.
     NotMatrix,
+    /// The answer carries `warnings` or `infos`, which speak for the whole range and
+    /// would be lost or repeated in pieces.
     HasWarnings,
+    /// A series has native histogram points, which [`Points`] cannot hold.
     NativeHistograms,
 }
 
@@ -183,6 +205,7 @@ impl Matrix {
             + 32
     }
 
+    /// Points over all series, for `promguard_cache_points_{fetched,served}_total`.
     pub fn point_count(&self) -> usize {
         self.series.iter().map(|s| s.points.len()).sum()
     }

@@ -42,7 +42,11 @@ use store::{Chunk, Store};
 /// How an answer was produced. Feeds the `X-Cache` header and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
+    /// Answered from the store without asking the backend: a fresh answer (or one
+    /// younger than the caller's refresh floor), or a range wholly in extents.
     Hit,
+    /// Fetched from the backend in full; requests that joined the same fetch see
+    /// the same status.
     Miss,
     /// Part from cache, part fetched.
     Partial,
@@ -80,28 +84,45 @@ impl CacheStatus {
 /// budget they spend, and how long they may wait for a fetch shared with others.
 #[derive(Debug, Clone)]
 pub struct Waiter {
+    /// How urgent the request is; joins the fetch's priority when it waits on one.
     pub priority: Priority,
+    /// The per-user budget it spends ([`crate::limits::Quotas::budget_key`]);
+    /// `None` spends none. A waiter refused for another caller's budget fetches again
+    /// as itself.
     pub budget: Option<Arc<str>>,
+    /// How long it may wait for a shared fetch
+    /// ([`crate::state::AppState::wait_limit`]), so a stuck fetch cannot hold it forever.
     pub limit: Duration,
 }
 
 /// How waiting on a shared fetch can fail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheError {
+    /// The flight it waited on ended without a result; a bug (500).
     #[error(
         "the shared fetch this request waited on ended without an answer (a bug, logged); \
          retry"
     )]
     Lost,
+    /// The shared fetch did not finish within the waiter's limit (504); it goes
+    /// on for any others still waiting on it.
     #[error("waited {} ms for the shared fetch of this answer, this request's limit", after.as_millis())]
-    Waited { after: Duration },
+    Waited {
+        /// How long it waited: its [`Waiter::limit`].
+        after: Duration,
+    },
 }
 
 /// An answer ready to send.
 #[derive(Debug, Clone)]
 pub struct Served {
+    /// The backend's status when fetched; `200` for hits, stale answers and stitched
+    /// ranges.
     pub status: StatusCode,
+    /// The exact bytes to send: the backend's, stitched extents, or a stale answer
+    /// with its warning.
     pub body: Bytes,
+    /// How the answer was produced, for `X-Cache` and the lookup metrics.
     pub cache: CacheStatus,
     /// The stored answer a hit came from, which can also be sent gzipped.
     pub stored: Option<Arc<store::Answer>>,
@@ -137,10 +158,16 @@ pub struct RangePlan {
 pub enum Plan {
     /// Forward as is; with `refresh`, store the answer for later requests.
     Bypass {
+        /// What to send upstream: the request, snapped like a whole answer's when one
+        /// is refreshed.
         request: ApiRequest,
+        /// Set when the client's `no-cache` skipped a cacheable whole answer: the fresh
+        /// answer still replaces the stored one.
         refresh: Option<WholePlan>,
     },
+    /// Cached as one answer: instant queries, metadata, ranges that cannot be split.
     Whole(WholePlan),
+    /// Cached as extents, fetching only the spans the store lacks.
     Range(RangePlan),
 }
 
@@ -315,6 +342,7 @@ impl Cache {
         }
     }
 
+    /// The cache settings, which the pipeline also reads (live window, instant step).
     pub fn config(&self) -> &CacheConfig {
         &self.config
     }

@@ -22,9 +22,12 @@ use super::matrix::Matrix;
 /// A whole answer, stored as the exact bytes to send.
 #[derive(Debug)]
 pub struct Answer {
+    /// The exact bytes to send, as the backend or the stitching wrote them.
     pub body: Bytes,
     /// Points in a range answer, for the points-served metric; 0 otherwise.
     pub points: u64,
+    /// When it was stored, on the cache's clock: its age for the refresh floor and
+    /// for the stale warning.
     pub stored: Instant,
     /// Served as a hit until then; afterwards only as a stale fallback.
     pub fresh_until: Instant,
@@ -63,6 +66,7 @@ impl Answer {
 pub struct Chunk {
     /// Grid timestamps this chunk answers for; points outside do not exist.
     pub span: Span,
+    /// The chunk's series, holding only points within `span`.
     pub matrix: Matrix,
 }
 
@@ -133,6 +137,8 @@ impl Store {
         Store { cache }
     }
 
+    /// The whole answer stored under `key`, fresh or not: the caller judges by
+    /// `fresh_until` and `stored`.
     pub fn answer(&self, key: &CacheKey) -> Option<Arc<Answer>> {
         match self.cache.get(&Key::Answer(key.clone()))?.value {
             Value::Answer(a) => Some(a),
@@ -178,6 +184,7 @@ impl Store {
         );
     }
 
+    /// Chunk `index` (by [`super::extent::chunks_of`]) of the series `key`, if kept.
     pub fn chunk(&self, key: &SeriesKey, index: i64) -> Option<Arc<Chunk>> {
         match self.cache.get(&Key::Chunk(key.clone(), index))?.value {
             Value::Chunk(c) => Some(c),
@@ -185,6 +192,8 @@ impl Store {
         }
     }
 
+    /// Keep `chunk` as chunk `index` of `key` for `ttl`, replacing what was there;
+    /// its matrix is shrunk first, so the byte bound counts what it holds.
     pub fn put_chunk(&self, key: SeriesKey, index: i64, mut chunk: Chunk, ttl: Duration) {
         chunk.matrix.shrink_to_fit();
         let bytes = weight(key.0.len() + chunk.matrix.bytes());

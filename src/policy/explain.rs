@@ -15,37 +15,53 @@ use crate::units::Millis;
 
 /// The query and who asks it.
 pub struct Question<'a> {
+    /// The query as a request would carry it: text, parse (if any) and canonical form.
     pub query: &'a Query,
     /// Evaluation span: `start..=end` for a range query, `time..=time` for an instant one.
     pub start: Millis,
+    /// Last evaluation time; equal to `start` for an instant query.
     pub end: Millis,
     /// The range query's step (MetricsQL's `[Ni]` ranges count in it).
     pub step_ms: i64,
+    /// Explain it as `query_range` rather than `query` (evaluated at `start`).
     pub range_query: bool,
+    /// The moment of the question: picks the mode by the schedule, and is "now" for
+    /// routing.
     pub at: Millis,
+    /// Who asks, for the rules' exempt users.
     pub user: &'a str,
+    /// The dashboard it comes from, for the rules' exempt dashboards; taken as given.
     pub dashboard: Option<&'a str>,
 }
 
 /// Every fact behind the decision.
 #[derive(Debug, Serialize)]
 pub struct Explanation {
+    /// `allow`, `refuse`, or `exempt` (the asker is exempt from the mode's rules).
     pub decision: &'static str,
+    /// The mode the schedule gives at `at` (a manual switch is not consulted),
+    /// flattened into the JSON.
     #[serde(flatten)]
     pub mode: Effective,
+    /// Where the query would go: `recent` or `long_term`.
     pub backend: &'static str,
     /// Oldest and newest sample timestamps the query can touch, Unix seconds.
     pub oldest: Option<f64>,
+    /// The newest, also Unix seconds; after `at` with a negative offset.
     pub newest: Option<f64>,
     /// How far before `at` the oldest touched sample lies.
     pub lookback_seconds: Option<i64>,
+    /// The same span in words (`30 days`).
     pub lookback: Option<String>,
+    /// The selector that reaches furthest back, with its function
+    /// (`rate(orders_total[30d])`).
     pub furthest: Option<String>,
     /// `parsed`, or `tolerant scan` when promguard's parser cannot read the query
     /// (MetricsQL, newer functions): bounds are then conservative.
     pub analysis: &'static str,
     /// The rule that refused it, if one did.
     pub rule: Option<String>,
+    /// The refusal as Grafana would show it on the panel.
     pub message: Option<String>,
     /// Dry-run rules that would have refused it.
     pub dry_run: Vec<String>,
@@ -53,6 +69,8 @@ pub struct Explanation {
     pub min_refresh: Option<String>,
 }
 
+/// What `policy` would do with `q` in the mode its schedule gives at `q.at`: the
+/// pipeline's own verdict (analysis, routing, rules), with the facts behind it.
 pub fn explain(
     policy: &Policy,
     routing: &RoutingTable,

@@ -22,15 +22,21 @@ use crate::config::{HumanDuration, RateConfig};
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ModeLimits {
+    /// Replaces `limits.requests` in this mode; `limits.users` overrides still win.
     pub requests: Option<RateConfig>,
+    /// Replaces `limits.upstream` in this mode; `limits.users` overrides still win.
     pub upstream: Option<RateConfig>,
+    /// Replaces `limits.max_in_flight` in this mode; `limits.users` overrides still
+    /// win.
     pub max_in_flight: Option<usize>,
 }
 
 /// One mode's rules, exemptions and limits.
 #[derive(Debug, Clone, Default)]
 pub struct ModePolicy {
+    /// The rules and exemptions, merged from every file.
     pub rules: RuleSet,
+    /// The mode's per-user budgets over the configuration's; set by one file at most.
     pub limits: ModeLimits,
     /// Live queries of callers that are not exempt reach the backend at most
     /// once per this interval: their windows are snapped to it and their answers
@@ -41,8 +47,11 @@ pub struct ModePolicy {
 /// Everything the policy files say, compiled.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
+    /// Sale windows from every file, in load order.
     pub windows: Vec<Window>,
+    /// What applies outside sale mode.
     pub normal: ModePolicy,
+    /// What applies in sale mode (by schedule or by the switch).
     pub sale: ModePolicy,
     /// The files it came from, in load order.
     pub files: Vec<PathBuf>,
@@ -61,8 +70,12 @@ impl Policy {
 /// A policy file that cannot be used, located as precisely as the parser allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
+    /// The file at fault: the last one read for a clash between files (a name used
+    /// twice), the directory when it cannot be listed or holds no policy file.
     pub file: PathBuf,
+    /// 1-based line, when the YAML parser knows it (syntax and value errors).
     pub line: Option<usize>,
+    /// What is wrong, with the field's path where known.
     pub message: String,
 }
 

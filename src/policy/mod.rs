@@ -30,6 +30,7 @@ use state::{AuditEntry, Effective, Mode, Override, OverrideFile, Persisted, effe
 /// A compiled policy with the quotas each mode hands to the limits stage (the
 /// budgets' state lives in the [`crate::limits::Limiter`], which outlives reloads).
 pub struct Compiled {
+    /// What the policy files say: the windows and each mode's rules and budgets.
     pub policy: Policy,
     normal_limits: Quotas,
     sale_limits: Quotas,
@@ -44,6 +45,7 @@ impl Compiled {
         }
     }
 
+    /// The rules and exemptions of `mode`.
     pub fn rules(&self, mode: Mode) -> &RuleSet {
         &self.policy.mode(mode).rules
     }
@@ -53,6 +55,8 @@ impl Compiled {
         self.policy.mode(mode).min_refresh
     }
 
+    /// The per-user quotas of `mode`: the configuration's `limits`, with the mode's
+    /// own from the policy over them.
     pub fn limits(&self, mode: Mode) -> &Quotas {
         match mode {
             Mode::Normal => &self.normal_limits,
@@ -73,14 +77,20 @@ fn merged(base: &LimitsConfig, mode: &ModeLimits) -> LimitsConfig {
 /// Why the switch refused a change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SwitchError {
+    /// `on` or `off` without `for`: a manual switch must end by itself.
     #[error("sale-mode on/off needs a duration (\"for\", e.g. \"6h\")")]
     NeedsDuration,
+    /// `for` is zero or longer than `policy.max_override`.
     #[error(
         "\"for\" must be positive and at most {} (policy.max_override); switch again \
          when it runs out",
         crate::units::format_duration(*max)
     )]
-    TooLong { max: Duration },
+    TooLong {
+        /// `policy.max_override`, quoted in the message.
+        max: Duration,
+    },
+    /// The state file could not be written, so nothing changed (500).
     #[error("the switch could not be saved, so it is unchanged: {0}")]
     Persist(String),
 }
@@ -89,8 +99,11 @@ pub enum SwitchError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Setting {
+    /// Sale mode for the given duration, whatever the schedule says.
     On,
+    /// Normal mode for the given duration, even inside a sale window.
     Off,
+    /// Back to the schedule: clears the manual switch.
     Auto,
 }
 

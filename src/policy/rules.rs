@@ -37,9 +37,12 @@ impl Limit {
     }
 }
 
+/// One rule of a policy file: one limit, enforced or a dry run.
 #[derive(Debug, Clone)]
 pub struct Rule {
+    /// Unique within its mode; named in refusals and in the `rule` metric label.
     pub name: String,
+    /// What it refuses.
     pub limit: Limit,
     /// Shown to the user; says why the rule exists.
     pub reason: Option<String>,
@@ -50,23 +53,31 @@ pub struct Rule {
 /// The rules of one mode, with who is exempt from them.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
+    /// In file order; the first enforcing rule that matches refuses.
     pub rules: Vec<Rule>,
+    /// Dashboard uids whose queries skip the rules and keep the normal-mode budgets.
     pub exempt_dashboards: Vec<String>,
+    /// User names (on-call, alerting) whose queries skip the rules and keep the
+    /// normal-mode budgets.
     pub exempt_users: Vec<String>,
 }
 
 /// What the decision needs to know about one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
+    /// The request's "now", Unix milliseconds; lookbacks are measured from it.
     pub now: Millis,
+    /// The caller's user name, matched against the exempt users.
     pub user: &'a str,
     /// Only set when the dashboard header can be believed.
     pub dashboard: Option<&'a str>,
     /// `end - start` for range queries.
     pub range: Option<Duration>,
+    /// Oldest sample any selector can touch; `None` when the query reads none.
     pub oldest: Option<Millis>,
     /// The selector reaching furthest back, as written.
     pub furthest: Option<&'a str>,
+    /// Where routing sends the request; `long_term: deny` refuses `long_term`.
     pub backend: BackendId,
     /// Canonical PromQL, for blocked patterns.
     pub query: Option<&'a str>,
@@ -75,20 +86,28 @@ pub struct Facts<'a> {
 /// One rule's verdict on a request, with the sentence explaining it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The rule's name.
     pub rule: String,
+    /// The kind of limit ([`Limit::as_str`]), the `limit` metric label.
     pub limit: &'static str,
+    /// What the user sees on the panel: the rule, what the query reads against the
+    /// limit, and the rule's reason.
     pub message: String,
+    /// A dry-run rule's: the request goes ahead, only logged and counted.
     pub dry_run: bool,
 }
 
+/// What the rules of the mode in force say about one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Allowed; `would_refuse` lists dry-run rules that matched.
     Allow {
+        /// Dry-run rules that matched, to log and count.
         would_refuse: Vec<Refusal>,
     },
     /// Allowed because the caller is exempt.
     Exempt,
+    /// Refused by the first enforcing rule that matched (422).
     Refuse(Refusal),
 }
 

@@ -15,11 +15,14 @@ use super::window::{Window, active};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// No sale window is open and no switch says otherwise: the normal rules apply.
     Normal,
+    /// A sale window is open, or an SRE switched sale mode on.
     Sale,
 }
 
 impl Mode {
+    /// The `mode` label value, and the mode's name in messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Normal => "normal",
@@ -32,11 +35,14 @@ impl Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
+    /// Decided by the sale windows of the policy files.
     Schedule,
+    /// Decided by an SRE's switch that has not run out.
     Manual,
 }
 
 impl Source {
+    /// The `source` label value of `promguard_sale_mode`.
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Schedule => "schedule",
@@ -48,32 +54,46 @@ impl Source {
 /// An SRE's decision to force a mode until a time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Override {
+    /// The mode it forces.
     pub mode: Mode,
+    /// When it runs out and the schedule is back; at most `policy.max_override`
+    /// after `at`.
     pub until: DateTime<Utc>,
+    /// Why, as the SRE gave it; required, for the audit.
     pub reason: String,
+    /// Who switched, as the SRE gave it; required, for the audit.
     pub by: String,
+    /// When the switch was made.
     pub at: DateTime<Utc>,
 }
 
 /// One change of the switch: who, when, why, from what to what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
+    /// When the switch was made.
     pub at: DateTime<Utc>,
+    /// Who made it, as given in the admin call; only the admin token is checked.
     pub by: String,
+    /// Why, as given; shown in `/-/status` and by the CLI.
     pub reason: String,
+    /// The mode in force just before, as [`Effective::describe`] puts it.
     pub from: String,
+    /// The mode in force just after, likewise.
     pub to: String,
 }
 
 /// The mode in force and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Effective {
+    /// Sale or normal: which rule set and budgets apply.
     pub mode: Mode,
+    /// Whether the schedule or a manual switch decided it.
     pub source: Source,
     /// The scheduled window in force (or being overridden), if any.
     pub window: Option<String>,
     /// When this mode ends unless something changes.
     pub until: Option<DateTime<Utc>>,
+    /// The SRE's reason, when a manual switch decided it.
     pub reason: Option<String>,
 }
 
@@ -137,8 +157,10 @@ const AUDIT_KEPT: usize = 100;
 /// What the state file holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Persisted {
+    /// The SRE's switch; it may have run out, which [`effective`] checks.
     #[serde(rename = "override")]
     pub manual: Option<Override>,
+    /// The changes of the switch, oldest first, at most the last hundred.
     #[serde(default)]
     pub audit: Vec<AuditEntry>,
 }
@@ -158,6 +180,7 @@ impl Persisted {
 /// The state file.
 #[derive(Debug, Clone)]
 pub struct OverrideFile {
+    /// Where the state lives (`policy.state_file`); written atomically.
     pub path: PathBuf,
 }
 

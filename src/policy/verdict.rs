@@ -19,6 +19,7 @@ const INSTANT_STEP_MS: i64 = 300_000;
 /// Who asks, as far as the rules may believe it.
 #[derive(Debug, Clone, Copy)]
 pub struct Asker<'a> {
+    /// The caller's user name, for the rules' exempt users.
     pub user: &'a str,
     /// Only when the dashboard header can be believed.
     pub dashboard: Option<&'a str>,
@@ -27,8 +28,11 @@ pub struct Asker<'a> {
 /// Everything decided about one request before the cache.
 #[derive(Debug, Clone)]
 pub struct Verdict {
+    /// Which samples the query touches; routing, the rules and the cache read it.
     pub shape: QueryShape,
+    /// Where routing sends it.
     pub backend: BackendId,
+    /// What the rules of the mode in force say.
     pub decision: Decision,
 }
 

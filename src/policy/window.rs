@@ -12,14 +12,20 @@ use chrono_tz::Tz;
 /// exclusive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
+    /// Unique across all policy files; the `window` label of `promguard_sale_mode`
+    /// and named in refusals.
     pub name: String,
+    /// First instant of the window.
     pub start: DateTime<Utc>,
+    /// First instant after it.
     pub end: DateTime<Utc>,
 }
 
 /// The active window at an instant and when sale mode ends if nothing changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Active<'a> {
+    /// The window containing the instant; the one that started first, when several
+    /// overlap.
     pub window: &'a Window,
     /// The end of the run of overlapping or back-to-back windows containing now.
     pub until: DateTime<Utc>,
