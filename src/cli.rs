@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 
-use promguard::config::{BackendConfig, Config, HumanDuration, LogFormat, parse_human_duration};
+use promguard::config::{
+    BackendConfig, Config, HumanDuration, LogFormat, Secret, parse_human_duration,
+};
 use promguard::policy::explain::{Question, explain};
 use promguard::policy::file::load_dir;
 use promguard::request::{Query, QueryParser};
@@ -112,7 +114,8 @@ pub struct SaleModeArgs {
         long,
         global = true,
         default_value = "http://127.0.0.1:9091",
-        env = "PROMGUARD_URL"
+        env = "PROMGUARD_URL",
+        value_parser = http_url
     )]
     url: Url,
     /// The admin token.
@@ -133,11 +136,12 @@ enum SaleModeCommand {
     Off(Switch),
     /// Follow the schedule again.
     Auto {
+        /// Why, in a few words (kept in the audit trail).
         #[arg(long)]
         reason: String,
-        /// Who switches (audited); default $USER.
-        #[arg(long, env = "USER")]
-        by: String,
+        /// Who switches (kept in the audit trail) [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
     },
     /// Print the mode, its source, the windows and the audit trail.
     Status,
@@ -145,37 +149,75 @@ enum SaleModeCommand {
 
 #[derive(Args)]
 struct Switch {
-    /// How long, e.g. 6h.
+    /// How long, e.g. 6h (at most policy.max_override, 30d by default).
     #[arg(long = "for", value_parser = parse_human_duration)]
     duration: HumanDuration,
+    /// Why, in a few words (kept in the audit trail).
     #[arg(long)]
     reason: String,
-    /// Who switches (audited); default $USER.
-    #[arg(long, env = "USER")]
-    by: String,
+    /// Who switches (kept in the audit trail) [default: $USER].
+    #[arg(long)]
+    by: Option<String>,
+}
+
+/// Who switches: `--by`, else `$USER`.
+fn who(by: &Option<String>) -> anyhow::Result<String> {
+    match by {
+        Some(name) if !name.trim().is_empty() => Ok(name.clone()),
+        _ => std::env::var("USER")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .context("say who switches: give --by NAME (it defaults to $USER, which is not set)"),
+    }
 }
 
 /// Flags override the file's values; with `--recent-url` no file is needed at all.
+/// The defaults named in the help are the configuration's (a test keeps them true).
 #[derive(Args)]
 pub struct ServeArgs {
     /// YAML configuration file (see promguard.example.yaml).
     #[arg(long, env = "PROMGUARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on.
+    /// Address to listen on [default: 127.0.0.1:9091].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Base URL of the Prometheus holding recent data.
-    #[arg(long)]
+    /// Base URL of the Prometheus holding recent data, e.g. http://127.0.0.1:9090.
+    #[arg(long, value_parser = http_url)]
     recent_url: Option<Url>,
-    /// How far back the recent Prometheus holds data, e.g. 2d.
+    /// How far back the recent Prometheus holds data, e.g. 2d [default: 15d].
     #[arg(long, value_parser = parse_human_duration)]
     recent_window: Option<HumanDuration>,
-    /// Base URL of the long-term store (VictoriaMetrics, Thanos, Mimir).
-    #[arg(long)]
+    /// Base URL of the long-term store (VictoriaMetrics, Thanos, Mimir) [default:
+    /// none, everything goes to the recent Prometheus].
+    #[arg(long, value_parser = http_url)]
     long_term_url: Option<Url>,
-    /// Log format.
+    /// Directory of policy files (sale windows and rules) [default: none, no rules].
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Bearer token for /admin/... (sale-mode switch, policy reload) [default: none,
+    /// the admin API is off].
+    #[arg(long, env = "PROMGUARD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Where the sale-mode override and its audit trail are kept [default:
+    /// promguard-state/sale-mode.json, relative to the working directory].
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+/// A backend or promguard URL: absolute, http or https. `127.0.0.1:9090` without
+/// a scheme is the common slip, so the error says what to write instead.
+fn http_url(text: &str) -> Result<Url, String> {
+    match Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
+        Ok(_) | Err(url::ParseError::RelativeUrlWithoutBase) => Err(format!(
+            "{text:?} is not an http(s) URL; write it with its scheme, e.g. http://{}",
+            text.trim_start_matches('/')
+        )),
+        Err(e) => Err(format!("{text:?} is not a URL: {e}")),
+    }
 }
 
 /// Run every subcommand but `serve`.
@@ -187,8 +229,22 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            // Everything serve would refuse at start-up without touching the
+            // network: the policies too.
+            let policies = match &config.policy.dir {
+                Some(dir) => {
+                    let policy = load_dir(dir)?;
+                    format!(
+                        "{} ({} files, {} windows)",
+                        dir.display(),
+                        policy.files.len(),
+                        policy.windows.len()
+                    )
+                }
+                None => "none".to_string(),
+            };
             println!(
-                "{}: OK (recent {}, long_term {})",
+                "{}: OK (recent {}, long_term {}, policies {policies})",
                 file.display(),
                 config.backends.recent.url,
                 config
@@ -249,6 +305,15 @@ pub fn resolve_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(format) = args.log_format {
         config.log_format = format;
+    }
+    if let Some(dir) = args.policies {
+        config.policy.dir = Some(dir);
+    }
+    if let Some(token) = args.admin_token.filter(|t| !t.is_empty()) {
+        config.policy.admin_token = Some(Secret(token));
+    }
+    if let Some(file) = args.state_file {
+        config.policy.state_file = file;
     }
     config.validate()?;
     Ok(config)
@@ -348,10 +413,10 @@ fn sale_mode_command(args: SaleModeArgs) -> anyhow::Result<()> {
             "mode": if matches!(args.command, SaleModeCommand::On(_)) { "on" } else { "off" },
             "for": format!("{}s", s.duration.0.as_secs()),
             "reason": s.reason,
-            "by": s.by,
+            "by": who(&s.by)?,
         })),
         SaleModeCommand::Auto { reason, by } => Some(serde_json::json!({
-            "mode": "auto", "reason": reason, "by": by,
+            "mode": "auto", "reason": reason, "by": who(by)?,
         })),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -377,4 +442,65 @@ fn sale_mode_command(args: SaleModeArgs) -> anyhow::Result<()> {
         bail!("promguard answered {status}");
     }
     Ok(())
+}
+
+/// An error for a person at a terminal: the message, then each cause that adds
+/// something (sources whose text the message already quotes are left out), and no
+/// backtrace, whatever `RUST_BACKTRACE` says.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_defaults_serve_help_names_are_the_configurations() {
+        let help = Cli::command()
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_long_help()
+            .to_string();
+        let config = Config::with_recent("http://127.0.0.1:9090".parse().expect("url"));
+        for default in [
+            config.listen.to_string(),
+            format!("{}d", config.backends.recent.window.0.as_secs() / 86_400),
+            config.policy.state_file.display().to_string(),
+        ] {
+            assert!(
+                help.contains(&default),
+                "serve --help lacks {default}:\n{help}"
+            );
+        }
+        for flag in ["--policies", "--admin-token", "--state-file"] {
+            assert!(help.contains(flag), "{flag}");
+        }
+    }
+
+    #[test]
+    fn a_url_without_its_scheme_is_explained() {
+        let err = http_url("127.0.0.1:9090").unwrap_err();
+        assert!(err.contains("http://127.0.0.1:9090"), "{err}");
+        assert!(http_url("ftp://host/").is_err());
+        assert!(http_url("https://prom.example:9090/prefix").is_ok());
+    }
+
+    #[test]
+    fn errors_read_once_each() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(io).context("cannot read /nope.yaml: No such file");
+        assert_eq!(describe(&err), "cannot read /nope.yaml: No such file");
+        let err = anyhow::anyhow!("outer").context("top");
+        assert_eq!(describe(&err), "top: outer");
+    }
 }

@@ -174,7 +174,8 @@ pub struct RateConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Every request, cache hits included: generous, so cached dashboards stay viewable.
+    /// Every request that needs a backend (coalesced waiters included), and hits
+    /// too with `count_hits`: generous, so a dashboard loads in one burst.
     pub requests: RateConfig,
     /// Each upstream call: the expensive part.
     pub upstream: RateConfig,
@@ -187,7 +188,7 @@ pub struct LimitsConfig {
     /// Budgets of requests from a Grafana whose users promguard cannot tell apart
     /// (no `identity.grafana`, or Grafana without `send_user_header`).
     pub unverified: Unverified,
-    /// Cache hits spend the request budget too. Off by default: a hit costs the
+    /// Cache hits spend the request budget too. Usually off: a hit costs the
     /// backends nothing, and a refused hit is a blank panel for nothing.
     pub count_hits: bool,
 }
@@ -506,7 +507,8 @@ impl<'de> Deserialize<'de> for Secret {
             Raw::Env { env } => match std::env::var(&env) {
                 Ok(v) if !v.is_empty() => Ok(Secret(v)),
                 _ => Err(serde::de::Error::custom(format!(
-                    "environment variable {env} is not set or empty"
+                    "environment variable {env} is not set or empty: set it before \
+                     starting promguard, or write the secret inline"
                 ))),
             },
         }

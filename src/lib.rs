@@ -4,8 +4,8 @@
 //! A request passes these stages, in this order (see [`pipeline::handle`]):
 //!
 //! 1. [`identity`]: who is asking (trusted Grafana user, basic auth, bearer, anonymous)
-//! 2. [`limits`]: the caller's request budget in the mode in force (every request,
-//!    cache hits included)
+//! 2. [`limits`]: the caller's request budget in the mode in force (every request
+//!    that needs a backend; hits too with `limits.count_hits`)
 //! 3. [`request`]: parse into a typed [`request::ApiRequest`], refuse bad input locally
 //! 4. [`analysis`]: which samples the PromQL touches (oldest, newest)
 //! 5. [`routing`]: recent Prometheus or the long-term store, by the oldest sample

@@ -4,6 +4,7 @@
 mod cli;
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -17,8 +18,18 @@ use promguard::identity::IdentityMode;
 use promguard::metrics::Metrics;
 use promguard::state::AppState;
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => {
             let config = cli::resolve_config(*args)?;
             init_tracing(config.log_format);
@@ -76,6 +87,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections = settings.max_connections,
         "promguard listening"
     );
+    state.spawn_startup_probe();
     let draining = Arc::new(tokio::sync::Notify::new());
     let notify = draining.clone();
     let server = promguard::server::serve(

@@ -177,6 +177,33 @@ impl AppState {
         });
     }
 
+    /// Say in the log, once at start-up, whether each backend answers its health
+    /// path. promguard starts either way (a backend may come up later, and
+    /// `/-/ready` keeps telling), but a wrong URL should be seen in the first lines
+    /// of the log, not at the first dashboard.
+    pub fn spawn_startup_probe(self: &Arc<Self>) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            for backend in state.backends() {
+                let upstream = &backend.upstream;
+                match upstream.probe().await {
+                    Ok(()) => tracing::info!(
+                        backend = upstream.id.as_str(),
+                        url = upstream.base_url(),
+                        "backend answers"
+                    ),
+                    Err(e) => tracing::warn!(
+                        backend = upstream.id.as_str(),
+                        url = upstream.base_url(),
+                        error = %e,
+                        "backend is not reachable; queries routed to it fail until it \
+                         answers (check the URL; /-/ready reports it too)"
+                    ),
+                }
+            }
+        });
+    }
+
     /// Start the tasks that keep the state: forgetting the budgets of users who
     /// went quiet (every minute), and reloading policies when their files change
     /// (every `reload_interval`) or on SIGHUP.

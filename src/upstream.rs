@@ -178,7 +178,7 @@ impl Upstream {
     }
 
     /// Whether the caller may probe how this backend evaluates unaligned ranges
-    /// now: the answer is unknown and no probe started within [`PROBE_EVERY`]. The
+    /// now: the answer is unknown and no probe started within `PROBE_EVERY`. The
     /// first caller to get `true` owns the probe.
     pub fn claim_probe(&self) -> bool {
         if self.unaligned_ranges() != UnalignedRanges::Unknown {

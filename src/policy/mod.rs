@@ -2,7 +2,7 @@
 //!
 //! [`Policies`] holds the compiled policy (swapped whole on reload; an invalid edit
 //! never replaces a valid policy), the per-mode user limits built from it, and the
-//! persisted override. The pure parts live in [`window`], [`rules`], [`file`] and
+//! persisted override. The pure parts live in [`window`], [`rules`], [`file`](mod@file) and
 //! [`state`]; this module does the file and clock I/O around them.
 
 pub mod explain;

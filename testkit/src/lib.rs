@@ -4,7 +4,7 @@
 //!
 //! - [`grafana`]: the model of Grafana's Prometheus data source, from a dashboard's
 //!   JSON to the HTTP request it sends (step, variables, times), with table tests.
-//! - [`backends`]: the real Prometheus and VictoriaMetrics, loaded with generated data
+//! - [`backends`](mod@backends): the real Prometheus and VictoriaMetrics, loaded with generated data
 //!   by `scripts/backends.sh`, started once per process.
 //! - [`promguard`]: promguard processes started from a config or from flags.
 //! - [`http`]: the HTTP client, Grafana-shaped forms, `/metrics` scrapes, polling.

@@ -1,6 +1,8 @@
 //! Small fault backends for the failure cases real backends cannot be made to show
 //! on demand: hanging, answering garbage, answering slowly. Each counts requests,
 //! tracks peak concurrency and notices when promguard closes a connection early.
+//! Health probes (promguard's start-up check, `/-/ready`) are answered at once and
+//! not counted: the faults are in answering queries.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -63,7 +65,11 @@ impl FaultServer {
 }
 
 async fn serve(mut stream: TcpStream, mode: Mode, counters: Arc<Counters>) {
-    if !read_request(&mut stream).await {
+    let Some(request_line) = read_request(&mut stream).await else {
+        return;
+    };
+    if request_line.starts_with("get /-/ready ") {
+        respond(&mut stream, "text/plain", "ready").await;
         return;
     }
     counters.requests.fetch_add(1, Ordering::SeqCst);
@@ -103,16 +109,17 @@ async fn serve(mut stream: TcpStream, mode: Mode, counters: Arc<Counters>) {
     counters.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// Read headers and a Content-Length body; false if the peer left first.
-async fn read_request(stream: &mut TcpStream) -> bool {
+/// Read headers and a Content-Length body: the request line, or `None` if the peer
+/// left first.
+async fn read_request(stream: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         let Ok(n) = stream.read(&mut chunk).await else {
-            return false;
+            return None;
         };
         if n == 0 {
-            return false;
+            return None;
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -124,11 +131,11 @@ async fn read_request(stream: &mut TcpStream) -> bool {
                 .unwrap_or(0);
             while buf.len() < end + 4 + length {
                 match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return false,
+                    Ok(0) | Err(_) => return None,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
-            return true;
+            return head.lines().next().map(str::to_string);
         }
     }
 }

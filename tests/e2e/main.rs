@@ -6,9 +6,11 @@
 mod bad_input;
 mod cache;
 mod chart;
+mod cli;
 mod coalescing;
 mod compat;
 mod dashboards;
+mod demo;
 mod differential;
 mod faults;
 mod grafana_defaults;

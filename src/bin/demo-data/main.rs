@@ -16,10 +16,10 @@ mod shop;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -64,9 +64,13 @@ enum Command {
 
 #[derive(Args)]
 struct RangeArgs {
-    /// File to write
+    /// File to write; with --parts N, the files OUT.1 to OUT.N
     #[arg(long)]
     out: PathBuf,
+    /// Split the series over this many files of about the same size (whole metric
+    /// families in each), so that whoever loads them can tell how far it got
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    parts: u16,
     /// First timestamp, UNIX seconds (samples are aligned to multiples of --step)
     #[arg(long)]
     start: i64,
@@ -169,22 +173,88 @@ fn generate(args: &RangeArgs, format: Format) -> io::Result<()> {
     let end_day = split(end).0;
     let model = args.model.build(end_day, end_day);
     let grid = Grid::new(start, end, args.step);
-    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", args.out.display()));
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(&args.out).map_err(with_path)?);
-    let written = match format {
-        Format::OpenMetrics => output::openmetrics(&model, &grid, &mut out),
-        Format::VmImport => output::vm_import(&model, &grid, &mut out),
+    let parts = output::split(model.families(), usize::from(args.parts));
+    let mut progress = Progress::new(&args.out, model.series_count());
+    let mut written = output::Written::default();
+    for (i, part) in parts.iter().enumerate() {
+        let path = if parts.len() == 1 {
+            args.out.clone()
+        } else {
+            let mut name = args.out.clone().into_os_string();
+            name.push(format!(".{}", i + 1));
+            PathBuf::from(name)
+        };
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(with_path)?);
+        let mut done = |series| progress.advance(series);
+        let part = match format {
+            Format::OpenMetrics => output::openmetrics(&model, part, &grid, &mut out, &mut done),
+            Format::VmImport => output::vm_import(&model, part, &grid, &mut out, &mut done),
+        }
+        .and_then(|part| out.flush().map(|()| part))
+        .map_err(with_path)?;
+        written.series += part.series;
+        written.samples += part.samples;
     }
-    .and_then(|written| out.flush().map(|()| written))
-    .map_err(with_path)?;
     eprintln!(
-        "demo-data: wrote {} series, {} samples to {} in {:.1?}",
+        "demo-data: wrote {} series, {} samples to {}{} in {:.1?}",
         written.series,
         written.samples,
         args.out.display(),
+        if parts.len() == 1 {
+            String::new()
+        } else {
+            format!(".1 to .{}", parts.len())
+        },
         began.elapsed()
     );
     Ok(())
+}
+
+/// Progress of a long write on stderr, a line every few seconds with the share done
+/// and an estimate of the time left, so that a demo loading for minutes is seen to
+/// move.
+struct Progress {
+    name: String,
+    total: usize,
+    done: usize,
+    began: Instant,
+    said: Instant,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(3);
+
+    fn new(out: &Path, total: usize) -> Self {
+        let name = out.file_name().map_or_else(
+            || out.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let now = Instant::now();
+        Progress {
+            name,
+            total: total.max(1),
+            done: 0,
+            began: now,
+            said: now,
+        }
+    }
+
+    fn advance(&mut self, series: usize) {
+        self.done += series;
+        if self.said.elapsed() < Self::EVERY || self.done >= self.total {
+            return;
+        }
+        self.said = Instant::now();
+        let elapsed = self.began.elapsed().as_secs_f64();
+        let share = self.done as f64 / self.total as f64;
+        eprintln!(
+            "demo-data: {}: {:.0}% after {elapsed:.0} s, about {:.0} s left",
+            self.name,
+            share * 100.0,
+            elapsed * (1.0 - share) / share
+        );
+    }
 }
 
 fn now() -> Millis {

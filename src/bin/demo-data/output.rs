@@ -6,7 +6,7 @@
 use std::io::{self, Write};
 
 use crate::calendar::Millis;
-use crate::model::{Kind, Model, Sample};
+use crate::model::{Family, Kind, Metric, Model, Sample};
 
 /// Timestamps on multiples of `step` within `[start, end]`, so that runs over different
 /// ranges sample the same instants.
@@ -31,6 +31,43 @@ impl Grid {
     }
 }
 
+/// Some of a family's label sets: the unit files are split by, so that a family with
+/// many series can spread over several files (each file names it again).
+pub type Slice<'a> = (&'a Family, &'a [Metric]);
+
+/// `families`' label sets in at most `parts` contiguous runs of about the same number
+/// of series (never empty, never more runs than label sets).
+pub fn split(families: &[Family], parts: usize) -> Vec<Vec<Slice<'_>>> {
+    let total: usize = families
+        .iter()
+        .flat_map(|f| &f.metrics)
+        .map(|m| m.samples.len())
+        .sum();
+    let parts = parts.max(1);
+    let mut runs = Vec::with_capacity(parts);
+    let mut run: Vec<Slice<'_>> = Vec::new();
+    let mut so_far = 0;
+    for family in families {
+        let mut first = 0;
+        for (i, metric) in family.metrics.iter().enumerate() {
+            so_far += metric.samples.len();
+            // Close the run once it holds its share of everything so far.
+            if so_far * parts >= total * (runs.len() + 1) && runs.len() + 1 < parts {
+                run.push((family, &family.metrics[first..=i]));
+                runs.push(std::mem::take(&mut run));
+                first = i + 1;
+            }
+        }
+        if first < family.metrics.len() {
+            run.push((family, &family.metrics[first..]));
+        }
+    }
+    if !run.is_empty() || runs.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
 /// What a writer produced, for the log line.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Written {
@@ -38,11 +75,18 @@ pub struct Written {
     pub samples: usize,
 }
 
-/// OpenMetrics text: families contiguous, each label set's points in time order, histogram
-/// buckets, count and sum together per timestamp, `# EOF` last.
-pub fn openmetrics(model: &Model, grid: &Grid, out: &mut impl Write) -> io::Result<Written> {
+/// OpenMetrics text of a part: families contiguous, each label set's points in time
+/// order, histogram buckets, count and sum together per timestamp, `# EOF` last.
+/// `done` hears how many series each label set added, for progress.
+pub fn openmetrics(
+    model: &Model,
+    part: &[Slice<'_>],
+    grid: &Grid,
+    out: &mut impl Write,
+    done: &mut impl FnMut(usize),
+) -> io::Result<Written> {
     let mut written = Written::default();
-    for family in model.families() {
+    for &(family, metrics) in part {
         // OpenMetrics names the counter family without the `_total` of its samples.
         let name = match family.kind {
             Kind::Counter => family
@@ -53,7 +97,7 @@ pub fn openmetrics(model: &Model, grid: &Grid, out: &mut impl Write) -> io::Resu
         };
         writeln!(out, "# HELP {name} {}", family.help)?;
         writeln!(out, "# TYPE {name} {}", family.kind.as_str())?;
-        for metric in &family.metrics {
+        for metric in metrics {
             let series: Vec<String> = metric.samples.iter().map(series).collect();
             for t in grid.times() {
                 for (sample, series) in metric.samples.iter().zip(&series) {
@@ -62,19 +106,26 @@ pub fn openmetrics(model: &Model, grid: &Grid, out: &mut impl Write) -> io::Resu
                 }
             }
             written.series += series.len();
+            done(series.len());
         }
     }
     writeln!(out, "# EOF")?;
     Ok(written)
 }
 
-/// VictoriaMetrics JSON lines: one line per series with all its values and timestamps (ms).
-pub fn vm_import(model: &Model, grid: &Grid, out: &mut impl Write) -> io::Result<Written> {
+/// VictoriaMetrics JSON lines of a part: one line per series with all its values and
+/// timestamps (ms). `done` hears of each series written.
+pub fn vm_import(
+    model: &Model,
+    part: &[Slice<'_>],
+    grid: &Grid,
+    out: &mut impl Write,
+    done: &mut impl FnMut(usize),
+) -> io::Result<Written> {
     let mut written = Written::default();
-    for sample in model
-        .families()
+    for sample in part
         .iter()
-        .flat_map(|f| &f.metrics)
+        .flat_map(|(_, metrics)| metrics.iter())
         .flat_map(|m| &m.samples)
     {
         write!(out, r#"{{"metric":{{"__name__":"{}""#, sample.name)?;
@@ -94,6 +145,7 @@ pub fn vm_import(model: &Model, grid: &Grid, out: &mut impl Write) -> io::Result
         }
         out.write_all(b"]}\n")?;
         written.series += 1;
+        done(1);
     }
     Ok(written)
 }
@@ -130,10 +182,51 @@ mod tests {
 
     const HOUR: Millis = 3_600_000;
 
+    /// Every label set of `families`, as one part.
+    fn whole(families: &[Family]) -> Vec<Slice<'_>> {
+        families.iter().map(|f| (f, f.metrics.as_slice())).collect()
+    }
+
     fn written(write: impl FnOnce(&mut Vec<u8>) -> io::Result<Written>) -> (String, Written) {
         let mut out = Vec::new();
         let written = write(&mut out).unwrap();
         (String::from_utf8(out).unwrap(), written)
+    }
+
+    #[test]
+    fn parts_hold_every_series_once_in_order_and_about_evenly() {
+        let families = model().families();
+        let all: Vec<&str> = families
+            .iter()
+            .flat_map(|f| &f.metrics)
+            .flat_map(|m| &m.samples)
+            .map(|s| s.name)
+            .collect();
+        for parts in [1, 3, 10, 100_000] {
+            let runs = split(families, parts);
+            assert!(!runs.is_empty() && runs.len() <= parts, "{parts}");
+            let names: Vec<&str> = runs
+                .iter()
+                .flatten()
+                .flat_map(|(_, metrics)| metrics.iter())
+                .flat_map(|m| &m.samples)
+                .map(|s| s.name)
+                .collect();
+            assert_eq!(names, all, "{parts} parts");
+        }
+        let sizes: Vec<usize> = split(families, 10)
+            .iter()
+            .map(|run| {
+                run.iter()
+                    .flat_map(|(_, m)| m.iter())
+                    .map(|m| m.samples.len())
+                    .sum()
+            })
+            .collect();
+        assert_eq!(sizes.len(), 10);
+        let largest = sizes.iter().max().copied().unwrap_or(0);
+        // Histograms come in label sets of a few dozen series: a part is off by at most one.
+        assert!(largest <= all.len() / 10 + 64, "{sizes:?}");
     }
 
     #[test]
@@ -147,8 +240,15 @@ mod tests {
     #[test]
     fn openmetrics_has_contiguous_families_and_ends_with_eof() {
         let t = at((2025, 11, 28), 0, 0);
-        let (text, count) =
-            written(|out| openmetrics(model(), &Grid::new(t, t + 60_000, 30_000), out));
+        let (text, count) = written(|out| {
+            openmetrics(
+                model(),
+                &whole(model().families()),
+                &Grid::new(t, t + 60_000, 30_000),
+                out,
+                &mut |_| {},
+            )
+        });
         assert_eq!(
             count,
             Written {
@@ -191,7 +291,15 @@ mod tests {
         // Around the Black Friday opening: the 30 s backfill, the 1 h import, and a scrape.
         let opening = at((2025, 11, 28), 0, 0);
         let (start, end) = (opening - HOUR, opening + HOUR);
-        let (om, _) = written(|out| openmetrics(model(), &Grid::new(start, end, 30_000), out));
+        let (om, _) = written(|out| {
+            openmetrics(
+                model(),
+                &whole(model().families()),
+                &Grid::new(start, end, 30_000),
+                out,
+                &mut |_| {},
+            )
+        });
         let fine: HashMap<(&str, i64), f64> = om
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -208,7 +316,15 @@ mod tests {
                 )
             })
             .collect();
-        let (vm, _) = written(|out| vm_import(model(), &Grid::new(start, end, HOUR), out));
+        let (vm, _) = written(|out| {
+            vm_import(
+                model(),
+                &whole(model().families()),
+                &Grid::new(start, end, HOUR),
+                out,
+                &mut |_| {},
+            )
+        });
         let mut scrape = Vec::new();
         exposition(model(), opening, &mut scrape).unwrap();
         let scrape = String::from_utf8(scrape).unwrap();

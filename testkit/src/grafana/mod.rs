@@ -32,7 +32,7 @@
 //! browser and down on the server, which is why both take part in the step.
 //!
 //! - [`interval`]: the rounding table, intervals in Grafana's syntax, [`Resolution`].
-//! - [`interpolate`]: dashboard and built-in variables in an expression.
+//! - [`interpolate`](mod@interpolate): dashboard and built-in variables in an expression.
 //! - [`request`]: [`Call`], one HTTP call, and how Grafana writes it.
 //! - [`dashboard`]: the dashboard JSON schema and the emulator that turns a dashboard
 //!   into its [`Call`]s.
