@@ -1,6 +1,7 @@
 //! The command line as a person meets it: the messages of common mistakes, each
 //! error said once and without a backtrace, every shipped configuration passing its
-//! own check, and a start-up log that names an unreachable backend.
+//! own check, and a start-up log, without colour codes in a pipe, that names an
+//! unreachable backend.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -159,4 +160,6 @@ fn an_unreachable_backend_is_named_in_the_start_up_log() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(pg.log_lines_with(&dead), 1);
+    // Its log goes to a pipe here, as to a file or `kubectl logs`: no colour codes.
+    assert_eq!(pg.log_lines_with("\u{1b}["), 0, "ANSI escapes in a piped log");
 }
