@@ -117,6 +117,36 @@ def check_with_promguard(objects, scenario):
         run([PROMGUARD, "check-config", tmp / "promguard.yaml"], scenario, env)
 
 
+# What promguard holds beyond its cache and parse memo, measured in the storm bench
+# (a full 512 MiB cache peaked at about 630 MiB RSS): answers in flight, connections,
+# allocator slack. README "Memory" gives the numbers.
+HEADROOM = 128 << 20
+UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30,
+         "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def size(text):
+    """Bytes in a promguard size (512MiB) or a Kubernetes quantity (768Mi, 1Gi)."""
+    text = str(text).strip()
+    for unit, factor in sorted(UNITS.items(), key=lambda u: -len(u[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def check_memory(objects, scenario):
+    """The pod's memory request and limit cover the cache, the parse memo and the headroom."""
+    config = yaml.safe_load(one(objects, "ConfigMap", RELEASE)["data"]["promguard.yaml"])
+    cache = size((config.get("cache") or {}).get("max_bytes", "512MiB"))
+    memo = size((config.get("query") or {}).get("memo_bytes", "32MiB"))
+    need = cache + memo + HEADROOM
+    resources = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    for kind in ("requests", "limits"):
+        have = size(resources[kind]["memory"])
+        check(have >= need, f"{scenario}: resources.{kind}.memory {resources[kind]['memory']} is below "
+                            f"cache.max_bytes + query.memo_bytes + {HEADROOM >> 20}Mi = {need >> 20}Mi")
+
+
 def run(argv, scenario, env=None):
     done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env)
     check(done.returncode == 0, f"{scenario}: {' '.join(map(str, argv[1:3]))}: {done.stdout}{done.stderr}")
@@ -132,6 +162,8 @@ def check_defaults(objects):
     check(container["readinessProbe"]["httpGet"]["path"] == "/-/ready", "readiness on /-/ready")
     check(container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"],
           "memory requests and limits")
+    check(size(container["resources"]["limits"]["memory"]) < 2 * (512 << 20) + 1,
+          "the default memory limit is the measured need with a margin, not a guess")
     check(spec["securityContext"]["runAsNonRoot"] is True, "pod runs as non-root")
     security = container["securityContext"]
     check(security["readOnlyRootFilesystem"] is True, "read-only root filesystem")
@@ -277,6 +309,7 @@ def main():
         objects = render(values)
         validate_schemas(objects, scenario)
         check_with_promguard(objects, scenario)
+        check_memory(objects, scenario)
         specific(objects)
         print(f"check-chart: {scenario}: rendered and checked {len(objects)} objects")
     check_refusals()
