@@ -327,7 +327,13 @@ fn cache_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, stages, limits, cache_hit);
+// No plots: the medians are what the README reports, and criterion's plotting
+// backend needs fonts a minimal machine may not resolve.
+criterion_group! {
+    name = benches;
+    config = Criterion::default().without_plots();
+    targets = stages, limits, cache_hit
+}
 
 /// Per-call percentiles for the stages whose targets are stated as p99.
 fn percentiles() {

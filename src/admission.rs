@@ -102,6 +102,9 @@ pub enum ShedReason {
     Timeout,
     /// A higher-class request took its place in a full queue.
     Displaced,
+    /// The fleet's cap on the backend (shared through Redis) stayed full, taken by
+    /// other replicas' calls, until `max_wait`.
+    FleetFull,
 }
 
 impl ShedReason {
@@ -111,6 +114,7 @@ impl ShedReason {
             ShedReason::QueueFull => "queue_full",
             ShedReason::Timeout => "queue_timeout",
             ShedReason::Displaced => "displaced",
+            ShedReason::FleetFull => "fleet_full",
         }
     }
 
@@ -119,6 +123,9 @@ impl ShedReason {
             ShedReason::QueueFull => "found the queue full",
             ShedReason::Timeout => "waited its maximum time in the queue",
             ShedReason::Displaced => "gave its queue place to a higher-priority query",
+            ShedReason::FleetFull => {
+                "waited its maximum time for a slot under the fleet's cap, held by other replicas"
+            }
         }
     }
 }
@@ -209,6 +216,9 @@ pub struct Permit {
     class: Class,
     /// How long the request queued before it got the slot.
     pub waited: Duration,
+    /// Its `max_wait` from when it asked: how long it may still wait for the fleet's
+    /// cap, when replicas share one.
+    pub deadline: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for Permit {
@@ -286,6 +296,12 @@ impl Gate {
         (state.in_flight, state.queue.len())
     }
 
+    /// The refusal when the fleet's cap stayed full for a request of `class` that
+    /// held a slot here.
+    pub fn fleet_full(&self, class: Class) -> Shed {
+        self.shed(&self.lock(), class, ShedReason::FleetFull)
+    }
+
     fn shed(&self, state: &State, class: Class, why: ShedReason) -> Shed {
         Shed {
             backend: self.backend,
@@ -310,12 +326,13 @@ impl Gate {
         mut priority: watch::Receiver<Priority>,
     ) -> Result<Permit, Shed> {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.config.max_wait.0;
         let first = *priority.borrow_and_update();
         let (granted, id) = {
             let mut state = self.lock();
             if state.can_start(first.class, &self.config) {
                 state.in_flight[first.class.index()] += 1;
-                return Ok(self.permit(first.class, started));
+                return Ok(self.permit(first.class, started, deadline));
             }
             if state.queue.len() >= self.config.max_queue {
                 // Make room by dropping the newest waiter of the lowest priority
@@ -349,14 +366,13 @@ impl Gate {
             granted,
             admitted: false,
         };
-        let deadline = tokio::time::Instant::now() + self.config.max_wait.0;
         let mut watching = true;
         let why = loop {
             tokio::select! {
                 granted = &mut place.granted => match granted {
                     Ok(class) => {
                         place.admitted = true;
-                        return Ok(self.permit(class, started));
+                        return Ok(self.permit(class, started, deadline));
                     }
                     Err(_) => break ShedReason::Displaced,
                 },
@@ -380,11 +396,17 @@ impl Gate {
         Err(self.shed(&self.lock(), class, why))
     }
 
-    fn permit(self: &Arc<Self>, class: Class, started: Instant) -> Permit {
+    fn permit(
+        self: &Arc<Self>,
+        class: Class,
+        started: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Permit {
         Permit {
             gate: self.clone(),
             class,
             waited: started.elapsed(),
+            deadline,
         }
     }
 }

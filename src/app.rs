@@ -342,7 +342,11 @@ async fn admin_status(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ProxyError> {
     authorize(&state, &headers)?;
-    Ok(Json(state.policies.status(chrono::Utc::now())))
+    let mut status = state.policies.status(chrono::Utc::now());
+    if let (Some(shared), Some(fields)) = (&state.shared, status.as_object_mut()) {
+        fields.insert("fleet".into(), shared.status().await);
+    }
+    Ok(Json(status))
 }
 
 /// `{"mode": "on"|"off"|"auto", "for": "6h", "reason": "...", "by": "alice"}`
@@ -374,17 +378,34 @@ async fn admin_set_mode(
         .transpose()
         .map_err(AdminError::Duration)?
         .map(|d| d.0);
-    let (effective, audit) = state
+    let now = chrono::Utc::now();
+    let Some(shared) = &state.shared else {
+        let (effective, audit) = state
+            .policies
+            .set(request.mode, duration, &request.reason, &request.by, now)
+            .map_err(AdminError::from)?;
+        return Ok(Json(json!({"mode": effective, "audit": audit})));
+    };
+    // In a fleet the switch is written to Redis, which every replica follows; if
+    // Redis cannot be reached it still holds here, and the answer says so.
+    let switch = state
         .policies
-        .set(
-            request.mode,
-            duration,
-            &request.reason,
-            &request.by,
-            chrono::Utc::now(),
-        )
+        .plan_switch(request.mode, duration, &request.reason, &request.by, now)
         .map_err(AdminError::from)?;
-    Ok(Json(json!({"mode": effective, "audit": audit})))
+    let reach = match shared.switch(&state.policies, &switch).await {
+        Ok(()) => "every replica".to_string(),
+        Err(e) => {
+            state
+                .policies
+                .apply(switch.state.clone())
+                .map_err(AdminError::from)?;
+            tracing::error!(error = %e, "sale mode switched on this replica only: redis is unreachable");
+            format!("this replica only: {e}; switch again once redis answers, or on every replica")
+        }
+    };
+    Ok(Json(
+        json!({"mode": switch.after, "audit": switch.entry, "applies_to": reach}),
+    ))
 }
 
 async fn admin_reload(

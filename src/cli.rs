@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use url::Url;
 
 use promguard::config::{
-    BackendConfig, Config, HumanDuration, LogFormat, Secret, parse_human_duration,
+    BackendConfig, Config, HumanDuration, LogFormat, RedisConfig, Secret, parse_human_duration,
 };
 use promguard::policy::explain::{Question, explain};
 use promguard::policy::file::load_dir;
@@ -205,6 +205,11 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Redis shared by every replica of the fleet (cache, caps, budgets, the
+    /// sale-mode switch), e.g. redis://redis:6379 [default: none, this replica is
+    /// on its own].
+    #[arg(long, env = "PROMGUARD_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
 }
 
 /// A backend or promguard URL: absolute, http or https. `127.0.0.1:9090` without
@@ -314,6 +319,12 @@ pub fn resolve_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(file) = args.state_file {
         config.policy.state_file = file;
+    }
+    if let Some(url) = args.redis_url.filter(|u| !u.is_empty()) {
+        match &mut config.shared.redis {
+            Some(redis) => redis.url = Secret(url),
+            None => config.shared.redis = Some(RedisConfig::with_url(url)),
+        }
     }
     config.validate()?;
     Ok(config)

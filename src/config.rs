@@ -62,6 +62,75 @@ pub struct Config {
     /// Bounds on query text, checked before any parser runs.
     #[serde(default)]
     pub query: QueryConfig,
+    /// What replicas share through Redis: cache, caps, budgets, the sale-mode
+    /// switch. Without it, every replica is on its own.
+    #[serde(default)]
+    pub shared: SharedConfig,
+}
+
+/// The fleet's shared state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    /// The Redis every replica of the fleet uses; `--redis-url` sets its URL.
+    pub redis: Option<RedisConfig>,
+    /// Replicas to divide each cap by while Redis is unreachable, until a replica
+    /// has seen the live ones (then it divides by those).
+    pub expected_replicas: usize,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            redis: None,
+            expected_replicas: 2,
+        }
+    }
+}
+
+/// How to reach the fleet's Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS (verified
+    /// with the system's CA certificates, or `SSL_CERT_FILE`); a secret, since it
+    /// may carry a password.
+    pub url: Secret,
+    /// Prepended to every key, so several fleets can share one Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Longest wait for one Redis call; past it the call counts as failed and the
+    /// replica carries on alone.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+    /// Largest cached value written to Redis (compressed); larger answers stay in
+    /// the replica's own cache.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: ByteSize,
+}
+
+impl RedisConfig {
+    /// Settings for `url` with every default.
+    pub fn with_url(url: String) -> Self {
+        RedisConfig {
+            url: Secret(url),
+            key_prefix: default_key_prefix(),
+            timeout: default_redis_timeout(),
+            max_value_bytes: default_max_value_bytes(),
+        }
+    }
+}
+
+fn default_key_prefix() -> String {
+    "promguard:".into()
+}
+
+fn default_redis_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(50))
+}
+
+fn default_max_value_bytes() -> ByteSize {
+    ByteSize(8 << 20)
 }
 
 /// Bounds on the PromQL text promguard reads, checked before any parser runs.
@@ -681,6 +750,7 @@ impl Config {
             priority: PriorityConfig::default(),
             policy: PolicyConfig::default(),
             query: QueryConfig::default(),
+            shared: SharedConfig::default(),
         }
     }
 
@@ -785,6 +855,28 @@ impl Config {
         if self.limits.max_in_flight == 0 {
             return Err(ConfigError::Invalid {
                 field: "limits.max_in_flight",
+                message: "must be positive".into(),
+            });
+        }
+        if let Some(redis) = &self.shared.redis {
+            let scheme = redis.url.0.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+                return Err(ConfigError::Invalid {
+                    field: "shared.redis.url",
+                    message: "must be redis://host:port, rediss:// (TLS) or unix:///path".into(),
+                });
+            }
+            if redis.timeout.0.is_zero() || redis.timeout.0 > Duration::from_secs(10) {
+                return Err(ConfigError::Invalid {
+                    field: "shared.redis.timeout",
+                    message: "must be positive and at most 10s: every request may wait it once"
+                        .into(),
+                });
+            }
+        }
+        if self.shared.expected_replicas == 0 {
+            return Err(ConfigError::Invalid {
+                field: "shared.expected_replicas",
                 message: "must be positive".into(),
             });
         }

@@ -12,10 +12,14 @@
 //! 6. [`policy`]: the rules of the mode in force (sale or normal) allow or refuse it;
 //!    [`refresh`] then moves live queries of callers who are not exempt onto the
 //!    mode's `min_refresh` clock
-//! 7. [`cache`]: answer from cached answers and extents; fetch, coalesced, only what is missing
+//! 7. [`cache`]: answer from cached answers and extents (the replica's own, then the
+//!    fleet's); fetch, coalesced, only what is missing
 //! 8. per upstream call: [`limits`] (upstream budget, in-flight slot), [`admission`]
 //!    (backend slot by priority class, or shed), [`upstream`] (one bounded,
 //!    cancellable call)
+//!
+//! In a fleet, [`shared`] makes the cache, the backend caps, the per-user upstream
+//! limits and the sale-mode switch the fleet's, on Redis.
 //!
 //! Around them: [`server`] (the accept loop: connection bound and timeouts),
 //! [`app`] (HTTP surface and own endpoints), [`error`] (the one table from failures
@@ -41,6 +45,7 @@ pub mod request;
 pub mod routing;
 pub mod scan;
 pub mod server;
+pub mod shared;
 pub mod shutdown;
 pub mod state;
 pub mod units;

@@ -202,6 +202,21 @@ impl Quotas {
         }
     }
 
+    /// `key`'s upstream budget.
+    pub fn upstream_rate(&self, key: &str) -> RateConfig {
+        self.of(key).upstream
+    }
+
+    /// How many upstream calls `key` may have in flight.
+    pub fn max_in_flight(&self, key: &str) -> usize {
+        self.of(key).max_in_flight
+    }
+
+    /// How long a call may wait for one of its user's slots.
+    pub fn in_flight_wait(&self) -> Duration {
+        self.in_flight_wait
+    }
+
     /// What per-user budgets do for requests that stand for many people.
     pub fn unverified(&self) -> Unverified {
         self.unverified

@@ -22,6 +22,7 @@ use crate::analysis::QueryShape;
 use crate::cache::{self, CacheStatus, Waiter};
 use crate::error::ProxyError;
 use crate::identity::{Caller, Source};
+use crate::limits::{LimitError, Quotas, UserSlot};
 use crate::policy::Compiled;
 use crate::policy::rules::{Decision, Refusal, RuleSet};
 use crate::policy::state::{Effective, Mode};
@@ -29,6 +30,7 @@ use crate::policy::verdict::{Asker, Verdict, shape_of, verdict};
 use crate::refresh;
 use crate::request::{self, ApiRequest, RequestError, RequestKind};
 use crate::routing::{self, BackendId};
+use crate::shared::fleet::Lease;
 use crate::state::AppState;
 use crate::units::Millis;
 use crate::upstream::{UnalignedRanges, UpstreamResponse};
@@ -214,7 +216,17 @@ pub async fn handle(
     if limits.counts_hits() {
         spend_request_budget()?;
     }
-    let served = match state.cache.lookup(&plan, req.endpoint) {
+    let cached = match state.cache.lookup(&plan, req.endpoint) {
+        Some(hit) => Some(hit),
+        // the fleet's cache, when replicas share one
+        None => {
+            state
+                .cache
+                .lookup_fleet(&plan, req.endpoint, accepts_gzip(&headers))
+                .await
+        }
+    };
+    let served = match cached {
         Some(hit) => hit,
         None => {
             if !limits.counts_hits() {
@@ -233,14 +245,21 @@ pub async fn handle(
     ctx.cache = Some(served.cache);
 
     // A hit is sent gzipped when the client accepts it (Grafana's does): the copy
-    // is made once per stored answer, and a tenth of the bytes goes out.
-    let gzipped = served
-        .stored
-        .as_ref()
-        .filter(|_| accepts_gzip(&headers))
-        .and_then(|answer| answer.gzipped().cloned());
-    let compressed = gzipped.is_some();
-    let mut response = (served.status, gzipped.unwrap_or(served.body)).into_response();
+    // is made once per stored answer, and a tenth of the bytes goes out. A hit in
+    // the fleet's cache may come gzipped already, only for such a client.
+    let (body, compressed) = match served.body {
+        cache::Body::Gzip(gzipped) => (gzipped, true),
+        cache::Body::Plain(body) => match served
+            .stored
+            .as_ref()
+            .filter(|_| accepts_gzip(&headers))
+            .and_then(|answer| answer.gzipped().cloned())
+        {
+            Some(gzipped) => (gzipped, true),
+            None => (body, false),
+        },
+    };
+    let mut response = (served.status, body).into_response();
     let headers = response.headers_mut();
     if compressed {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -349,20 +368,12 @@ fn forwarder(
         Box::pin(async move {
             let class = || priority.borrow().class;
             let quotas = policy.limits(mode);
-            let _user_slot = match &budget {
-                Some(key) => {
-                    state
-                        .limiter
-                        .check_upstream(quotas, key)
-                        .inspect_err(|e| count_refusal(&state, e.reason(), class()))?;
-                    Some(
-                        state
-                            .limiter
-                            .acquire(quotas, key)
-                            .await
-                            .inspect_err(|e| count_refusal(&state, e.reason(), class()))?,
-                    )
-                }
+            let _user_slots = match &budget {
+                Some(key) => Some(
+                    user_slots(&state, quotas, key)
+                        .await
+                        .inspect_err(|e| count_refusal(&state, e.reason(), class()))?,
+                ),
                 None => None,
             };
             let backend = state.backend(backend);
@@ -371,6 +382,18 @@ fn forwarder(
                 .admit(priority.clone())
                 .await
                 .inspect_err(|e| count_refusal(&state, e.why.as_str(), e.class))?;
+            // the fleet's cap on the backend, when replicas share one
+            let _fleet_slot = match &state.shared {
+                Some(shared) => Some(
+                    shared
+                        .fleet
+                        .admit(backend.upstream.id, class(), slot.deadline)
+                        .await
+                        .map_err(|_| backend.gate.fleet_full(class()))
+                        .inspect_err(|e| count_refusal(&state, e.why.as_str(), e.class))?,
+                ),
+                None => None,
+            };
             state
                 .metrics
                 .admission_wait
@@ -379,6 +402,33 @@ fn forwarder(
             Ok(backend.upstream.forward(&req, &state.metrics).await?)
         })
     }
+}
+
+/// The caller's per-user limits for one upstream call: its upstream budget and one
+/// of its in-flight slots, on this replica and, in a fleet, across it.
+async fn user_slots(
+    state: &AppState,
+    quotas: &Quotas,
+    key: &Arc<str>,
+) -> Result<(UserSlot, Option<Lease>), LimitError> {
+    state.limiter.check_upstream(quotas, key)?;
+    if let Some(shared) = &state.shared {
+        shared
+            .fleet
+            .spend_upstream(key, quotas.upstream_rate(key))
+            .await?;
+    }
+    let local = state.limiter.acquire(quotas, key).await?;
+    let fleet = match &state.shared {
+        Some(shared) => {
+            shared
+                .fleet
+                .user_slot(key, quotas.max_in_flight(key), quotas.in_flight_wait())
+                .await?
+        }
+        None => None,
+    };
+    Ok((local, fleet))
 }
 
 /// Who asks, as the rules may believe it: the dashboard only from the trusted

@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::request::QueryParser;
 use crate::routing::{BackendId, RoutingTable};
+use crate::shared::Shared;
 use crate::upstream::Upstream;
 
 /// One configured backend: its client and the gate in front of it.
@@ -61,6 +62,9 @@ pub struct AppState {
     /// The backends' lookback delta: how far back an instant selector reads, which
     /// analysis adds to a query's oldest sample.
     pub lookback_delta: Duration,
+    /// What this replica shares with the fleet through Redis; `None` without
+    /// `shared.redis`.
+    pub shared: Option<Arc<Shared>>,
 }
 
 impl AppState {
@@ -96,6 +100,7 @@ impl AppState {
             &metrics.state_file_errors,
         )?;
         record_settings(config, &metrics);
+        let shared = Shared::new(config, &metrics.registry)?;
         Ok(AppState {
             identifier: Identifier::new(&config.identity),
             queries: QueryParser::new(config.query.memo_bytes.0, config.query.limits()),
@@ -111,6 +116,7 @@ impl AppState {
                 config.cache.clone(),
                 &metrics,
                 Arc::new(MonotonicClock),
+                shared.as_ref().map(|s| s.l2.clone()),
             )),
             routing: RoutingTable {
                 recent_window: config.backends.recent.window.0,
@@ -122,6 +128,7 @@ impl AppState {
             metrics,
             max_request_body: usize::try_from(config.max_request_body.0).unwrap_or(usize::MAX),
             lookback_delta: config.lookback_delta.0,
+            shared,
         })
     }
 
@@ -205,9 +212,30 @@ impl AppState {
     }
 
     /// Start the tasks that keep the state: forgetting the budgets of users who
-    /// went quiet (every minute), and reloading policies when their files change
-    /// (every `reload_interval`) or on SIGHUP.
+    /// went quiet (every minute), reloading policies when their files change
+    /// (every `reload_interval`) or on SIGHUP, and, in a fleet, the heartbeat and
+    /// the sale-mode sync.
     pub fn spawn_maintenance(self: &Arc<Self>, reload_interval: Duration) {
+        if let Some(shared) = &self.shared {
+            let heart = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::shared::HEARTBEAT);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    heart.heartbeat().await;
+                }
+            });
+            let (sync, state) = (shared.clone(), self.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::shared::MODE_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    sync.sync_mode(&state.policies).await;
+                }
+            });
+        }
         let janitor = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));

@@ -1,13 +1,18 @@
 //! The ways the storm meets the backends: directly; through nginx with proxy_cache;
 //! through promguard as a first deployment has it (the README's flags-only command
 //! behind a Grafana with default settings), with only Grafana identity and the
-//! curated dashboards' priority configured, tuned for this machine, and tuned in
-//! sale mode. Each arm decides what its Grafana sends and gets a freshly started
-//! proxy; the backends are shared.
+//! curated dashboards' priority configured, tuned for this machine, tuned in sale
+//! mode, and as a fleet of three tuned replicas sharing one real redis-server
+//! (Debian package redis-server) behind a round-robin nginx. Each arm decides what
+//! its Grafana sends and gets a freshly started proxy (and Redis); the backends are
+//! shared.
 
 use promguard::config::{AdmissionConfig, CacheConfig, parse_human_duration};
+use std::time::{Duration, Instant};
+
 use promguard_testkit::nginx::Nginx;
-use promguard_testkit::{Promguard, client, procstat, repo};
+use promguard_testkit::redis::RedisServer;
+use promguard_testkit::{Promguard, client, procstat, repo, scrape};
 
 use crate::BINS;
 use crate::backends::Backends;
@@ -22,6 +27,11 @@ const RECENT_WINDOW: &str = "2d";
 /// it. One slot in three is reserved for the curated dashboards.
 const TUNED_CAPS: [usize; 2] = [8, 3];
 const ADMIN_TOKEN: &str = "storm-bench-admin";
+/// The fleet arm's replicas.
+pub const FLEET_REPLICAS: usize = 3;
+/// Longest wait for every replica to reach Redis, and to agree on the sale-mode
+/// switch, before the fleet arm's load starts.
+const FLEET_READY: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arm {
@@ -39,17 +49,22 @@ pub enum Arm {
     Tuned,
     /// The tuned configuration with sale mode switched on.
     Sale,
+    /// [`FLEET_REPLICAS`] replicas of the tuned configuration (sale mode off) sharing
+    /// one redis-server (`shared:`), so cache, caps, budgets and the switch are the
+    /// fleet's; behind one nginx balancing round-robin without a cache.
+    Fleet,
 }
 
 impl Arm {
     /// Every arm, in the order a default run measures them.
-    pub const ALL: [Arm; 6] = [
+    pub const ALL: [Arm; 7] = [
         Arm::Direct,
         Arm::Nginx,
         Arm::Quickstart,
         Arm::Identity,
         Arm::Tuned,
         Arm::Sale,
+        Arm::Fleet,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +75,7 @@ impl Arm {
             Arm::Identity => "promguard identity only",
             Arm::Tuned => "promguard tuned",
             Arm::Sale => "promguard tuned, sale mode",
+            Arm::Fleet => "promguard tuned, fleet of 3",
         }
     }
 
@@ -72,6 +88,7 @@ impl Arm {
             Arm::Identity => "identity",
             Arm::Tuned => "tuned",
             Arm::Sale => "sale",
+            Arm::Fleet => "fleet",
         }
     }
 
@@ -88,12 +105,15 @@ impl Arm {
     pub fn grafana(self) -> Grafana {
         match self {
             Arm::Quickstart => Grafana::Defaults,
-            Arm::Direct | Arm::Nginx | Arm::Identity | Arm::Tuned | Arm::Sale => Grafana::SendsUser,
+            Arm::Direct | Arm::Nginx | Arm::Identity | Arm::Tuned | Arm::Sale | Arm::Fleet => {
+                Grafana::SendsUser
+            }
         }
     }
 
     /// promguard's in-flight caps per backend (recent, long-term) in this arm; none
-    /// without promguard.
+    /// without promguard. The fleet's are the tuned caps for the whole fleet, which
+    /// its replicas share through Redis.
     pub fn caps(self) -> Option<[usize; 2]> {
         match self {
             Arm::Direct | Arm::Nginx => None,
@@ -104,7 +124,7 @@ impl Arm {
                     defaults.long_term.max_in_flight,
                 ])
             }
-            Arm::Tuned | Arm::Sale => Some(TUNED_CAPS),
+            Arm::Tuned | Arm::Sale | Arm::Fleet => Some(TUNED_CAPS),
         }
     }
 }
@@ -123,31 +143,66 @@ pub enum Proxy {
         /// The sale-mode state file's directory, where the arm configures one.
         _state: Option<tempfile::TempDir>,
     },
+    /// The fleet arm's processes, stopped in this order: the balancer first, so no
+    /// request reaches a replica that is going, Redis after the replicas.
+    Fleet {
+        balancer: Nginx,
+        replicas: Vec<Promguard>,
+        redis: RedisServer,
+        /// Each replica's sale-mode state file's directory.
+        _states: Vec<tempfile::TempDir>,
+    },
 }
 
 impl Proxy {
-    pub fn promguard_url(&self) -> Option<&str> {
+    /// The promguard processes' URLs, for their /metrics; none without promguard.
+    pub fn promguard_urls(&self) -> Vec<String> {
         match self {
-            Proxy::Promguard { process, .. } => Some(&process.url),
-            _ => None,
+            Proxy::None | Proxy::Nginx(_) => Vec::new(),
+            Proxy::Promguard { process, .. } => vec![process.url.clone()],
+            Proxy::Fleet { replicas, .. } => replicas.iter().map(|p| p.url.clone()).collect(),
         }
     }
 
-    /// CPU seconds the proxy (with nginx's workers) has used so far.
+    /// CPU seconds the proxy (with nginx's workers; a fleet's replicas added up,
+    /// without its balancer and Redis) has used so far.
     pub fn cpu_seconds(&self) -> Option<f64> {
         match self {
             Proxy::None => None,
             Proxy::Nginx(n) => Some(procstat::cpu_seconds_with_children(n.pid())),
             Proxy::Promguard { process, .. } => procstat::cpu_seconds(process.pid()),
+            Proxy::Fleet { replicas, .. } => replicas
+                .iter()
+                .map(|p| procstat::cpu_seconds(p.pid()))
+                .sum(),
         }
     }
 
-    /// The proxy's peak resident memory (nginx: master and workers added up).
+    /// The proxy's peak resident memory (nginx: master and workers added up; a
+    /// fleet: its replicas' peaks added up).
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         match self {
             Proxy::None => None,
             Proxy::Nginx(n) => Some(procstat::peak_rss_bytes_with_children(n.pid())),
             Proxy::Promguard { process, .. } => procstat::peak_rss_bytes(process.pid()),
+            Proxy::Fleet { replicas, .. } => replicas
+                .iter()
+                .map(|p| procstat::peak_rss_bytes(p.pid()))
+                .sum(),
+        }
+    }
+
+    /// CPU seconds so far of a fleet's balancer (nginx with its workers) and of its
+    /// redis-server; `None` for other proxies.
+    pub fn fleet_cpu_seconds(&self) -> Option<[f64; 2]> {
+        match self {
+            Proxy::Fleet {
+                balancer, redis, ..
+            } => Some([
+                procstat::cpu_seconds_with_children(balancer.pid()),
+                redis.pid().and_then(procstat::cpu_seconds)?,
+            ]),
+            _ => None,
         }
     }
 }
@@ -196,6 +251,7 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
             set_sale_mode(&process.url, arm == Arm::Sale).await;
             promguard(process, Some(state))
         }
+        Arm::Fleet => fleet(backends).await,
     };
     (
         proxy,
@@ -215,6 +271,72 @@ fn promguard(process: Promguard, state: Option<tempfile::TempDir>) -> (Proxy, [S
             _state: state,
         },
         urls,
+    )
+}
+
+/// The fleet arm: [`FLEET_REPLICAS`] tuned replicas on a fresh redis-server, all
+/// connected to it and in normal mode, behind a round-robin nginx.
+///
+/// # Panics
+///
+/// When a replica does not reach Redis, or the fleet does not agree on the
+/// sale-mode switch, within [`FLEET_READY`].
+async fn fleet(backends: &Backends) -> (Proxy, [String; 2]) {
+    let redis = RedisServer::start();
+    let shared = format!(
+        "\
+shared:
+  redis: {{url: '{url}', key_prefix: 'storm:'}}
+  expected_replicas: {FLEET_REPLICAS}
+",
+        url = redis.url(),
+    );
+    let (replicas, states): (Vec<Promguard>, Vec<tempfile::TempDir>) = (0..FLEET_REPLICAS)
+        .map(|_| {
+            let state = tempfile::tempdir().expect("a state directory");
+            let config = format!("{}{shared}", config(backends, state.path()));
+            (Promguard::start(BINS, &config), state)
+        })
+        .unzip();
+    let deadline = Instant::now() + FLEET_READY;
+    for replica in &replicas {
+        while scrape(&replica.url).await.sum("promguard_redis_up ") < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "fleet replica {} did not report promguard_redis_up 1 within {FLEET_READY:?}",
+                replica.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The switch is the fleet's: made through one replica, followed by the others.
+    let answer = set_sale_mode(&replicas[0].url, false).await;
+    assert_eq!(
+        answer["applies_to"], "every replica",
+        "the fleet's sale-mode switch did not reach Redis: {answer}"
+    );
+    let wanted = sale_mode_status(&replicas[0].url).await["override"].clone();
+    for replica in &replicas[1..] {
+        while sale_mode_status(&replica.url).await["override"] != wanted {
+            assert!(
+                Instant::now() < deadline,
+                "fleet replica {} did not follow the sale-mode switch within {FLEET_READY:?}",
+                replica.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let members: Vec<&str> = replicas.iter().map(|p| p.url.as_str()).collect();
+    let balancer = Nginx::balance("fleet", &members);
+    let url = balancer.urls[0].clone();
+    (
+        Proxy::Fleet {
+            balancer,
+            replicas,
+            redis,
+            _states: states,
+        },
+        [url.clone(), url],
     )
 }
 
@@ -273,8 +395,8 @@ policy:
 }
 
 /// Force the mode for the whole arm, so a scheduled sale window in the shipped
-/// policy cannot change what an arm measures.
-async fn set_sale_mode(url: &str, on: bool) {
+/// policy cannot change what an arm measures; promguard's answer.
+async fn set_sale_mode(url: &str, on: bool) -> serde_json::Value {
     let response = client()
         .post(format!("{url}/admin/sale-mode"))
         .bearer_auth(ADMIN_TOKEN)
@@ -292,4 +414,21 @@ async fn set_sale_mode(url: &str, on: bool) {
         "setting sale mode failed: {}",
         response.text().await.unwrap_or_default()
     );
+    response
+        .json()
+        .await
+        .expect("promguard's admin API answers JSON")
+}
+
+/// `GET /admin/sale-mode` of the promguard at `url`.
+async fn sale_mode_status(url: &str) -> serde_json::Value {
+    client()
+        .get(format!("{url}/admin/sale-mode"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("promguard's admin API answers")
+        .json()
+        .await
+        .expect("promguard's admin API answers JSON")
 }

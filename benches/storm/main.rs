@@ -1,5 +1,5 @@
 //! Issue 7: the sale-night dashboard storm, replayed against real backends through
-//! six arms side by side.
+//! seven arms side by side.
 //!
 //! A seeded population of engineers (300 by default) opens the curated dashboards
 //! (`dashboards/orders.json`, `dashboards/sla.json`: range panels on recording rules,
@@ -20,23 +20,28 @@
 //!    everything else at its defaults (`identity`);
 //! 5. promguard with every limit tuned for this machine and the shipped `policies/`,
 //!    in normal mode (`tuned`; `normal` is accepted too);
-//! 6. the same in sale mode, switched on by the admin API (`sale`).
+//! 6. the same in sale mode, switched on by the admin API (`sale`);
+//! 7. three replicas of the tuned arm's promguard (normal mode) sharing one real
+//!    redis-server, so that the caps are the whole fleet's, behind one nginx that
+//!    balances round-robin without caching (`fleet`).
 //!
 //! Every arm but the quick start has a Grafana that sends the user and the secret.
 //! Per arm it reports what the backends did by their own metrics (queries, samples
 //! read, CPU, in flight), what the engineers saw (latency and outcomes of curated,
 //! personal and Explore requests), promguard's refusals, and the proxies' CPU and
-//! memory, then judges the quick-start, identity and tuned arms against their
-//! targets; see the "How to read it" notes in the output for definitions.
+//! memory (a fleet's replicas added up, its balancer and Redis apart), then judges
+//! the quick-start, identity and tuned arms against their targets, and the fleet
+//! against the tuned arm; see the "How to read it" notes in the output for
+//! definitions.
 //!
-//! Run: `cargo bench --bench storm` (about 16 minutes on 2 cores). Writes
+//! Run: `cargo bench --bench storm` (about 19 minutes on 2 cores). Writes
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
 //! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl), STORM_ARMS
-//! (direct,nginx,quickstart,identity,tuned,sale), STORM_FONT (a TrueType font for
-//! the plots). Needs the Debian packages prometheus, victoria-metrics, nginx-light
-//! and fonts-dejavu-core.
+//! (direct,nginx,quickstart,identity,tuned,sale,fleet), STORM_FONT (a TrueType font
+//! for the plots). Needs the Debian packages prometheus, victoria-metrics,
+//! nginx-light, redis-server (the fleet arm) and fonts-dejavu-core.
 //!
 //! The driver is this directory: `population` (who asks what), `load` (plays it),
 //! `arms` (what stands in front of the backends), `backends` (the storm's own, with
@@ -53,7 +58,7 @@ mod report;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use promguard_testkit::{Bins, procstat, repo, scrape};
+use promguard_testkit::{Bins, Scrape, procstat, repo, scrape};
 
 use arms::Arm;
 use backends::{Backends, Logged};
@@ -179,8 +184,9 @@ async fn run_arm(
     let load_average = procstat::load_average();
     backends.reset_caches().await;
     let (proxy, endpoints) = arms::start(arm, backends, &s.nginx_ttl).await;
-    let promguard_url = proxy.promguard_url().map(str::to_string);
+    let promguard_urls = proxy.promguard_urls();
     let proxy_cpu = proxy.cpu_seconds();
+    let fleet_cpu = proxy.fleet_cpu_seconds();
     let generator_cpu = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let before = backends.counters().await;
 
@@ -203,7 +209,7 @@ async fn run_arm(
                 let at_ms = load.elapsed_ms();
                 let (gauges, in_flight) = tokio::join!(
                     backends.gauges(),
-                    promguard_in_flight(promguard_url.as_deref()),
+                    promguard_in_flight(&promguard_urls),
                 );
                 timeline.push(Sample { at_ms, backends: gauges, promguard_in_flight: in_flight });
             }
@@ -216,10 +222,7 @@ async fn run_arm(
         after.query_log_len,
         load.started_unix_ms(),
     );
-    let promguard = match &promguard_url {
-        Some(url) => Some(promguard_stats(url).await),
-        None => None,
-    };
+    let promguard = promguard_stats(&promguard_urls).await;
     ArmResult {
         arm,
         seconds: s.seconds as f64,
@@ -234,6 +237,10 @@ async fn run_arm(
             .zip(proxy_cpu)
             .map(|(end, start)| end - start),
         proxy_peak_rss: proxy.peak_rss_bytes(),
+        fleet_cpu: proxy
+            .fleet_cpu_seconds()
+            .zip(fleet_cpu)
+            .map(|(end, start)| [end[0] - start[0], end[1] - start[1]]),
         generator_cpu: procstat::cpu_seconds(std::process::id()).unwrap_or(0.0) - generator_cpu,
         promguard,
         peak_open: load.peak_open(),
@@ -292,21 +299,51 @@ async fn settle(backends: &Backends) {
     eprintln!("storm: the backends are still busy after {SETTLE:?}; starting anyway");
 }
 
-async fn promguard_in_flight(url: Option<&str>) -> Option<[f64; 2]> {
-    let page = backends::scrape_within(url?, Duration::from_secs(2)).await?;
-    Some(["recent", "long_term"].map(|b| {
-        backends::labelled_sum(&page, "promguard_upstream_in_flight_requests", "backend", b)
-    }))
+/// promguard's calls in flight to each backend (recent, long-term), added up over
+/// the processes at `urls` (scraped at once); `None` without promguard, or when one
+/// of them did not answer its /metrics within 2 s.
+async fn promguard_in_flight(urls: &[String]) -> Option<[f64; 2]> {
+    if urls.is_empty() {
+        return None;
+    }
+    let mut scrapes = tokio::task::JoinSet::new();
+    for url in urls {
+        let url = url.clone();
+        scrapes.spawn(async move { backends::scrape_within(&url, Duration::from_secs(2)).await });
+    }
+    let mut total = [0.0; 2];
+    while let Some(page) = scrapes.join_next().await {
+        let page = page.expect("a scrape does not panic")?;
+        for (sum, backend) in total.iter_mut().zip(["recent", "long_term"]) {
+            *sum += backends::labelled_sum(
+                &page,
+                "promguard_upstream_in_flight_requests",
+                "backend",
+                backend,
+            );
+        }
+    }
+    Some(total)
 }
 
-async fn promguard_stats(url: &str) -> PromguardStats {
-    let page = scrape(url).await;
-    let mut stats = PromguardStats {
-        points_fetched: page.sum("promguard_cache_points_fetched_total"),
-        points_served: page.sum("promguard_cache_points_served_total"),
-        cache_bytes: page.sum("promguard_cache_bytes"),
-        ..PromguardStats::default()
-    };
+/// promguard's account of the arm, added up over the processes at `urls`; `None`
+/// without promguard.
+async fn promguard_stats(urls: &[String]) -> Option<PromguardStats> {
+    if urls.is_empty() {
+        return None;
+    }
+    let mut stats = PromguardStats::default();
+    for url in urls {
+        add_stats(&mut stats, &scrape(url).await);
+    }
+    Some(stats)
+}
+
+/// Add one promguard's /metrics `page` to `stats`.
+fn add_stats(stats: &mut PromguardStats, page: &Scrape) {
+    stats.points_fetched += page.sum("promguard_cache_points_fetched_total");
+    stats.points_served += page.sum("promguard_cache_points_served_total");
+    stats.cache_bytes += page.sum("promguard_cache_bytes");
     for line in page.0.lines().filter(|l| !l.starts_with('#')) {
         let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
             continue;
@@ -320,7 +357,6 @@ async fn promguard_stats(url: &str) -> PromguardStats {
             *stats.lookups.entry(label(line, "outcome")).or_default() += value;
         }
     }
-    stats
 }
 
 /// The value of `name` in a metric line's labels (promguard's values have no quotes).

@@ -1,5 +1,6 @@
 //! What one arm measured, the side-by-side markdown table of all arms, and the
-//! promguard arms' figures against their targets, judged from those figures.
+//! promguard arms' figures against their targets (the fleet's against the tuned
+//! single replica's), judged from those figures.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,7 +17,8 @@ use crate::population::Kind;
 pub struct Sample {
     pub at_ms: u64,
     pub backends: Gauges,
-    /// promguard's `promguard_upstream_in_flight_requests` per backend.
+    /// promguard's `promguard_upstream_in_flight_requests` per backend (a fleet's
+    /// replicas added up).
     pub promguard_in_flight: Option<[f64; 2]>,
 }
 
@@ -35,6 +37,10 @@ const PERSONAL_ANSWERED: f64 = 0.95;
 const UPSTREAM_FEWER: f64 = 20.0;
 /// The arms the targets table is for, in its column order.
 const JUDGED: [Arm; 3] = [Arm::Quickstart, Arm::Identity, Arm::Tuned];
+/// The fleet's steady-state upstream queries and samples read, per backend, at most
+/// this share above the tuned single replica's: the fleet must not cost the
+/// backends more than one promguard does (less is no failure).
+const FLEET_UPSTREAM_WITHIN: f64 = 0.10;
 
 /// What reached the backends at full load, after the ramp.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +60,18 @@ pub struct Rate {
 }
 
 impl Steady {
+    /// Per second: Prometheus' queries and samples read, then VictoriaMetrics'.
+    fn by_backend(&self) -> [Option<f64>; 4] {
+        let p = &self.prometheus;
+        let v = self.victoria.as_ref();
+        [
+            Some(p.queries / p.seconds),
+            Some(p.samples / p.seconds),
+            v.map(|v| v.queries / v.seconds),
+            v.map(|v| v.samples / v.seconds),
+        ]
+    }
+
     /// Per second, Prometheus and VictoriaMetrics added up.
     fn per_second(&self, f: impl Fn(&Rate) -> f64) -> Option<f64> {
         let v = self.victoria?;
@@ -61,7 +79,8 @@ impl Steady {
     }
 }
 
-/// promguard's own account of an arm, from its /metrics at the end.
+/// promguard's own account of an arm, from its /metrics at the end (a fleet's
+/// replicas added up).
 #[derive(Debug, Default)]
 pub struct PromguardStats {
     /// (reason, class) → count, from `promguard_limit_rejections_total`.
@@ -88,8 +107,11 @@ pub struct ArmResult {
     pub prometheus_log: Vec<Logged>,
     /// The steady state at full load, after the ramp.
     pub steady: Steady,
+    /// The proxy's CPU seconds and peak RSS: a fleet's replicas added up.
     pub proxy_cpu: Option<f64>,
     pub proxy_peak_rss: Option<u64>,
+    /// A fleet's balancer (nginx) and redis-server CPU seconds during the arm.
+    pub fleet_cpu: Option<[f64; 2]>,
     pub generator_cpu: f64,
     pub promguard: Option<PromguardStats>,
     /// Requests the load client had open per backend (through the proxy, if any).
@@ -352,6 +374,11 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
             _ => "–".into(),
         },
     );
+    row("fleet's balancer (nginx) / redis-server CPU s", &|r| {
+        r.fleet_cpu.map_or("–".into(), |[nginx, redis]| {
+            format!("{nginx:.1} / {redis:.1}")
+        })
+    });
     row(
         &format!(
             "promguard cache held at the end (of its {} MiB bound)",
@@ -496,6 +523,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
     }
     out.push_str(&targets(results, direct));
+    out.push_str(&fleet_targets(results));
     let _ = writeln!(
         out,
         "\nHow to read it:\n\
@@ -535,7 +563,14 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          `identity.grafana` (the secret header) and `priority.dashboards: [orders, sla, \
          promguard]`, everything else at its default. *Tuned* spells out every limit for \
          this machine (caps {tuned_caps}) and loads `policies/` in normal mode; *sale mode* \
-         is the same switched to sale mode. Every other arm's Grafana sends \
+         is the same switched to sale mode. *Fleet of 3* is {replicas} replicas of the tuned \
+         configuration in normal mode, each with `shared.redis` on one redis-server and \
+         `expected_replicas: {replicas}`, so caps {tuned_caps}, budgets, cache and the \
+         switch are the whole fleet's; one nginx balances round-robin over them without \
+         caching. Its proxy CPU and peak RSS, cache held, refusals, cache lookups and \
+         promguard's in-flight count are the three replicas added up (the cache bound is \
+         each replica's); its balancer's and Redis' CPU are a row of their own. Every \
+         other arm's Grafana sends \
          `X-Grafana-User` and the secret; all send `User-Agent`, `X-Grafana-Org-Id`, \
          `X-Datasource-Uid` and, on dashboard panels, `X-Dashboard-Uid` and `X-Panel-Id`. \
          Caps are (Prometheus, VictoriaMetrics).\n\
@@ -548,6 +583,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         info.nginx_ttl,
         quick_caps = caps(Arm::Quickstart),
         tuned_caps = caps(Arm::Tuned),
+        replicas = crate::arms::FLEET_REPLICAS,
     );
     out
 }
@@ -556,6 +592,8 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
 type Judged = (String, Option<bool>);
 /// How an arm's figures are judged against one target.
 type Judge<'a> = &'a dyn Fn(&ArmResult) -> Judged;
+/// How a figure is written.
+type Show = fn(f64) -> String;
 
 /// An arm's caps as `(recent, long-term)`.
 fn caps(arm: Arm) -> String {
@@ -662,6 +700,100 @@ fn targets(results: &[ArmResult], direct: Option<&ArmResult>) -> String {
             .collect();
         let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
     }
+    out
+}
+
+/// The fleet against the tuned single replica: the same upstream work in the steady
+/// state, the caps held fleet-wide, and curated latency; empty unless both ran.
+fn fleet_targets(results: &[ArmResult]) -> String {
+    let find = |arm| results.iter().find(|r| r.arm == arm);
+    let (Some(fleet), Some(tuned)) = (find(Arm::Fleet), find(Arm::Tuned)) else {
+        return String::new();
+    };
+    let within = 100.0 * FLEET_UPSTREAM_WITHIN;
+    let mut out = format!(
+        "\nThe fleet of {} against the tuned single replica, judged from the figures:\n\n\
+         | target | fleet | tuned | fleet / tuned | |\n|---|---|---|---|---|\n",
+        crate::arms::FLEET_REPLICAS
+    );
+    let mut line = |target: &str, f: &str, t: &str, ratio: &str, verdict: Option<bool>| {
+        let verdict = match verdict {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not judged",
+        };
+        let _ = writeln!(out, "| {target} | {f} | {t} | {ratio} | {verdict} |");
+    };
+    let figures: [(&str, Show); 4] = [
+        ("Prometheus queries/s", |q| format!("{q:.1}")),
+        ("Prometheus samples read/s", si),
+        ("VictoriaMetrics queries/s", |q| format!("{q:.1}")),
+        ("VictoriaMetrics samples read/s", si),
+    ];
+    let (fleet_rates, tuned_rates) = (fleet.steady.by_backend(), tuned.steady.by_backend());
+    for (i, (label, figure)) in figures.into_iter().enumerate() {
+        let show = |v: Option<f64>| v.map_or("did not answer /metrics".into(), figure);
+        let (f, t) = (fleet_rates[i], tuned_rates[i]);
+        let (ratio, verdict) = match (f, t) {
+            (Some(f), Some(t)) if t > 0.0 => (
+                format!("{:.2}", f / t),
+                Some(f / t <= 1.0 + FLEET_UPSTREAM_WITHIN),
+            ),
+            (Some(f), Some(_)) => ("–".into(), Some(f == 0.0)),
+            _ => ("–".into(), None),
+        };
+        line(
+            &format!("steady state: {label} (at most {within:.0}% above tuned)"),
+            &show(f),
+            &show(t),
+            &ratio,
+            verdict,
+        );
+    }
+    let [recent_cap, long_term_cap] = Arm::Fleet.caps().expect("the fleet has caps");
+    let (fleet_peaks, tuned_peaks) = (fleet.peak_in_flight(), tuned.peak_in_flight());
+    for (i, (backend, cap)) in [
+        ("Prometheus", recent_cap),
+        ("VictoriaMetrics", long_term_cap),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let show = |(own, backend): (f64, f64)| format!("{own:.0} / {backend:.0}");
+        let (own, at_backend) = fleet_peaks[i];
+        line(
+            &format!(
+                "peak in flight at {backend}, promguard's count (replicas added up) / the \
+                 backend's (≤ the fleet-wide cap {cap})"
+            ),
+            &show(fleet_peaks[i]),
+            &show(tuned_peaks[i]),
+            "–",
+            Some(own.max(at_backend) <= cap as f64),
+        );
+    }
+    let p99 = |r: &ArmResult| {
+        let h = r.latency(Kind::Curated);
+        (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0)
+    };
+    let show = |r: &ArmResult| match (p99(r), r.worst_curated_p99(true)) {
+        (Some(all), Some(worst)) => format!("{} / {} ms", ms(all), ms(worst)),
+        _ => "no requests".into(),
+    };
+    let ratio = match (fleet.worst_curated_p99(true), tuned.worst_curated_p99(true)) {
+        (Some(f), Some(t)) if t > 0.0 => format!("{:.2}", f / t),
+        _ => "–".into(),
+    };
+    line(
+        &format!(
+            "curated p99, whole arm / worst 10 s window from the ramp on (the worst < \
+             {CURATED_P99_MS} ms, as for tuned)"
+        ),
+        &show(fleet),
+        &show(tuned),
+        &ratio,
+        fleet.worst_curated_p99(true).map(|p| p < CURATED_P99_MS),
+    );
     out
 }
 

@@ -48,6 +48,9 @@ FULL = {
 }
 SINGLE = {"replicaCount": 1, "autoscaling": {"enabled": False}, "saleModeState": {"persistence": True}}
 EXISTING = {"auth": {"existingSecret": "promguard-from-vault"}, "policies": {"bundled": False}}
+# A fleet on an external Redis whose URL carries a password, and one on the bundled Redis.
+EXTERNAL_REDIS = {"redis": {"url": "rediss://:hunter2@redis.shared.svc:6380/2", "keyPrefix": "shop:"}}
+BUNDLED_REDIS = {"redis": {"bundled": {"enabled": True}}, "replicaCount": 3, "autoscaling": {"enabled": False}}
 
 failures = []
 
@@ -58,15 +61,21 @@ def check(condition, message):
 
 
 def render(values):
+    return render_with_notes(values)[0]
+
+
+def render_with_notes(values):
+    """The rendered objects, and the rendered NOTES.txt."""
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values)
         manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    objects = []
+    objects, notes = [], ""
     for template, text in manifests.items():
         if template.endswith("NOTES.txt"):
+            notes = text
             continue
         objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
+    return objects, notes
 
 
 def by_kind(objects, kind):
@@ -113,7 +122,8 @@ def check_with_promguard(objects, scenario):
         else:
             check("dir" not in config["policy"], f"{scenario}: policy.dir without policy files")
         (tmp / "promguard.yaml").write_text(yaml.safe_dump(config))
-        env = dict(os.environ, PROMGUARD_GRAFANA_SECRET="from-the-secret")
+        env = dict(os.environ, PROMGUARD_GRAFANA_SECRET="from-the-secret",
+                   PROMGUARD_REDIS_URL="redis://from-the-secret:6379")
         run([PROMGUARD, "check-config", tmp / "promguard.yaml"], scenario, env)
 
 
@@ -140,7 +150,7 @@ def check_memory(objects, scenario):
     cache = size((config.get("cache") or {}).get("max_bytes", "512MiB"))
     memo = size((config.get("query") or {}).get("memo_bytes", "32MiB"))
     need = cache + memo + HEADROOM
-    resources = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]["resources"]
     for kind in ("requests", "limits"):
         have = size(resources[kind]["memory"])
         check(have >= need, f"{scenario}: resources.{kind}.memory {resources[kind]['memory']} is below "
@@ -154,7 +164,7 @@ def run(argv, scenario, env=None):
 
 def check_defaults(objects):
     scenario = "defaults"
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", RELEASE)
     pod = deployment["spec"]["template"]
     spec = pod["spec"]
     container = spec["containers"][0]
@@ -232,7 +242,7 @@ def check_defaults(objects):
 
 
 def check_full(objects):
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", RELEASE)
     check(deployment["spec"]["replicas"] == 3, "full: replicaCount without autoscaling")
     check(not by_kind(objects, "HorizontalPodAutoscaler"), "full: no HPA when autoscaling is off")
     check("checksum/policies" in deployment["spec"]["template"]["metadata"]["annotations"],
@@ -252,7 +262,7 @@ def check_full(objects):
 
 
 def check_single(objects):
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", RELEASE)
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     claim = one(objects, "PersistentVolumeClaim")
     check(volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"],
@@ -263,7 +273,7 @@ def check_single(objects):
 def check_existing_secret(objects):
     check(not [o for o in by_kind(objects, "Secret") if o["metadata"]["name"] == RELEASE],
           "existing secret: the chart creates none")
-    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
     check(refs == {"promguard-from-vault"}, "existing secret: the pod reads it")
     datasource = yaml.safe_load(one(objects, "Secret", f"{RELEASE}-grafana-datasource")
@@ -274,12 +284,75 @@ def check_existing_secret(objects):
           "no policy files: no policies ConfigMap")
 
 
+def env_of(objects):
+    container = one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e for e in container["env"]}
+
+
+def shared_of(objects):
+    config = yaml.safe_load(one(objects, "ConfigMap", RELEASE)["data"]["promguard.yaml"])
+    return config.get("shared")
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_no_redis(objects, notes, scenario):
+    check(shared_of(objects) is None, f"{scenario}: no shared state without redis")
+    check("PROMGUARD_REDIS_URL" not in env_of(objects), f"{scenario}: no Redis URL without redis")
+    check("for pod in" in notes, f"{scenario}: NOTES say to switch every pod without redis")
+
+
+def check_external_redis(objects, notes):
+    scenario = "external redis"
+    shared = shared_of(objects)
+    check(shared and shared["redis"] == {"url": {"env": "PROMGUARD_REDIS_URL"}, "key_prefix": "shop:"},
+          f"{scenario}: the config reads the URL from the environment, with the prefix: {shared}")
+    check(shared and shared["expected_replicas"] == 2, f"{scenario}: expected_replicas is autoscaling's minimum")
+    secret = one(objects, "Secret", f"{RELEASE}-redis")
+    check(secret_value(secret, "redis-url") == EXTERNAL_REDIS["redis"]["url"], f"{scenario}: the URL is in a Secret")
+    check(EXTERNAL_REDIS["redis"]["url"] not in json.dumps(by_kind(objects, "ConfigMap")),
+          f"{scenario}: the URL (and its password) stays out of the ConfigMaps")
+    ref = env_of(objects)["PROMGUARD_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    check(ref == {"name": f"{RELEASE}-redis", "key": "redis-url"}, f"{scenario}: the pod reads the URL from it")
+    check(not [o for o in by_kind(objects, "Deployment") if o["metadata"]["name"] != RELEASE],
+          f"{scenario}: no bundled Redis")
+    check("for pod in" not in notes and f"exec deploy/{RELEASE} --" in notes,
+          f"{scenario}: NOTES switch the fleet through any pod, no loop over pods")
+
+
+def check_bundled_redis(objects, notes):
+    scenario = "bundled redis"
+    shared = shared_of(objects)
+    check(shared and shared["expected_replicas"] == 3, f"{scenario}: expected_replicas is replicaCount")
+    check(env_of(objects)["PROMGUARD_REDIS_URL"].get("value") == f"redis://{RELEASE}-redis:6379",
+          f"{scenario}: the pods reach the bundled Redis' Service")
+    redis = one(objects, "Deployment", f"{RELEASE}-redis")
+    service = one(objects, "Service", f"{RELEASE}-redis")
+    redis_pod = redis["spec"]["template"]["metadata"]["labels"]
+    promguard_pod = one(objects, "Deployment", RELEASE)["spec"]["template"]["metadata"]["labels"]
+    check(matches(service["spec"]["selector"], redis_pod), f"{scenario}: the Redis Service selects Redis")
+    check(not matches(service["spec"]["selector"], promguard_pod), f"{scenario}: ... and not promguard")
+    for obj in (one(objects, "Service", RELEASE), one(objects, "Deployment", RELEASE),
+                one(objects, "PodDisruptionBudget")):
+        selector = obj["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        check(not matches(selector, redis_pod), f"{scenario}: {obj['kind']} {RELEASE} does not select Redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    check(args[args.index("--save") + 1] == "" and "allkeys-lru" in args,
+          f"{scenario}: Redis keeps nothing on disk and evicts the least recently used")
+    check(f"exec deploy/{RELEASE} --" in notes and f"{RELEASE}-redis" in notes, f"{scenario}: NOTES")
+
+
 def check_refusals():
     """Values the chart must refuse rather than render into something broken."""
     for values, why in [
         ({"saleModeState": {"persistence": True}}, "a ReadWriteOnce state volume with several replicas"),
         ({"serviceMonitor": {"enable": True}}, "a misspelt key"),
         ({"replicaCount": "two"}, "a wrong type"),
+        ({"redis": {"url": "redis://r:6379", "bundled": {"enabled": True}}}, "an external and a bundled Redis"),
+        ({"redis": {"url": "http://r:6379"}}, "a Redis URL that is not redis:// or rediss://"),
     ]:
         try:
             render(values)
@@ -303,14 +376,22 @@ def main():
     lint = helm.lint(CHART, strict=True)
     for message in lint["messages"]:
         check(message["severity"] < 2, f"helm lint: {message['path']}: {message['error']}")
-    scenarios = [("defaults", {}, check_defaults), ("full", FULL, check_full),
-                 ("single", SINGLE, check_single), ("existing secret", EXISTING, check_existing_secret)]
-    for scenario, values, specific in scenarios:
-        objects = render(values)
+    # (scenario, values, its own checks, whether it configures Redis)
+    scenarios = [("defaults", {}, check_defaults, False), ("full", FULL, check_full, False),
+                 ("single", SINGLE, check_single, False),
+                 ("existing secret", EXISTING, check_existing_secret, False),
+                 ("external redis", EXTERNAL_REDIS, check_external_redis, True),
+                 ("bundled redis", BUNDLED_REDIS, check_bundled_redis, True)]
+    for scenario, values, specific, redis in scenarios:
+        objects, notes = render_with_notes(values)
         validate_schemas(objects, scenario)
         check_with_promguard(objects, scenario)
         check_memory(objects, scenario)
-        specific(objects)
+        if redis:
+            specific(objects, notes)
+        else:
+            specific(objects)
+            check_no_redis(objects, notes, scenario)
         print(f"check-chart: {scenario}: rendered and checked {len(objects)} objects")
     check_refusals()
     check_dockerfile()

@@ -31,6 +31,8 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::request::{ApiRequest, Endpoint, RequestKind};
 use crate::routing::BackendId;
+use crate::shared::envelope::Payload;
+use crate::shared::l2::{FetchLock, L2, Lead, SharedAnswer};
 use crate::units::{Millis, millis};
 use crate::upstream::UpstreamResponse;
 use coalesce::{Coalescer, Outcome};
@@ -113,6 +115,17 @@ pub enum CacheError {
     },
 }
 
+/// An answer's bytes as they go out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// As the backend, the stitching or the cache has them; sent gzipped when the
+    /// stored answer has a gzip copy and the client takes gzip.
+    Plain(Bytes),
+    /// Gzipped already: a hit in the fleet's cache, only for a client that takes
+    /// gzip.
+    Gzip(Bytes),
+}
+
 /// An answer ready to send.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -121,7 +134,7 @@ pub struct Served {
     pub status: StatusCode,
     /// The exact bytes to send: the backend's, stitched extents, or a stale answer
     /// with its warning.
-    pub body: Bytes,
+    pub body: Body,
     /// How the answer was produced, for `X-Cache` and the lookup metrics.
     pub cache: CacheStatus,
     /// The stored answer a hit came from, which can also be sent gzipped.
@@ -320,15 +333,24 @@ pub struct Cache {
     flights: Coalescer<CacheKey, Result<Served, ProxyError>, Priority>,
     config: CacheConfig,
     metrics: CacheMetrics,
+    /// The fleet's cache behind this one, when replicas share Redis.
+    fleet: Option<Arc<L2>>,
 }
 
 /// The result of one upstream fetch as the cache sees it.
 type Fetched = Result<UpstreamResponse, ProxyError>;
 
 impl Cache {
-    /// A cache judging freshness and age on `clock`.
-    pub fn new(config: CacheConfig, metrics: &Metrics, clock: Arc<dyn Clock>) -> Self {
+    /// A cache judging freshness and age on `clock`, in front of the fleet's cache
+    /// `fleet` when there is one.
+    pub fn new(
+        config: CacheConfig,
+        metrics: &Metrics,
+        clock: Arc<dyn Clock>,
+        fleet: Option<Arc<L2>>,
+    ) -> Self {
         Cache {
+            fleet,
             store: Store::new(config.max_bytes.0, metrics.cache_evictions.clone()),
             clock,
             flights: Coalescer::default(),
@@ -363,7 +385,131 @@ impl Cache {
             .lookups
             .with_label_values(&[endpoint.as_str(), CacheStatus::Hit.label()])
             .inc();
+        if let Some(fleet) = &self.fleet {
+            fleet.count_l1_hit();
+        }
         Some(hit)
+    }
+
+    /// After [`Cache::lookup`] missed: an answer another replica stored in the
+    /// fleet's cache, fresh for this caller, kept here too and counted as a hit.
+    /// A gzipped one goes out as it came to a client that takes gzip (`gzip`), and
+    /// is inflated for this replica's cache after the answer. Nothing without a
+    /// fleet, or when Redis does not answer in time.
+    pub async fn lookup_fleet(
+        self: &Arc<Self>,
+        plan: &Plan,
+        endpoint: Endpoint,
+        gzip: bool,
+    ) -> Option<Served> {
+        let fleet = self.fleet.as_ref()?;
+        let (key, floor) = match plan {
+            Plan::Bypass { .. } => return None,
+            Plan::Whole(w) => (&w.key, w.floor),
+            Plan::Range(r) => (&r.key, r.floor),
+        };
+        let shared = fleet.answer(key).await.filter(|a| a.is_fresh(floor))?;
+        let served = match (&shared.body, gzip) {
+            (Payload::Gzip(gzipped), true) => {
+                let body = Body::Gzip(gzipped.clone());
+                let (this, fleet, key) = (self.clone(), fleet.clone(), key.clone());
+                tokio::spawn(async move {
+                    if let Some(plain) = fleet.plain(&shared).await {
+                        this.adopt(&key, &shared, plain);
+                    }
+                });
+                Served {
+                    status: StatusCode::OK,
+                    body,
+                    cache: CacheStatus::Hit,
+                    stored: None,
+                }
+            }
+            _ => {
+                let plain = fleet.plain(&shared).await?;
+                self.adopted_hit(key, &shared, plain)
+            }
+        };
+        self.metrics
+            .lookups
+            .with_label_values(&[endpoint.as_str(), CacheStatus::Hit.label()])
+            .inc();
+        fleet.count_l2_hit();
+        Some(served)
+    }
+
+    /// Keep an answer from the fleet's cache here (its bytes `plain`, and its
+    /// gzip copy if it came gzipped), with the age it has there.
+    fn adopt(&self, key: &CacheKey, shared: &SharedAnswer, plain: Bytes) -> Arc<store::Answer> {
+        let now = self.clock.now();
+        let stored = now.checked_sub(shared.age).unwrap_or(now);
+        let left = shared.fresh.saturating_sub(shared.age);
+        self.metrics.points_served.inc_by(shared.points);
+        let answer = self.store.put_answer(
+            key.clone(),
+            plain,
+            shared.points,
+            stored,
+            shared.fresh,
+            self.keep_for(left),
+        );
+        if let Payload::Gzip(gzipped) = &shared.body {
+            answer.offer_gzipped(gzipped.clone());
+        }
+        answer
+    }
+
+    /// [`Cache::adopt`], served as a hit.
+    fn adopted_hit(&self, key: &CacheKey, shared: &SharedAnswer, plain: Bytes) -> Served {
+        let answer = self.adopt(key, shared, plain);
+        Served {
+            status: StatusCode::OK,
+            body: Body::Plain(answer.body.clone()),
+            cache: CacheStatus::Hit,
+            stored: Some(answer),
+        }
+    }
+
+    /// Store an answer here and, in the background, in the fleet's cache; the
+    /// fleet's write, if any.
+    fn put_answer(
+        &self,
+        key: &CacheKey,
+        body: &Bytes,
+        points: u64,
+        fresh: Duration,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let keep = self.keep_for(fresh);
+        let answer = self.store.put_answer(
+            key.clone(),
+            body.clone(),
+            points,
+            self.clock.now(),
+            fresh,
+            keep,
+        );
+        self.fleet
+            .as_ref()
+            .map(|fleet| fleet.put_answer(key, answer, fresh, keep))
+    }
+
+    /// Who fetches `key` across the fleet: this replica (with the lock, or alone
+    /// when there is no fleet or Redis fails), or another one whose answer arrived
+    /// within `wait`.
+    async fn lead(&self, key: &CacheKey, wait: Duration) -> Result<Option<FetchLock>, Served> {
+        match &self.fleet {
+            None => Ok(None),
+            Some(fleet) => match fleet.lead(key, wait).await {
+                Lead::Fetch(lock) => Ok(lock),
+                Lead::Answer(shared) => match fleet.plain(&shared).await {
+                    Some(plain) => {
+                        fleet.count_l2_hit();
+                        Err(self.adopted_hit(key, &shared, plain))
+                    }
+                    None => Ok(None),
+                },
+            },
+        }
     }
 
     /// Answer per `plan`, calling `fetch(params)` for whatever must come from the
@@ -390,11 +536,11 @@ impl Cache {
                 let (_, priority) = watch::channel(waiter.priority);
                 let response = fetch(request, priority).await;
                 if let (Some(w), Ok(r)) = (&refresh, &response) {
-                    self.keep(w, r);
+                    let _ = self.keep(w, r);
                 }
                 response.map(|r| Served {
                     status: r.status,
-                    body: r.body,
+                    body: Body::Plain(r.body),
                     cache: CacheStatus::Bypass,
                     stored: None,
                 })
@@ -404,8 +550,11 @@ impl Cache {
                 None => {
                     let key = w.key.clone();
                     let this = self.clone();
-                    let work =
-                        move |priority| this.clone().fill_whole(w.clone(), fetch.clone(), priority);
+                    let limit = waiter.limit;
+                    let work = move |priority| {
+                        this.clone()
+                            .fill_whole(w.clone(), fetch.clone(), priority, limit)
+                    };
                     self.coalesced(key, endpoint, &waiter, work).await
                 }
             },
@@ -414,8 +563,11 @@ impl Cache {
                 None => {
                     let key = r.key.clone();
                     let this = self.clone();
-                    let work =
-                        move |priority| this.clone().fill_range(r.clone(), fetch.clone(), priority);
+                    let limit = waiter.limit;
+                    let work = move |priority| {
+                        this.clone()
+                            .fill_range(r.clone(), fetch.clone(), priority, limit)
+                    };
                     self.coalesced(key, endpoint, &waiter, work).await
                 }
             },
@@ -437,7 +589,7 @@ impl Cache {
             self.metrics.points_served.inc_by(answer.points);
             Served {
                 status: StatusCode::OK,
-                body: answer.body.clone(),
+                body: Body::Plain(answer.body.clone()),
                 cache: CacheStatus::Hit,
                 stored: Some(answer.clone()),
             }
@@ -488,9 +640,33 @@ impl Cache {
             }
         };
         match result {
-            Err(e) => self.stale(&key, &e.to_string()).ok_or(e),
+            Err(e) => match self.stale(&key, &e.to_string()) {
+                Some(stale) => Ok(stale),
+                None => self.fleet_stale(&key, &e.to_string()).await.ok_or(e),
+            },
             ok => ok,
         }
+    }
+
+    /// [`Cache::stale`] from the fleet's cache: another replica's answer, within
+    /// the stale limit.
+    async fn fleet_stale(&self, key: &CacheKey, reason: &str) -> Option<Served> {
+        let fleet = self.fleet.as_ref()?;
+        let shared = fleet
+            .answer(key)
+            .await
+            .filter(|shared| shared.age <= self.config.stale_max_age.0)?;
+        let plain = fleet.plain(&shared).await?;
+        let warning = format!(
+            "promguard served a cached answer {}s old because: {reason}",
+            shared.age.as_secs()
+        );
+        Some(Served {
+            status: StatusCode::OK,
+            body: Body::Plain(with_warning(&plain, &warning)),
+            cache: CacheStatus::Stale,
+            stored: None,
+        })
     }
 
     /// An older answer for `key`, within the stale limit, with a warning that says
@@ -507,7 +683,7 @@ impl Cache {
         );
         Some(Served {
             status: StatusCode::OK,
-            body: with_warning(&answer.body, &warning),
+            body: Body::Plain(with_warning(&answer.body, &warning)),
             cache: CacheStatus::Stale,
             stored: None,
         })
@@ -517,52 +693,83 @@ impl Cache {
         fresh.max(self.config.stale_max_age.0)
     }
 
-    /// Store a successful whole answer without warnings.
-    fn keep(&self, w: &WholePlan, response: &UpstreamResponse) {
-        if response.status.is_success() && !has_warnings(&response.body) {
-            self.store.put_answer(
-                w.key.clone(),
-                response.body.clone(),
-                0,
-                self.clock.now(),
-                w.fresh,
-                self.keep_for(w.fresh),
-            );
-        }
+    /// Store a successful whole answer without warnings; the fleet's write, if any.
+    fn keep(
+        &self,
+        w: &WholePlan,
+        response: &UpstreamResponse,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        (response.status.is_success() && !has_warnings(&response.body))
+            .then(|| self.put_answer(&w.key, &response.body, 0, w.fresh))
+            .flatten()
     }
 
+    /// Fetch a whole answer, unless another replica of the fleet fetches it
+    /// meanwhile (then its answer, within `wait`).
     async fn fill_whole<F, Fut>(
         self: Arc<Self>,
         w: WholePlan,
         fetch: Arc<F>,
         priority: watch::Receiver<Priority>,
+        wait: Duration,
     ) -> Result<Served, ProxyError>
     where
         F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
         Fut: Future<Output = Fetched>,
     {
+        let mut fleet_lock = match self.lead(&w.key, wait).await {
+            Ok(lock) => lock,
+            Err(served) => return Ok(served),
+        };
         let response = fetch(w.request.clone(), priority).await?;
-        self.keep(&w, &response);
+        if let (Some(lock), Some(write)) = (fleet_lock.as_mut(), self.keep(&w, &response)) {
+            lock.after(write);
+        }
         Ok(uncached(response))
     }
 
-    /// Fetch the spans the extents lack, keep their immutable part, and stitch the
-    /// answer from extents and fetched pieces.
+    /// Fetch the spans the extents (here, or in the fleet's cache) lack, keep their
+    /// immutable part, and stitch the answer from extents and fetched pieces; or,
+    /// when another replica of the fleet answers the same range meanwhile, its
+    /// answer, within `wait`.
     async fn fill_range<F, Fut>(
         self: Arc<Self>,
         r: RangePlan,
         fetch: Arc<F>,
         priority: watch::Receiver<Priority>,
+        wait: Duration,
     ) -> Result<Served, ProxyError>
     where
         F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
         Fut: Future<Output = Fetched>,
     {
+        let mut fleet_lock = match self.lead(&r.key, wait).await {
+            Ok(lock) => lock,
+            Err(served) => return Ok(served),
+        };
         let step = r.grid.step;
         let interval = chunk_interval(step);
-        let cached: Vec<(i64, Arc<Chunk>)> = chunks_of(r.want, interval)
-            .filter_map(|i| self.store.chunk(&r.series, i).map(|c| (i, c)))
-            .collect();
+        let mut cached: Vec<(i64, Arc<Chunk>)> = Vec::new();
+        let mut absent = Vec::new();
+        for i in chunks_of(r.want, interval) {
+            match self.store.chunk(&r.series, i) {
+                Some(c) => cached.push((i, c)),
+                None => absent.push(i),
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            for shared in fleet.chunks(&r.series, &absent).await {
+                let chunk = Chunk {
+                    span: shared.span,
+                    matrix: shared.matrix,
+                };
+                self.store
+                    .put_chunk(r.series.clone(), shared.index, chunk, shared.left);
+                if let Some(c) = self.store.chunk(&r.series, shared.index) {
+                    cached.push((shared.index, c));
+                }
+            }
+        }
         let cached_chunk = |i: i64| cached.iter().find(|(j, _)| *j == i).map(|(_, c)| c);
         let gaps = missing(&r.grid, interval, r.want, |i| {
             cached_chunk(i).map(|c| c.span)
@@ -591,6 +798,9 @@ impl Cache {
             &fetched,
         );
         for (i, span, matrix) in updated {
+            if let Some(fleet) = &self.fleet {
+                fleet.put_chunk(&r.series, i, span, &matrix, self.config.extent_ttl.0);
+            }
             self.store.put_chunk(
                 r.series.clone(),
                 i,
@@ -619,17 +829,15 @@ impl Cache {
         } else {
             self.config.extent_ttl.0
         };
-        self.store.put_answer(
-            r.key,
-            body.clone(),
-            points,
-            self.clock.now(),
-            fresh,
-            self.keep_for(fresh),
-        );
+        if let (Some(lock), Some(write)) = (
+            fleet_lock.as_mut(),
+            self.put_answer(&r.key, &body, points, fresh),
+        ) {
+            lock.after(write);
+        }
         Ok(Served {
             status: StatusCode::OK,
-            body,
+            body: Body::Plain(body),
             cache: match (gaps.is_empty(), cached.is_empty()) {
                 (true, _) => CacheStatus::Hit,
                 (false, true) => CacheStatus::Miss,
@@ -644,7 +852,7 @@ impl Cache {
 fn uncached(response: UpstreamResponse) -> Served {
     Served {
         status: response.status,
-        body: response.body,
+        body: Body::Plain(response.body),
         cache: CacheStatus::Miss,
         stored: None,
     }
@@ -760,7 +968,12 @@ mod tests {
         let clock = ManualClock::new();
         let config = CacheConfig::default();
         Setup {
-            cache: Arc::new(Cache::new(config, &Metrics::new(), Arc::new(clock.clone()))),
+            cache: Arc::new(Cache::new(
+                config,
+                &Metrics::new(),
+                Arc::new(clock.clone()),
+                None,
+            )),
             clock,
             backend: Arc::new(backend),
             queries: QueryParser::default(),
@@ -838,7 +1051,10 @@ mod tests {
     }
 
     fn points(served: &Served) -> Vec<i64> {
-        let m = Matrix::parse(&served.body).expect("a matrix");
+        let Body::Plain(body) = &served.body else {
+            panic!("a range answer is plain");
+        };
+        let m = Matrix::parse(body).expect("a matrix");
         (0..m.series[0].points.len())
             .map(|i| m.series[0].points.get(i).0)
             .collect()
@@ -897,7 +1113,10 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let stale = s.ask(&params, "/api/v1/query", NOW).await;
         assert_eq!(stale.cache, CacheStatus::Stale);
-        assert!(String::from_utf8_lossy(&stale.body).contains("11s old"));
+        let Body::Plain(body) = &stale.body else {
+            panic!("a stale answer is plain");
+        };
+        assert!(String::from_utf8_lossy(body).contains("11s old"));
         // Past stale_max_age there is nothing to serve.
         s.clock.advance(Duration::from_secs(15 * 60));
         let outcome = s.try_ask(&params, "/api/v1/query", NOW).await;

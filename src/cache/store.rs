@@ -41,7 +41,24 @@ fn worth_gzipping(body: &[u8]) -> bool {
     body.len() >= 1024
 }
 
+/// The bytes a gzip stream holds, if it is whole and they are at most `limit`.
+pub fn gunzip(gzipped: &[u8], limit: usize) -> Option<Bytes> {
+    use std::io::Read;
+    let mut body = Vec::with_capacity(gzipped.len().saturating_mul(8).min(limit));
+    flate2::read::GzDecoder::new(gzipped)
+        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut body)
+        .ok()?;
+    (body.len() <= limit).then(|| Bytes::from(body))
+}
+
 impl Answer {
+    /// Take `gzipped` as the gzip copy, unless one is made already: the copy that
+    /// came with an answer from the fleet's cache.
+    pub fn offer_gzipped(&self, gzipped: Bytes) {
+        let _ = self.gzipped.set(Some(gzipped));
+    }
+
     /// The gzipped body, compressed once; `None` for small bodies.
     pub fn gzipped(&self) -> Option<&Bytes> {
         self.gzipped
@@ -148,7 +165,8 @@ impl Store {
 
     /// Keep `body` as the answer for `key`, stored at `now`: fresh for `fresh`,
     /// then kept up to `keep` in total for stale serving. (Eviction at the end of
-    /// `keep` runs on the real clock; freshness and age are judged on `now`.)
+    /// `keep` runs on the real clock; freshness and age are judged on `now`.) The
+    /// answer as stored.
     pub fn put_answer(
         &self,
         key: CacheKey,
@@ -157,7 +175,7 @@ impl Store {
         now: Instant,
         fresh: Duration,
         keep: Duration,
-    ) {
+    ) -> Arc<Answer> {
         // The gzip copy is made later, on the first hit from a client that takes
         // it (Grafana always does), so its room is booked now: JSON answers shrink
         // about tenfold at the fast level, and an eighth leaves a margin.
@@ -167,21 +185,22 @@ impl Store {
             0
         };
         let bytes = weight(key.0.len() + body.len() + gzip_room);
-        let answer = Answer {
+        let answer = Arc::new(Answer {
             body,
             points,
             stored: now,
             fresh_until: now + fresh,
             gzipped: OnceLock::new(),
-        };
+        });
         self.cache.insert(
             Key::Answer(key),
             Entry {
-                value: Value::Answer(Arc::new(answer)),
+                value: Value::Answer(answer.clone()),
                 ttl: keep.max(fresh),
                 bytes,
             },
         );
+        answer
     }
 
     /// Chunk `index` (by [`super::extent::chunks_of`]) of the series `key`, if kept.

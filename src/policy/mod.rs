@@ -107,6 +107,17 @@ pub enum Setting {
     Auto,
 }
 
+/// A switch worked out but not yet made ([`Policies::plan_switch`]).
+#[derive(Debug, Clone)]
+pub struct Switch {
+    /// The state it makes: the new override and the audit trail with its entry.
+    pub state: Persisted,
+    /// The mode in force once it is made.
+    pub after: Effective,
+    /// Its audit entry.
+    pub entry: AuditEntry,
+}
+
 /// The policy runtime shared by the pipeline, the admin API and the reloader.
 pub struct Policies {
     dir: Option<PathBuf>,
@@ -237,8 +248,27 @@ impl Policies {
         by: &str,
         now: DateTime<Utc>,
     ) -> Result<(Effective, AuditEntry), SwitchError> {
+        let switch = self.plan_switch(setting, duration, reason, by, now)?;
+        self.apply(switch.state.clone())?;
+        Ok((switch.after, switch.entry))
+    }
+
+    /// What a switch would make the state, without making it: the fleet writes it
+    /// to Redis first, then every replica adopts it.
+    ///
+    /// # Errors
+    ///
+    /// [`SwitchError`]: a missing or too long duration for on/off.
+    pub fn plan_switch(
+        &self,
+        setting: Setting,
+        duration: Option<Duration>,
+        reason: &str,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Switch, SwitchError> {
         let windows = self.active().policy.windows.clone();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.persisted();
         let before = effective(&windows, state.manual.as_ref(), now);
         let manual = match setting {
             Setting::Auto => None,
@@ -275,18 +305,49 @@ impl Policies {
             from: before.describe(),
             to: after.describe(),
         };
-        let mut next = state.clone();
+        let mut next = state;
         next.change(manual, entry.clone());
+        Ok(Switch {
+            state: next,
+            after,
+            entry,
+        })
+    }
+
+    /// Make `next` the state: saved to the state file first, then in force.
+    ///
+    /// # Errors
+    ///
+    /// [`SwitchError::Persist`] when the file cannot be written; nothing changes.
+    pub fn apply(&self, next: Persisted) -> Result<(), SwitchError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.file.save(&next).map_err(SwitchError::Persist)?;
+        if let Some(entry) = next.audit.last().filter(|_| next != *state) {
+            tracing::warn!(
+                by = entry.by,
+                reason = entry.reason,
+                from = entry.from,
+                to = entry.to,
+                "sale mode changed"
+            );
+        }
         *state = next;
-        tracing::warn!(
-            by = entry.by,
-            reason = entry.reason,
-            from = entry.from,
-            to = entry.to,
-            "sale mode changed"
-        );
-        Ok((after, entry))
+        Ok(())
+    }
+
+    /// Take the fleet's state (from Redis): in force at once, and copied to the
+    /// state file, the replica's fallback for when Redis is unreachable. A copy that
+    /// cannot be written is logged; the fleet's state is in force regardless.
+    pub fn adopt(&self, next: Persisted) {
+        if let Err(SwitchError::Persist(e)) = self.apply(next.clone()) {
+            tracing::error!(error = %e, "cannot copy the fleet's sale-mode state to the state file");
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        }
+    }
+
+    /// The override and audit trail in force.
+    pub fn persisted(&self) -> Persisted {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Mode, schedule and audit trail, for the admin API and the CLI.

@@ -11,6 +11,7 @@
 //! - [`compare`]: comparing API answers exactly or within a tolerance.
 //! - [`rng`]: a seeded generator, so randomised tests replay.
 //! - [`nginx`], [`procstat`]: the benches' nginx baseline and /proc accounting.
+//! - [`redis`](mod@redis): a real redis-server for the fleet's tests and bench.
 //!
 //! Binaries: Cargo tells only the root package's own tests and benches where
 //! `promguard` and `demo-data` were built, so each of them passes [`Bins`] (from
@@ -23,6 +24,7 @@ pub mod http;
 pub mod nginx;
 pub mod procstat;
 pub mod promguard;
+pub mod redis;
 pub mod rng;
 
 use std::net::TcpListener;

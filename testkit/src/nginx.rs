@@ -1,10 +1,11 @@
 //! nginx with proxy_cache in front of the backends: the baseline the hits and storm
-//! benches measure promguard's cache against.
+//! benches measure promguard's cache against; and nginx as a plain round-robin
+//! balancer in front of the storm bench's fleet of promguard replicas.
 //!
 //! Renders `nginx/nginx.conf` with one `nginx/cached-server.conf` block per backend
-//! into a temporary prefix, runs nginx (Debian package nginx-light) in the foreground
-//! with as many workers as cores (promguard's runtime uses as many threads), and stops
-//! it on drop.
+//! (or one `nginx/balancer-server.conf` block) into a temporary prefix, runs nginx
+//! (Debian package nginx-light) in the foreground with as many workers as cores
+//! (promguard's runtime uses as many threads), and stops it on drop.
 
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -15,10 +16,12 @@ use crate::free_port;
 
 const MAIN: &str = include_str!("nginx/nginx.conf");
 const SERVER: &str = include_str!("nginx/cached-server.conf");
+const BALANCER: &str = include_str!("nginx/balancer-server.conf");
 
 /// A running nginx, stopped on drop.
 pub struct Nginx {
-    /// One URL per backend given to [`Nginx::start`], in the same order.
+    /// One URL per backend given to [`Nginx::start`], in the same order; the
+    /// balancer's alone for [`Nginx::balance`].
     pub urls: Vec<String>,
     child: Child,
     prefix: tempfile::TempDir,
@@ -32,12 +35,7 @@ impl Nginx {
     ///
     /// When nginx cannot be started or does not listen within 10 s.
     pub fn start(backends: &[(&str, &str)], ttl: &str) -> Self {
-        let prefix = tempfile::tempdir().expect("create the nginx prefix");
-        // Workers drop root privileges (to nobody) and must reach their cache and
-        // temp directories below the prefix.
-        std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o777))
-            .expect("open the nginx prefix to its workers");
-        let root = prefix.path().display().to_string();
+        let prefix = prefix();
         let mut servers = String::new();
         let mut urls = Vec::new();
         for (name, backend) in backends {
@@ -55,9 +53,39 @@ impl Nginx {
             );
             urls.push(format!("http://127.0.0.1:{port}"));
         }
+        Self::run(prefix, &servers, urls)
+    }
+
+    /// Start nginx balancing every request round-robin over `replicas` (their base
+    /// URLs), caching nothing; its one URL is `urls[0]`. `name` names the upstream.
+    ///
+    /// # Panics
+    ///
+    /// When nginx cannot be started or does not listen within 10 s.
+    pub fn balance(name: &str, replicas: &[&str]) -> Self {
+        let prefix = prefix();
+        let port = free_port();
+        let members: String = replicas
+            .iter()
+            .map(|url| {
+                let addr = url.trim_start_matches("http://").trim_end_matches('/');
+                format!("        server {addr};\n")
+            })
+            .collect();
+        let server = BALANCER
+            .replace("{{NAME}}", name)
+            .replace("{{REPLICAS}}", &members)
+            .replace("{{PORT}}", &port.to_string());
+        Self::run(prefix, &server, vec![format!("http://127.0.0.1:{port}")])
+    }
+
+    /// Render the main template around `servers` into `prefix`, start nginx there and
+    /// wait until it listens on every one of `urls`.
+    fn run(prefix: tempfile::TempDir, servers: &str, urls: Vec<String>) -> Self {
+        let root = prefix.path().display().to_string();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let conf = MAIN
-            .replace("{{SERVERS}}", &servers)
+            .replace("{{SERVERS}}", servers)
             .replace("{{WORKERS}}", &workers.to_string())
             .replace("{{PREFIX}}", &root);
         let conf_path = prefix.path().join("nginx.conf");
@@ -129,6 +157,16 @@ impl Drop for Nginx {
         }
         let _ = self.child.wait();
     }
+}
+
+/// A temporary prefix nginx's workers can use.
+fn prefix() -> tempfile::TempDir {
+    let prefix = tempfile::tempdir().expect("create the nginx prefix");
+    // Workers drop root privileges (to nobody) and must reach their cache and temp
+    // directories below the prefix.
+    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("open the nginx prefix to its workers");
+    prefix
 }
 
 fn exits_within(child: &mut Child, limit: Duration) -> bool {

@@ -29,7 +29,7 @@ impl Promguard {
     ///
     /// When it cannot be started or does not listen within 20 s; its log is on stderr.
     pub fn start(bins: Bins, config: &str) -> Self {
-        Self::from_config(bins, config, None)
+        Self::from_config(bins, config, None, &[])
     }
 
     /// The same, under a file limit (RLIMIT_NOFILE, soft and hard) of `limit`.
@@ -38,10 +38,24 @@ impl Promguard {
     ///
     /// As [`Promguard::start`].
     pub fn start_with_file_limit(bins: Bins, config: &str, limit: u64) -> Self {
-        Self::from_config(bins, config, Some(limit))
+        Self::from_config(bins, config, Some(limit), &[])
     }
 
-    fn from_config(bins: Bins, config: &str, file_limit: Option<u64>) -> Self {
+    /// The same, with `env` added to its environment.
+    ///
+    /// # Panics
+    ///
+    /// As [`Promguard::start`].
+    pub fn start_with_env(bins: Bins, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::from_config(bins, config, None, env)
+    }
+
+    fn from_config(
+        bins: Bins,
+        config: &str,
+        file_limit: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().expect("create a working directory");
         let file = dir.path().join("promguard.yaml");
@@ -53,6 +67,7 @@ impl Promguard {
             dir,
             &["--config".as_ref(), file.as_os_str()],
             file_limit,
+            env,
         )
     }
 
@@ -76,6 +91,7 @@ impl Promguard {
             tempfile::tempdir().expect("create a working directory"),
             &args,
             None,
+            &[],
         )
     }
 
@@ -85,8 +101,10 @@ impl Promguard {
         dir: tempfile::TempDir,
         args: &[&OsStr],
         file_limit: Option<u64>,
+        env: &[(&str, &str)],
     ) -> Self {
         let mut command = Command::new(bins.promguard);
+        command.envs(env.iter().copied());
         command
             .arg("serve")
             .args(args)

@@ -161,5 +161,9 @@ fn an_unreachable_backend_is_named_in_the_start_up_log() {
     }
     assert_eq!(pg.log_lines_with(&dead), 1);
     // Its log goes to a pipe here, as to a file or `kubectl logs`: no colour codes.
-    assert_eq!(pg.log_lines_with("\u{1b}["), 0, "ANSI escapes in a piped log");
+    assert_eq!(
+        pg.log_lines_with("\u{1b}["),
+        0,
+        "ANSI escapes in a piped log"
+    );
 }

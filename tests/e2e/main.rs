@@ -13,6 +13,7 @@ mod dashboards;
 mod demo;
 mod differential;
 mod faults;
+mod fleet;
 mod grafana_defaults;
 mod grafana_session;
 mod hostile;

@@ -22,6 +22,19 @@ app.kubernetes.io/name: {{ include "promguard.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The bundled Redis' pods: a name of their own, so promguard's selectors never match them. */}}
+{{- define "promguard.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "promguard.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "promguard.redisLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "promguard.redisSelectorLabels" . }}
+app.kubernetes.io/component: redis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "promguard.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "promguard.selectorLabels" . }}
@@ -76,7 +89,21 @@ environment, filled from the Secret).
 {{- $_ := set $identity "grafana" $grafana }}
 {{- $_ := set $config "identity" $identity }}
 {{- end }}
+{{- if include "promguard.redis" . }}
+{{- $shared := deepCopy (default (dict) $config.shared) }}
+{{- $_ := set $shared "redis" (dict "url" (dict "env" "PROMGUARD_REDIS_URL") "key_prefix" .Values.redis.keyPrefix) }}
+{{- $_ := set $shared "expected_replicas" (ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled) }}
+{{- $_ := set $config "shared" $shared }}
+{{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Non-empty when the replicas share their state in Redis (an external URL, a Secret
+holding one, or the bundled Redis).
+*/}}
+{{- define "promguard.redis" -}}
+{{- if or .Values.redis.url .Values.redis.existingSecret .Values.redis.bundled.enabled }}true{{ end }}
 {{- end }}
 
 {{/*
