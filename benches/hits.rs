@@ -23,7 +23,8 @@
 //! coordinated-omission correction.
 //!
 //! Run: `cargo bench --bench hits`; HITS_SECS per cell (5), HITS_ROUNDS (3).
-//! Writes `benches/results/hits.md`.
+//! Writes `benches/results/hits.md`. HITS_BASELINE=/path/to/an/older/promguard adds
+//! that binary as a third arm, in the same rotation: a regression check in one run.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -75,6 +76,8 @@ struct Panel {
 enum Arm {
     Promguard,
     Nginx,
+    /// An older promguard (HITS_BASELINE).
+    Baseline,
 }
 
 impl Arm {
@@ -82,6 +85,7 @@ impl Arm {
         match self {
             Arm::Promguard => "promguard",
             Arm::Nginx => "nginx proxy_cache",
+            Arm::Baseline => "promguard baseline",
         }
     }
 }
@@ -123,10 +127,17 @@ async fn main() {
     let b = backends(BINS);
     let pg = Promguard::in_front_of_backends(BINS, CONFIG);
     let proxy = Nginx::start(&[("prometheus", &b.prometheus)], "1h");
-    let servers = [
+    let baseline = std::env::var("HITS_BASELINE").ok().map(|path| {
+        let promguard: &'static str = Box::leak(path.into_boxed_str());
+        Promguard::in_front_of_backends(Bins { promguard, ..BINS }, CONFIG)
+    });
+    let mut servers = vec![
         (Arm::Promguard, pg.url.clone(), pg.pid()),
         (Arm::Nginx, proxy.urls[0].clone(), proxy.pid()),
     ];
+    if let Some(older) = &baseline {
+        servers.push((Arm::Baseline, older.url.clone(), older.pid()));
+    }
 
     // Settled data: both caches keep it for the whole run.
     let end = (now_secs() - 1800) / 60 * 60;
@@ -170,10 +181,11 @@ async fn main() {
                 warm(url, &panel.body, encoding).await;
             }
             for concurrency in CONCURRENCY {
-                let mut cells = [Cell::new(), Cell::new()];
+                let mut cells: Vec<Cell> = servers.iter().map(|_| Cell::new()).collect();
                 for round in 0..rounds {
-                    let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-                    for i in order {
+                    // Each round starts with the next arm, so none always goes first.
+                    for k in 0..servers.len() {
+                        let i = (round + k) % servers.len();
                         let (_, url, pid) = &servers[i];
                         let load = Load {
                             url,

@@ -304,8 +304,9 @@ fn cache_hit(c: &mut Criterion) {
         config.limits = limits_config();
         let state = Arc::new(AppState::new(&config, Metrics::new()).expect("state"));
         let router = app(state);
-        // An old, immutable hour: cached for the extent TTL after the first request.
-        let uri = "/api/v1/query_range?query=sum(rate(x%5B5m%5D))&start=1700000000&end=1700003600&step=10";
+        // An old, immutable hour, the one the backend answers with: cached for the
+        // extent TTL after the first request.
+        let uri = "/api/v1/query_range?query=sum(rate(x%5B5m%5D))&start=1795766400&end=1795769990&step=10";
         let first = router
             .clone()
             .oneshot(Request::get(uri).body(Body::empty()).expect("request"))

@@ -29,6 +29,7 @@
 //! the per-refresh cost is stationary and a short run measures what an hour would.
 //!
 //! Run: `cargo bench --bench refresh`; writes `benches/results/refresh.md`.
+//! REFRESH_PROMGUARD=/path/to/an/older/promguard measures that build instead.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -96,8 +97,17 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let b = backends(BINS);
+    // REFRESH_PROMGUARD=/path/to/another/promguard measures that build instead,
+    // against the same backends: an older one, to compare.
+    let bins = match std::env::var("REFRESH_PROMGUARD") {
+        Ok(path) => Bins {
+            promguard: Box::leak(path.into_boxed_str()),
+            ..BINS
+        },
+        Err(_) => BINS,
+    };
 
-    let pg = Promguard::in_front_of_backends(BINS, CONFIG);
+    let pg = Promguard::in_front_of_backends(bins, CONFIG);
     let first = now_secs();
     let mut realtime = Vec::new();
     let started = Instant::now();
@@ -114,7 +124,7 @@ async fn main() {
     }
     drop(pg);
 
-    let pg = Promguard::in_front_of_backends(BINS, CONFIG);
+    let pg = Promguard::in_front_of_backends(bins, CONFIG);
     let hour_end = now_secs() - 600;
     let mut replay = Vec::new();
     for k in 0..3600 / REFRESH_S {
