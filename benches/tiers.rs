@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Bins, Promguard, backends, now_secs, repo, scrape};
+use promguard_testkit::{Bins, Promguard, backends, header, now_secs, repo, scrape};
 
 /// This package's binaries, which the testkit starts.
 const BINS: Bins = promguard_testkit::bins!();
@@ -79,12 +79,7 @@ async fn ask(
     }
     let started = Instant::now();
     let response = request.send().await.expect("promguard answers");
-    let cache = response
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_string();
+    let cache = header(&response, "x-cache");
     let status = response.status();
     let body = response.bytes().await.expect("a body");
     let took = started.elapsed();

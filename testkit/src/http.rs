@@ -92,17 +92,22 @@ pub async fn range(
         .await
         .expect("answer");
     assert_eq!(response.status(), 200, "{query} {start}..{end}/{step}");
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string()
-    };
-    let (cache, backend) = (header("x-cache"), header("x-promguard-backend"));
+    let (cache, backend) = (
+        header(&response, "x-cache"),
+        header(&response, "x-promguard-backend"),
+    );
     let text = response.text().await.expect("body");
     (cache, backend, serde_json::from_str(&text).expect("JSON"))
+}
+
+/// The value of `response`'s header `name` as text, `"none"` when it has none.
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string()
 }
 
 /// A `/metrics` page in Prometheus text format.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Promguard, backends, client, now_secs, scrape};
+use promguard_testkit::{Promguard, backends, client, header, now_secs, scrape};
 
 use crate::BINS;
 use crate::faults::{FaultServer, Mode};
@@ -52,12 +52,7 @@ async fn instant(pg: &Promguard, expr: &str, time: i64) -> (u16, String) {
         .send()
         .await
         .expect("an answer");
-    let cache = response
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_string();
+    let cache = header(&response, "x-cache");
     (response.status().as_u16(), cache)
 }
 
