@@ -127,10 +127,9 @@ async fn main() {
     let b = backends(BINS);
     let pg = Promguard::in_front_of_backends(BINS, CONFIG);
     let proxy = Nginx::start(&[("prometheus", &b.prometheus)], "1h");
-    let baseline = std::env::var("HITS_BASELINE").ok().map(|path| {
-        let promguard: &'static str = Box::leak(path.into_boxed_str());
-        Promguard::in_front_of_backends(Bins { promguard, ..BINS }, CONFIG)
-    });
+    let baseline = BINS
+        .promguard_from_env("HITS_BASELINE")
+        .map(|bins| Promguard::in_front_of_backends(bins, CONFIG));
     let mut servers = vec![
         (Arm::Promguard, pg.url.clone(), pg.pid()),
         (Arm::Nginx, proxy.urls[0].clone(), proxy.pid()),

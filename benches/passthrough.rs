@@ -41,10 +41,9 @@ async fn main() {
         .unwrap_or(ROUNDS);
     let b = backends(BINS);
     let pg = Promguard::in_front_of_backends(BINS, PROXY_CONFIG);
-    let baseline = std::env::var("PASSTHROUGH_BASELINE").ok().map(|path| {
-        let promguard: &'static str = Box::leak(path.into_boxed_str());
-        Promguard::in_front_of_backends(Bins { promguard, ..BINS }, PROXY_CONFIG)
-    });
+    let baseline = BINS
+        .promguard_from_env("PASSTHROUGH_BASELINE")
+        .map(|bins| Promguard::in_front_of_backends(bins, PROXY_CONFIG));
     let end = (now_secs() - 120) / 30 * 30;
     let arms = [
         Arm {

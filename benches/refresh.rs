@@ -99,13 +99,7 @@ async fn main() {
     let b = backends(BINS);
     // REFRESH_PROMGUARD=/path/to/another/promguard measures that build instead,
     // against the same backends: an older one, to compare.
-    let bins = match std::env::var("REFRESH_PROMGUARD") {
-        Ok(path) => Bins {
-            promguard: Box::leak(path.into_boxed_str()),
-            ..BINS
-        },
-        Err(_) => BINS,
-    };
+    let bins = BINS.promguard_from_env("REFRESH_PROMGUARD").unwrap_or(BINS);
 
     let pg = Promguard::in_front_of_backends(bins, CONFIG);
     let first = now_secs();

@@ -112,11 +112,7 @@ async fn main() {
     let a = Promguard::start(BINS, &config);
     let replica_b = Promguard::start(BINS, &config);
     for pg in [&a, &replica_b] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while scrape(&pg.url).await.sum("promguard_redis_up") < 1.0 {
-            assert!(Instant::now() < deadline, "{} never reached redis", pg.url);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        pg.until_redis_up(Duration::from_secs(20)).await;
     }
     // The bytes as sent: no decoding in the client, which would add its cost.
     let client = reqwest::Client::builder()

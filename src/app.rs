@@ -8,7 +8,6 @@
 use std::any::Any;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -30,7 +29,7 @@ use crate::policy::state::Mode;
 use crate::policy::{Setting, SwitchError};
 use crate::routing::BackendId;
 use crate::state::AppState;
-use crate::units::Millis;
+use crate::units;
 
 /// The whole HTTP application.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -96,13 +95,6 @@ fn panic_guard(
     })
 }
 
-fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// Every Prometheus API request: run the pipeline, then log and count the outcome.
 async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let client = request
@@ -119,7 +111,7 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
         client,
     };
     let path = incoming.path.clone();
-    let mut ctx = RequestCtx::new(now_millis());
+    let mut ctx = RequestCtx::new(units::now_millis());
     let result = pipeline::handle(&state, &mut ctx, incoming).await;
     let (response, failure) = match result {
         Ok(response) => (response, None),

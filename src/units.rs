@@ -191,6 +191,13 @@ pub fn format_duration(d: Duration) -> String {
     out
 }
 
+/// Now on the wall clock, in [`Millis`]; 0 on a clock before 1970.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
 /// A duration in milliseconds as a signed count, saturating: callers subtract it
 /// from timestamps.
 pub fn millis(d: Duration) -> i64 {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use promguard_testkit::nginx::Nginx;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Promguard, client, procstat, repo, scrape};
+use promguard_testkit::{Promguard, client, procstat, repo};
 
 use crate::BINS;
 use crate::backends::Backends;
@@ -300,14 +300,9 @@ shared:
         .unzip();
     let deadline = Instant::now() + FLEET_READY;
     for replica in &replicas {
-        while scrape(&replica.url).await.sum("promguard_redis_up ") < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "fleet replica {} did not report promguard_redis_up 1 within {FLEET_READY:?}",
-                replica.url
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        replica
+            .until_redis_up(deadline.saturating_duration_since(Instant::now()))
+            .await;
     }
     // The switch is the fleet's: made through one replica, followed by the others.
     let answer = set_sale_mode(&replicas[0].url, false).await;

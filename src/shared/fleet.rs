@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use redis::Script;
 
+use super::lock;
 use super::redis::Redis;
 use crate::admission::Class;
 use crate::config::{GateConfig, RateConfig};
@@ -135,10 +136,6 @@ impl Drop for LocalSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn index(backend: BackendId) -> usize {

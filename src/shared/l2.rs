@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -23,6 +23,7 @@ use crate::cache::extent::Span;
 use crate::cache::key::{CacheKey, SeriesKey};
 use crate::cache::matrix::Matrix;
 use crate::cache::store::{self, gunzip};
+use crate::units::{millis, now_millis};
 
 /// How long a fetch lock lives unless its holder extends it; a replica that dies
 /// holding one blocks nobody for longer.
@@ -87,16 +88,6 @@ pub struct L2 {
     values: IntCounterVec,
     release: Script,
     extend: Script,
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn duration(ms: i64) -> Duration {
@@ -204,7 +195,7 @@ impl L2 {
             return None;
         };
         let [stored, fresh, points] = decoded.fields;
-        let age = duration(wall_ms().saturating_sub(stored));
+        let age = duration(now_millis().saturating_sub(stored));
         self.count("get", "hit");
         Some(SharedAnswer {
             body: decoded.payload,
@@ -249,7 +240,7 @@ impl L2 {
         let this = self.clone();
         let key = key.clone();
         let fields = [
-            wall_ms(),
+            now_millis(),
             millis(fresh),
             i64::try_from(answer.points).unwrap_or(0),
         ];
@@ -303,7 +294,7 @@ impl L2 {
             self.count("get", "error");
             return Vec::new();
         };
-        let now = wall_ms();
+        let now = now_millis();
         let mut found = Vec::new();
         for ((index, key), raw) in indices.iter().zip(&keys).zip(raws) {
             let Some(raw) = raw else {
@@ -346,7 +337,7 @@ impl L2 {
         let value = encode(
             Kind::Chunk,
             &key,
-            [span.from, span.to, wall_ms().saturating_add(millis(ttl))],
+            [span.from, span.to, now_millis().saturating_add(millis(ttl))],
             &Payload::Plain(Bytes::from(matrix.to_json())),
         );
         let this = self.clone();

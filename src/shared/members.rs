@@ -5,11 +5,13 @@
 //! state").
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::lock;
 use super::redis::{Redis, Unavailable};
+use crate::units::now_millis;
 
 /// A replica that has not written a heartbeat for this long is gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(5);
@@ -33,12 +35,6 @@ pub struct Members {
     live: Mutex<Vec<Heartbeat>>,
 }
 
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 impl Members {
     /// Membership on `redis` under `prefix`, this replica named `replica`.
     pub fn new(redis: Arc<Redis>, prefix: &str, replica: &str) -> Self {
@@ -57,7 +53,7 @@ impl Members {
     ///
     /// [`Unavailable`] when Redis cannot be used; the last list stays.
     pub async fn beat(&self, mode_version: u64) -> Result<usize, Unavailable> {
-        let now = wall_ms();
+        let now = now_millis();
         let gone = now - i64::try_from(GONE_AFTER.as_millis()).unwrap_or(5000);
         let index = format!("{}members", self.prefix);
         let mine = Heartbeat {
@@ -105,7 +101,7 @@ impl Members {
             .collect();
         live.sort_by(|a, b| a.replica.cmp(&b.replica));
         let count = live.len().max(1);
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
+        *lock(&self.live) = live;
         Ok(count)
     }
 
@@ -115,6 +111,6 @@ impl Members {
 
     /// The replicas seen live at the last heartbeat.
     pub fn live(&self) -> Vec<Heartbeat> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.live).clone()
     }
 }

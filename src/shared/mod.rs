@@ -205,3 +205,8 @@ impl Shared {
         })
     }
 }
+
+/// A poisoned lock only means a panic elsewhere; the value is still usable.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::lock;
 use redis::{FromRedisValue, Pipeline, ScriptInvocation};
 
 /// After a failure, calls on the request path skip Redis for this long; the
@@ -292,9 +294,4 @@ impl Redis {
             }
         }
     }
-}
-
-/// A poisoned lock only means a panic elsewhere; the value is still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

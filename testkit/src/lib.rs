@@ -46,6 +46,18 @@ pub struct Bins {
     pub demo_data: &'static str,
 }
 
+impl Bins {
+    /// These binaries with the promguard the environment variable `var` names
+    /// instead, when it is set: how the benches measure another build.
+    pub fn promguard_from_env(self, var: &str) -> Option<Bins> {
+        let path = std::env::var(var).ok()?;
+        Some(Bins {
+            promguard: Box::leak(path.into_boxed_str()),
+            ..self
+        })
+    }
+}
+
 /// The [`Bins`] of the package whose test or bench expands it: `env!` is evaluated
 /// where the macro is used, and Cargo sets `CARGO_BIN_EXE_*` only for the root
 /// package's own targets.

@@ -189,6 +189,24 @@ impl Promguard {
         )
     }
 
+    /// Wait until it reports `promguard_redis_up 1` (its heartbeat connects within a
+    /// second of start-up).
+    ///
+    /// # Panics
+    ///
+    /// When it does not within `within`.
+    pub async fn until_redis_up(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while crate::scrape(&self.url).await.sum("promguard_redis_up") < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} never reached redis",
+                self.url
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -59,12 +59,8 @@ async fn instant(pg: &Promguard, expr: &str, time: i64) -> (u16, String) {
 /// Wait until every replica has heard from Redis (its heartbeat connects within a
 /// second of start-up).
 async fn joined(replicas: &[Promguard]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
     for pg in replicas {
-        while scrape(&pg.url).await.sum("promguard_redis_up") < 1.0 {
-            assert!(Instant::now() < deadline, "{} never reached redis", pg.url);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        pg.until_redis_up(Duration::from_secs(20)).await;
     }
 }
 
