@@ -212,7 +212,7 @@ fn decide(policy: &promguard::policy::file::Policy, req: &ApiRequest) -> bool {
         dashboard: Some("personal"),
         range: Some(Duration::from_millis((end - start) as u64)),
         oldest: shape.oldest,
-        furthest: shape.furthest.as_deref(),
+        furthest: shape.furthest.as_ref(),
         backend: BackendId::Recent,
         query: Some(&query.text),
     };

@@ -7,6 +7,7 @@
 //! from the tolerant scan instead, conservatively. Routing, policy and the cache key
 //! all share it. Pure.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use promql_parser::parser::{AtModifier, Expr, Offset, VectorSelector};
@@ -20,16 +21,16 @@ use crate::units::{Millis, millis};
 pub const DEFAULT_LOOKBACK_DELTA: Duration = Duration::from_secs(300);
 
 /// What an expression reads, as time bounds over the samples it can touch.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct QueryShape {
     /// Oldest sample timestamp any selector can touch; `None` when the expression
     /// reads no series at all (`1+1`, `vector(1)`, `time()`).
     pub oldest: Option<Millis>,
     /// Newest sample timestamp any selector can touch.
     pub newest: Option<Millis>,
-    /// The selector that reaches furthest back, as written, with its enclosing
-    /// function (`rate(orders_total[30d])`), for messages that explain a decision.
-    pub furthest: Option<String>,
+    /// The selector that reaches furthest back, for messages that explain a
+    /// decision.
+    pub furthest: Option<Furthest>,
     /// `@ start()` or `@ end()` appear: every step depends on the whole range, so
     /// the range must not be split.
     pub uses_range_bounds: bool,
@@ -47,6 +48,36 @@ impl QueryShape {
             oldest: Some(start.unwrap_or(Millis::MIN)),
             newest: Some(end.unwrap_or(Millis::MAX)),
             ..QueryShape::default()
+        }
+    }
+}
+
+/// The selector that reaches furthest back. Only a refusal or `policy explain`
+/// prints it, so it is found on every request but spelled out only then.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Furthest {
+    /// A selector of a parsed expression.
+    Selector {
+        /// The whole expression.
+        expr: Arc<Expr>,
+        /// Which selector, counted in the walk's order: that order depends on the
+        /// tree only, not on the times it is evaluated at.
+        index: usize,
+    },
+    /// Already spelled out (the tolerant scan's selector).
+    Text(Arc<str>),
+}
+
+impl Furthest {
+    /// As written, with its enclosing function: `rate(orders_total[30d])`.
+    pub fn describe(&self) -> String {
+        match self {
+            Furthest::Selector { expr, index } => {
+                let mut walker = Walker::new((0, 0), Duration::ZERO, Some(*index));
+                walker.walk(expr, (0, 0), None, 0);
+                walker.described.unwrap_or_default()
+            }
+            Furthest::Text(text) => text.to_string(),
         }
     }
 }
@@ -69,14 +100,20 @@ pub fn analyse_query(
 }
 
 /// Analyse a parsed `expr` evaluated over `start..=end`.
-pub fn analyse(expr: &Expr, start: Millis, end: Millis, lookback_delta: Duration) -> QueryShape {
-    let mut walker = Walker {
-        query: (start, end),
-        lookback: millis(lookback_delta),
-        shape: QueryShape::default(),
-    };
+pub fn analyse(
+    expr: &Arc<Expr>,
+    start: Millis,
+    end: Millis,
+    lookback_delta: Duration,
+) -> QueryShape {
+    let mut walker = Walker::new((start, end), lookback_delta, None);
     walker.walk(expr, (start, end), None, 0);
-    walker.shape
+    let mut shape = walker.shape;
+    shape.furthest = walker.furthest.map(|index| Furthest::Selector {
+        expr: expr.clone(),
+        index,
+    });
+    shape
 }
 
 /// The scan's facts as a shape, erring towards reading more: however ranges,
@@ -93,7 +130,7 @@ pub fn analyse_scanned(
     let mut shape = QueryShape {
         uses_range_bounds: scanned.uses_range_bounds,
         tolerant: true,
-        furthest: scanned.furthest.clone(),
+        furthest: scanned.furthest.clone().map(Furthest::Text),
         ..QueryShape::default()
     };
     if !scanned.selects_series {
@@ -122,9 +159,25 @@ struct Walker {
     query: (Millis, Millis),
     lookback: i64,
     shape: QueryShape,
+    /// The index of the selector reaching furthest back so far.
+    furthest: Option<usize>,
+    /// Spell out the selector with this index as it is passed.
+    wanted: Option<usize>,
+    described: Option<String>,
 }
 
 impl Walker {
+    fn new(query: (Millis, Millis), lookback_delta: Duration, wanted: Option<usize>) -> Self {
+        Walker {
+            query,
+            lookback: millis(lookback_delta),
+            shape: QueryShape::default(),
+            furthest: None,
+            wanted,
+            described: None,
+        }
+    }
+
     /// Visit `expr` evaluated at steps within `eval`; `call` is the enclosing
     /// function, named in the `furthest` description.
     fn walk(&mut self, expr: &Expr, eval: (Millis, Millis), call: Option<&str>, depth: usize) {
@@ -213,10 +266,14 @@ impl Walker {
     }
 
     fn touch(&mut self, oldest: Millis, newest: Millis, describe: impl FnOnce() -> String) {
+        let index = self.shape.selectors;
         self.shape.selectors += 1;
+        if self.wanted == Some(index) {
+            self.described = Some(describe());
+        }
         if self.shape.oldest.is_none_or(|o| oldest < o) {
             self.shape.oldest = Some(oldest);
-            self.shape.furthest = Some(describe());
+            self.furthest = Some(index);
         }
         if self.shape.newest.is_none_or(|n| newest > n) {
             self.shape.newest = Some(newest);
@@ -265,7 +322,7 @@ mod tests {
     const T: i64 = 1_731_326_400_000;
 
     fn shape(q: &str, start: i64, end: i64) -> QueryShape {
-        let expr = promql_parser::parser::parse(q).unwrap();
+        let expr = Arc::new(promql_parser::parser::parse(q).unwrap());
         analyse(&expr, start, end, DEFAULT_LOOKBACK_DELTA)
     }
 
@@ -425,7 +482,7 @@ mod tests {
             T,
         );
         assert_eq!(
-            s.furthest.as_deref(),
+            s.furthest.map(|f| f.describe()).as_deref(),
             Some("rate(orders_total[30d] offset 1d)")
         );
         assert_eq!(s.selectors, 2);
@@ -476,13 +533,18 @@ mod tests {
             .stack_size(512 << 20)
             .spawn(|| {
                 let deep = format!("{}x{}", "(".repeat(5000), ")".repeat(5000));
-                let expr = promql_parser::parser::parse(&deep).unwrap();
-                analyse(&expr, T, T, DEFAULT_LOOKBACK_DELTA).oldest
+                let expr = Arc::new(promql_parser::parser::parse(&deep).unwrap());
+                let shape = analyse(&expr, T, T, DEFAULT_LOOKBACK_DELTA);
+                let described = shape.furthest.map(|f| f.describe());
+                (shape.oldest, described)
             })
             .unwrap()
             .join()
             .unwrap();
-        assert_eq!(oldest, Some(Millis::MIN));
+        assert_eq!(
+            oldest,
+            (Some(Millis::MIN), Some("a deeply nested expression".into()))
+        );
     }
 
     #[test]

@@ -148,11 +148,13 @@ impl Default for Identifier {
     }
 }
 
-const GRAFANA_USER: &str = "x-grafana-user";
-const GRAFANA_ORG: &str = "x-grafana-org-id";
-const DASHBOARD_UID: &str = "x-dashboard-uid";
-const PANEL_ID: &str = "x-panel-id";
-const DATASOURCE_UID: &str = "x-datasource-uid";
+// Header names as values, not strings: a lookup by string validates and
+// lower-cases the name first, on every request.
+const GRAFANA_USER: HeaderName = HeaderName::from_static("x-grafana-user");
+const GRAFANA_ORG: HeaderName = HeaderName::from_static("x-grafana-org-id");
+const DASHBOARD_UID: HeaderName = HeaderName::from_static("x-dashboard-uid");
+const PANEL_ID: HeaderName = HeaderName::from_static("x-panel-id");
+const DATASOURCE_UID: HeaderName = HeaderName::from_static("x-datasource-uid");
 
 /// How promguard can know who is asking. Feeds the start-up log and `/-/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +255,7 @@ impl Identifier {
         headers: &HeaderMap,
         client: IpAddr,
     ) -> Result<Identified, IdentityError> {
-        let text = |name: &str| {
+        let text = |name: &HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
@@ -281,10 +283,10 @@ impl Identifier {
         }) || matches!((&self.grafana_basic, &basic), (Some((u, p)), Some((bu, bp)))
             if u == bu && bool::from(bp.as_bytes().ct_eq(p)));
 
-        let from_grafana = text(GRAFANA_ORG).is_some()
-            || text(DATASOURCE_UID).is_some()
-            || text(header::USER_AGENT.as_str()).is_some_and(|ua| ua.starts_with("Grafana/"));
-        let grafana_user = text(GRAFANA_USER);
+        let from_grafana = text(&GRAFANA_ORG).is_some()
+            || text(&DATASOURCE_UID).is_some()
+            || text(&header::USER_AGENT).is_some_and(|ua| ua.starts_with("Grafana/"));
+        let grafana_user = text(&GRAFANA_USER);
         let mut ignored_user_header = false;
         let (user, source): (Arc<str>, Source) = if via_grafana {
             match &grafana_user {
@@ -348,9 +350,9 @@ impl Identifier {
                 user,
                 source,
                 client,
-                org: text(GRAFANA_ORG),
-                dashboard: text(DASHBOARD_UID),
-                panel: text(PANEL_ID),
+                org: text(&GRAFANA_ORG),
+                dashboard: text(&DASHBOARD_UID),
+                panel: text(&PANEL_ID),
                 from_grafana,
             },
             ignored_user_header,

@@ -219,11 +219,15 @@ pub async fn handle(
     let cached = match state.cache.lookup(&plan, req.endpoint) {
         Some(hit) => Some(hit),
         // the fleet's cache, when replicas share one
+        // Boxed here and below: the futures of the fleet and of a fetch are large,
+        // and held inline they would be moved with every hit's future.
         None => {
-            state
-                .cache
-                .lookup_fleet(&plan, req.endpoint, accepts_gzip(&headers))
-                .await
+            Box::pin(
+                state
+                    .cache
+                    .lookup_fleet(&plan, req.endpoint, accepts_gzip(&headers)),
+            )
+            .await
         }
     };
     let served = match cached {
@@ -239,7 +243,7 @@ pub async fn handle(
                 budget: budget.clone(),
                 limit: state.wait_limit(backend, req.timeout),
             };
-            state.cache.serve(plan, req.endpoint, waiter, fetch).await?
+            Box::pin(state.cache.serve(plan, req.endpoint, waiter, fetch)).await?
         }
     };
     ctx.cache = Some(served.cache);

@@ -569,7 +569,8 @@ pub fn parse(
     let typed = typed_names(&kind);
     Ok(ApiRequest {
         endpoint,
-        path: ApiPath(format!("/{}", segments.join("/"))),
+        // Canonical: the path is its segments joined, as sent.
+        path: ApiPath(path.to_owned()),
         kind,
         extra: params
             .into_iter()
@@ -679,6 +680,12 @@ pub fn decode_form(bytes: &[u8]) -> Result<Vec<(String, String)>> {
 /// `+` is a space and `%XX` a byte; a `%` not followed by two hex digits stays as
 /// it is, as Go's form parser leaves it to fail later. Err carries the raw bytes.
 fn percent_decode(input: &[u8]) -> std::result::Result<String, Vec<u8>> {
+    if !input.iter().any(|b| matches!(b, b'%' | b'+')) {
+        // Nothing to decode, as most names and many values.
+        return std::str::from_utf8(input)
+            .map(str::to_owned)
+            .map_err(|_| input.to_vec());
+    }
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;

@@ -8,6 +8,8 @@
 //! the query can read (range selectors, subquery ranges, `offset`, `@`) without
 //! knowing function names, and gives a normalised text for cache keys. Pure.
 
+use std::sync::Arc;
+
 use crate::units::{MAX_DURATION, Millis};
 
 /// Bounds on a query's text, checked before anything parses it.
@@ -93,7 +95,7 @@ pub struct Scanned {
     /// nor a function call. `1+1` and `time()` select nothing.
     pub selects_series: bool,
     /// The selector with the longest range, as written (`x{a="b"}[30d]`).
-    pub furthest: Option<String>,
+    pub furthest: Option<Arc<str>>,
     /// How deep it nests (the bound checked against [`ScanLimits::max_depth`]).
     pub depth: usize,
 }
@@ -355,7 +357,7 @@ fn facts(tokens: &[Tok<'_>], out: &mut Scanned) -> Result<(), ScanError> {
                 out.ranges.add(range);
                 if range.ms + range.steps > longest {
                     longest = range.ms + range.steps;
-                    out.furthest = Some(selector_before(tokens, i, close));
+                    out.furthest = Some(selector_before(tokens, i, close).into());
                 }
                 i = close;
             }

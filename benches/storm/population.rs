@@ -375,8 +375,10 @@ fn explore(rng: &mut StdRng, screen: i64) -> Explore {
 /// that the direct and nginx arms send each query where promguard would.
 fn target(panel_id: u32, call: Call) -> Target {
     let reach_ms = call.expr().map_or(0, |text| {
-        let expr = promql_parser::parser::parse(text)
-            .unwrap_or_else(|e| panic!("the storm's query {text:?} does not parse: {e}"));
+        let expr = std::sync::Arc::new(
+            promql_parser::parser::parse(text)
+                .unwrap_or_else(|e| panic!("the storm's query {text:?} does not parse: {e}")),
+        );
         // Any fixed evaluation time: the reach does not depend on it.
         let at = 1_000_000_000_000;
         let range = match &call {

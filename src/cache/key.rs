@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::request::ApiRequest;
 use crate::routing::BackendId;
+use crate::units::Millis;
 
 /// Identifies one cacheable answer. Cheap to clone and compare.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -27,7 +28,15 @@ pub struct SeriesKey(pub Arc<str>);
 fn base(req: &ApiRequest, backend: BackendId, typed: &str) -> String {
     let mut other: Vec<_> = req.extra.iter().collect();
     other.sort();
-    let mut key = format!("{}\u{0}{}\u{0}{typed}", backend.as_str(), req.path);
+    // Sized once: a key is built on every request, hits included.
+    let extra: usize = other.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let path = req.path.as_str();
+    let mut key = String::with_capacity(16 + path.len() + typed.len() + extra);
+    key.push_str(backend.as_str());
+    key.push('\u{0}');
+    key.push_str(path);
+    key.push('\u{0}');
+    key.push_str(typed);
     for (k, v) in other {
         key.push('\u{0}');
         key.push_str(k);
@@ -47,14 +56,29 @@ pub fn series_key(
     start: i64,
 ) -> SeriesKey {
     let phase = start.rem_euclid(step_ms);
-    SeriesKey(
-        base(
-            req,
-            backend,
-            &format!("{canonical}\u{0}step={step_ms};phase={phase}"),
-        )
-        .into(),
-    )
+    let mut int = itoa::Buffer::new();
+    let mut typed = String::with_capacity(canonical.len() + 48);
+    typed.push_str(canonical);
+    typed.push_str("\u{0}step=");
+    typed.push_str(int.format(step_ms));
+    typed.push_str(";phase=");
+    typed.push_str(int.format(phase));
+    SeriesKey(base(req, backend, &typed).into())
+}
+
+/// The typed part of a range answer's key: the canonical query over
+/// `from..=to` at `step_ms`.
+pub fn range_typed(canonical: &str, from: Millis, to: Millis, step_ms: i64) -> String {
+    let mut int = itoa::Buffer::new();
+    let mut typed = String::with_capacity(canonical.len() + 64);
+    typed.push_str(canonical);
+    typed.push('\u{0}');
+    typed.push_str(int.format(from));
+    typed.push_str("..");
+    typed.push_str(int.format(to));
+    typed.push_str(";step=");
+    typed.push_str(int.format(step_ms));
+    typed
 }
 
 /// Key of one whole answer: `typed` names what the typed request asks (the

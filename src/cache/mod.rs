@@ -37,7 +37,7 @@ use crate::units::{Millis, millis};
 use crate::upstream::UpstreamResponse;
 use coalesce::{Coalescer, Outcome};
 use extent::{Grid, Span, assemble, chunk_interval, chunks_of, missing, updated_chunks};
-use key::{CacheKey, SeriesKey, answer_key, series_key};
+use key::{CacheKey, SeriesKey, answer_key, range_typed, series_key};
 use matrix::Matrix;
 use store::{Chunk, Store};
 
@@ -219,8 +219,7 @@ pub fn plan(
             step_ms,
         } => {
             let canonical = &query.canonical;
-            let typed =
-                |from: Millis, to: Millis| format!("{canonical}\u{0}{from}..{to};step={step_ms}");
+            let typed = |from: Millis, to: Millis| range_typed(canonical, from, to, *step_ms);
             let grid = Grid::new(*start, *step_ms);
             // Extents need every step evaluated on the grid asked for. Prometheus
             // does that for any grid; other stores may move an unaligned range onto

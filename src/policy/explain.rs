@@ -136,7 +136,7 @@ pub fn explain(
         lookback: lookback_ms
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| human(Duration::from_millis(ms))),
-        furthest: shape.furthest,
+        furthest: shape.furthest.map(|f| f.describe()),
         analysis: if shape.tolerant {
             "tolerant scan"
         } else {

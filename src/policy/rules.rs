@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use crate::analysis::Furthest;
 use crate::routing::BackendId;
 use crate::units::Millis;
 
@@ -75,8 +76,8 @@ pub struct Facts<'a> {
     pub range: Option<Duration>,
     /// Oldest sample any selector can touch; `None` when the query reads none.
     pub oldest: Option<Millis>,
-    /// The selector reaching furthest back, as written.
-    pub furthest: Option<&'a str>,
+    /// The selector reaching furthest back, spelled out only for a refusal.
+    pub furthest: Option<&'a Furthest>,
     /// Where routing sends the request; `long_term: deny` refuses `long_term`.
     pub backend: BackendId,
     /// Canonical PromQL, for blocked patterns.
@@ -149,10 +150,12 @@ impl RuleSet {
 
 /// Why `facts` break `limit`, in words, or `None` when they do not.
 fn violation(limit: &Limit, facts: &Facts<'_>) -> Option<String> {
-    let via = facts
-        .furthest
-        .map(|f| format!(" via {f}"))
-        .unwrap_or_default();
+    let via = || {
+        facts
+            .furthest
+            .map(|f| format!(" via {}", f.describe()))
+            .unwrap_or_default()
+    };
     match limit {
         Limit::MaxRange(max) => {
             let range = facts.range?;
@@ -168,8 +171,9 @@ fn violation(limit: &Limit, facts: &Facts<'_>) -> Option<String> {
             let back = Duration::from_millis(u64::try_from(facts.now - facts.oldest?).ok()?);
             (back > *max).then(|| {
                 format!(
-                    "this query reads {} back{via}, the limit is {}",
+                    "this query reads {} back{}, the limit is {}",
                     human(back),
+                    via(),
                     human(*max)
                 )
             })
@@ -178,7 +182,7 @@ fn violation(limit: &Limit, facts: &Facts<'_>) -> Option<String> {
             let back = facts
                 .oldest
                 .and_then(|o| u64::try_from(facts.now - o).ok())
-                .map(|ms| format!(" ({} back{via})", human(Duration::from_millis(ms))))
+                .map(|ms| format!(" ({} back{})", human(Duration::from_millis(ms)), via()))
                 .unwrap_or_default();
             format!("this query needs the long-term store{back}, which is closed to queries now")
         }),
@@ -205,6 +209,8 @@ pub fn human(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
     use super::*;
 
     const NOW: Millis = 1_795_000_000_000;
@@ -244,6 +250,10 @@ mod tests {
         }
     }
 
+    static SHORT: LazyLock<Furthest> = LazyLock::new(|| Furthest::Text("rate(x[5m])".into()));
+    static LONG: LazyLock<Furthest> =
+        LazyLock::new(|| Furthest::Text("rate(orders_total[30d])".into()));
+
     fn facts<'a>() -> Facts<'a> {
         Facts {
             now: NOW,
@@ -251,7 +261,7 @@ mod tests {
             dashboard: Some("mine"),
             range: Some(Duration::from_secs(3600)),
             oldest: Some(NOW - 3_900_000),
-            furthest: Some("rate(x[5m])"),
+            furthest: Some(&SHORT),
             backend: BackendId::Recent,
             query: Some("sum(rate(x[5m]))"),
         }
@@ -271,7 +281,7 @@ mod tests {
     fn a_30_day_selector_is_refused_with_what_it_reads() {
         let f = Facts {
             oldest: Some(NOW - 30 * 86_400_000 - 3_600_000),
-            furthest: Some("rate(orders_total[30d])"),
+            furthest: Some(&LONG),
             backend: BackendId::LongTerm,
             ..facts()
         };

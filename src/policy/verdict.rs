@@ -68,7 +68,7 @@ pub fn verdict(
         dashboard: asker.dashboard,
         range,
         oldest: shape.oldest,
-        furthest: shape.furthest.as_deref(),
+        furthest: shape.furthest.as_ref(),
         backend,
         query: query.map(|q| q.text.as_str()),
     });
