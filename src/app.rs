@@ -438,8 +438,12 @@ async fn admin_set_mode(
                 .policies
                 .apply(switch.state.clone())
                 .map_err(AdminError::from)?;
+            shared.hold(switch.clone());
             tracing::error!(error = %e, "sale mode switched on this replica only: redis is unreachable");
-            format!("this replica only: {e}; switch again once redis answers, or on every replica")
+            format!(
+                "this replica only for now: {e}; it becomes the fleet's when redis answers \
+                 again, unless the fleet is switched again before that"
+            )
         }
     };
     Ok(Json(

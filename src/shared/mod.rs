@@ -21,8 +21,8 @@ pub mod members;
 pub mod mode;
 pub mod redis;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::Registry;
@@ -55,6 +55,10 @@ pub struct Shared {
     pub replica: String,
     /// The version of the fleet's sale-mode state in force here; 0 for none.
     applied: AtomicU64,
+    /// A switch made here while Redis could not be reached: in force on this
+    /// replica only until a look at Redis makes it the fleet's, or finds that the
+    /// fleet switched again later.
+    held: Mutex<Option<Switch>>,
 }
 
 /// This replica's name: the host name (a pod's name in Kubernetes) and the
@@ -118,6 +122,7 @@ impl Shared {
             fleet,
             replica,
             applied: AtomicU64::new(0),
+            held: Mutex::new(None),
         })))
     }
 
@@ -127,11 +132,7 @@ impl Shared {
         if self.redis.probe().await.is_err() {
             return;
         }
-        if let Ok(live) = self
-            .members
-            .beat(self.applied.load(Ordering::Relaxed))
-            .await
-        {
+        if let Ok(live) = self.members.beat(self.reported_version()).await {
             self.fleet.set_members(live);
         }
         self.fleet.extend_leases().await;
@@ -140,6 +141,11 @@ impl Shared {
     /// Adopt the fleet's sale-mode state if it changed since the last look; seed a
     /// Redis that holds none with this replica's. Run twice a second.
     pub async fn sync_mode(&self, policies: &Policies) {
+        let held = lock(&self.held).clone();
+        if let Some(switch) = held {
+            self.push_held(policies, &switch).await;
+            return;
+        }
         match self.mode.version().await {
             Ok(Some(version)) if version != self.applied.load(Ordering::Relaxed) => {
                 self.adopt(policies).await;
@@ -150,6 +156,68 @@ impl Shared {
                     self.adopt(policies).await;
                 }
             }
+        }
+    }
+
+    /// Make a switch held through an outage the fleet's, as it would have been
+    /// with Redis up, unless the fleet switched again later (the later decision
+    /// stands) or the switch reached Redis after all (its reply was what timed
+    /// out). A Redis that came back empty is seeded with this replica's state,
+    /// the held switch and its audit trail included.
+    async fn push_held(&self, policies: &Policies, switch: &Switch) {
+        let Ok(fleet) = self.mode.read().await else {
+            return;
+        };
+        let audit = fleet.as_ref().map(|(_, state)| &state.audit[..]);
+        let landed = audit.is_some_and(|a| a.contains(&switch.entry));
+        let overtaken = audit
+            .and_then(<[_]>::last)
+            .is_some_and(|last| last.at > switch.entry.at);
+        let done = if fleet.is_none() {
+            self.mode.seed(&policies.persisted()).await.is_ok()
+        } else if landed || overtaken {
+            true
+        } else {
+            self.mode
+                .switch(switch.state.manual.as_ref(), &switch.entry)
+                .await
+                .is_ok()
+        };
+        if !done {
+            return;
+        }
+        if overtaken && !landed {
+            tracing::warn!(
+                by = switch.entry.by,
+                to = switch.entry.to,
+                "a sale-mode switch made on this replica while redis was unreachable was \
+                 overtaken by a later switch of the fleet; this replica follows the fleet"
+            );
+        } else {
+            tracing::warn!(
+                by = switch.entry.by,
+                to = switch.entry.to,
+                "the sale-mode switch made on this replica while redis was unreachable is \
+                 now the fleet's"
+            );
+        }
+        *lock(&self.held) = None;
+        self.adopt(policies).await;
+    }
+
+    /// Keep `switch`, in force on this replica only because Redis could not be
+    /// reached, for the next look at Redis.
+    pub fn hold(&self, switch: Switch) {
+        *lock(&self.held) = Some(switch);
+    }
+
+    /// The state version this replica reports in its heartbeat: none (0) while it
+    /// holds a switch the others do not have, so no status counts it as theirs.
+    fn reported_version(&self) -> u64 {
+        if lock(&self.held).is_some() {
+            0
+        } else {
+            self.applied.load(Ordering::Relaxed)
         }
     }
 
@@ -179,7 +247,8 @@ impl Shared {
     /// heartbeat when it cannot be read); a replica reports a new state at its
     /// next heartbeat, within a second of adopting it.
     pub async fn status(&self) -> serde_json::Value {
-        let applied = self.applied.load(Ordering::Relaxed);
+        let applied = self.reported_version();
+        let held = lock(&self.held).is_some();
         if let Ok(live) = self.members.beat(applied).await {
             self.fleet.set_members(live);
         }
@@ -191,7 +260,8 @@ impl Shared {
                 json!({
                     "replica": beat.replica,
                     "mode_version": beat.mode_version,
-                    "same_state": beat.mode_version == applied,
+                    "same_state": beat.replica == self.replica
+                        || (!held && beat.mode_version == applied),
                     "this_replica": beat.replica == self.replica,
                 })
             })
@@ -201,6 +271,7 @@ impl Shared {
             "target": self.redis.target(),
             "replica": self.replica,
             "mode_version": applied,
+            "held_switch": held,
             "replicas": replicas,
         })
     }

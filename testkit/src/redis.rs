@@ -149,7 +149,8 @@ impl RedisServer {
         }
     }
 
-    /// Start it again on the same port, empty.
+    /// Start it again on the same port, with what its last `SAVE` wrote (empty
+    /// without one).
     ///
     /// # Panics
     ///

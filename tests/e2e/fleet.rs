@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Promguard, backends, client, header, now_secs, scrape};
+use promguard_testkit::{Promguard, backends, client, eventually, header, now_secs, scrape};
 
 use crate::BINS;
 use crate::faults::{FaultServer, Mode};
@@ -303,6 +303,97 @@ async fn a_sale_mode_switch_through_one_replica_holds_on_all_and_outlives_them()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// `GET /admin/sale-mode` through `pg`.
+async fn mode_status(pg: &Promguard) -> serde_json::Value {
+    client()
+        .get(format!("{}/admin/sale-mode", pg.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_switch_made_while_redis_is_down_becomes_the_fleets_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let backend = FaultServer::start(Mode::Big(100)).await;
+    let extra = format!(
+        "policy:\n  dir: {}\n  admin_token: {TOKEN}\n",
+        promguard_testkit::repo().join("policies").display()
+    );
+    let replicas = [
+        replica(&redis, &backend.url, &extra),
+        replica(&redis, &backend.url, &extra),
+    ];
+    joined(&replicas).await;
+    // Redis comes back with the fleet's state as it was, as after a partition:
+    // saved before it goes, loaded when it returns. (Back empty, the first
+    // replica to look would seed it, which would hide a switch left local.)
+    let version = "fleet-test:mode:version";
+    let seeded = eventually(50, Duration::from_millis(100), async || {
+        !redis.cli(&["GET", version]).trim().is_empty()
+    })
+    .await;
+    assert!(seeded, "the fleet's state never reached redis");
+    redis.cli(&["SAVE"]);
+    redis.kill();
+
+    let switched: serde_json::Value = client()
+        .post(format!("{}/admin/sale-mode", replicas[0].url))
+        .bearer_auth(TOKEN)
+        .json(
+            &serde_json::json!({"mode": "on", "for": "1h", "reason": "outage drill", "by": "sre"}),
+        )
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        switched["applies_to"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("this replica only")),
+        "{switched}"
+    );
+    let here = mode_status(&replicas[0]).await;
+    assert_eq!(here["mode"]["mode"], "sale", "{here}");
+    assert_eq!(here["fleet"]["held_switch"], true, "{here}");
+    let other = mode_status(&replicas[1]).await;
+    assert_eq!(other["mode"]["mode"], "normal", "{other}");
+
+    redis.restart();
+    let mut last = serde_json::Value::Null;
+    let agreed = eventually(100, Duration::from_millis(200), async || {
+        let (here, other) = (
+            mode_status(&replicas[0]).await,
+            mode_status(&replicas[1]).await,
+        );
+        let same = |s: &serde_json::Value| {
+            s["fleet"]["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["same_state"] == true))
+        };
+        let done = other["mode"]["mode"] == "sale"
+            && here["fleet"]["held_switch"] == false
+            && same(&here)
+            && same(&other);
+        last = serde_json::json!({"switched": here, "other": other});
+        done
+    })
+    .await;
+    assert!(agreed, "the fleet never took the switch: {last}");
+    let audit = redis.cli(&["LRANGE", "fleet-test:mode:audit", "0", "-1"]);
+    assert_eq!(
+        audit.matches("outage drill").count(),
+        1,
+        "the fleet's audit holds the switch once: {audit}"
+    );
 }
 
 #[tokio::test]
