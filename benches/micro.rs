@@ -16,7 +16,7 @@ use criterion::{Criterion, criterion_group};
 use hdrhistogram::Histogram;
 use tower::ServiceExt;
 
-use promguard::admission::{Class, Gate, Priority};
+use promguard::admission::{Class, Gate, Priority, Wanted};
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse_query};
 use promguard::app::app;
 use promguard::cache::extent::{Span, assemble};
@@ -407,6 +407,6 @@ fn main() {
 }
 
 /// A priority that never changes, as a request that shares its fetch with nobody has.
-fn fixed(class: Class) -> tokio::sync::watch::Receiver<Priority> {
-    tokio::sync::watch::channel(Priority::of(class)).1
+fn fixed(class: Class) -> Wanted {
+    Wanted::Fixed(Priority::of(class))
 }

@@ -149,6 +149,46 @@ impl Priority {
     }
 }
 
+/// The priority a call asks to be admitted at: fixed (a call that shares its fetch
+/// with nobody), or following a shared fetch's best waiter as requests join it.
+#[derive(Debug, Clone)]
+pub enum Wanted {
+    /// It never changes.
+    Fixed(Priority),
+    /// A shared fetch's, which may rise while the call queues.
+    Rising(watch::Receiver<Priority>),
+}
+
+impl Wanted {
+    /// The priority now.
+    pub fn now(&self) -> Priority {
+        match self {
+            Wanted::Fixed(p) => *p,
+            Wanted::Rising(rx) => *rx.borrow(),
+        }
+    }
+
+    /// The priority now, marking it seen, so [`Wanted::rise`] waits for the next.
+    fn seen(&mut self) -> Priority {
+        match self {
+            Wanted::Fixed(p) => *p,
+            Wanted::Rising(rx) => *rx.borrow_and_update(),
+        }
+    }
+
+    /// The next priority, once it changes; `None` when it never will (fixed, or
+    /// the shared fetch is gone).
+    async fn rise(&mut self) -> Option<Priority> {
+        match self {
+            Wanted::Fixed(_) => None,
+            Wanted::Rising(rx) => match rx.changed().await {
+                Ok(()) => Some(*rx.borrow_and_update()),
+                Err(_) => None,
+            },
+        }
+    }
+}
+
 impl crate::cache::coalesce::Joinable for Priority {
     fn join(&mut self, other: Self) {
         self.class = self.class.max(other.class);
@@ -321,13 +361,10 @@ impl Gate {
     ///
     /// [`Shed`] when the queue is full of equal or better requests, when a better
     /// request displaces this one, or when `max_wait` passes.
-    pub async fn admit(
-        self: &Arc<Self>,
-        mut priority: watch::Receiver<Priority>,
-    ) -> Result<Permit, Shed> {
+    pub async fn admit(self: &Arc<Self>, mut priority: Wanted) -> Result<Permit, Shed> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.max_wait.0;
-        let first = *priority.borrow_and_update();
+        let first = priority.seen();
         let (granted, id) = {
             let mut state = self.lock();
             if state.can_start(first.class, &self.config) {
@@ -376,12 +413,11 @@ impl Gate {
                     }
                     Err(_) => break ShedReason::Displaced,
                 },
-                changed = priority.changed(), if watching => {
-                    if changed.is_err() {
+                risen = priority.rise(), if watching => {
+                    let Some(now) = risen else {
                         watching = false;
                         continue;
-                    }
-                    let now = *priority.borrow_and_update();
+                    };
                     let mut state = self.lock();
                     if let Some(w) = state.queue.iter_mut().find(|w| w.id == id) {
                         w.priority = w.priority.max(now);
@@ -391,7 +427,7 @@ impl Gate {
                 () = tokio::time::sleep_until(deadline) => break ShedReason::Timeout,
             }
         };
-        let class = priority.borrow().class;
+        let class = priority.now().class;
         drop(place);
         Err(self.shed(&self.lock(), class, why))
     }
@@ -417,8 +453,8 @@ mod tests {
     use crate::config::HumanDuration;
 
     /// A priority that never changes.
-    fn fixed(class: Class) -> watch::Receiver<Priority> {
-        watch::channel(Priority::of(class)).1
+    fn fixed(class: Class) -> Wanted {
+        Wanted::Fixed(Priority::of(class))
     }
 
     fn gate(max_in_flight: usize, reserved: usize, max_queue: usize, wait_ms: u64) -> Arc<Gate> {
@@ -517,7 +553,7 @@ mod tests {
         let (rise, shared) = watch::channel(Priority::of(Class::Explore));
         let explore_fetch = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(shared).await }
+            async move { g.admit(Wanted::Rising(shared)).await }
         });
         let busy = tokio::spawn({
             let g = g.clone();
@@ -564,7 +600,11 @@ mod tests {
         });
         let popular = tokio::spawn({
             let g = g.clone();
-            async move { g.admit(popular).await.map(|p| (Instant::now(), p)) }
+            async move {
+                g.admit(Wanted::Rising(popular))
+                    .await
+                    .map(|p| (Instant::now(), p))
+            }
         });
         tokio::time::sleep(Duration::from_millis(1)).await;
         drop(running);

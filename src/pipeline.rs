@@ -15,9 +15,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
-use tokio::sync::watch;
 
-use crate::admission::{self, Class, Priority};
+use crate::admission::{self, Class, Priority, Wanted};
 use crate::analysis::QueryShape;
 use crate::cache::{self, CacheStatus, Waiter};
 use crate::error::ProxyError;
@@ -357,10 +356,7 @@ fn forwarder(
     mode: Mode,
     backend: BackendId,
     budget: Option<Arc<str>>,
-) -> impl Fn(
-    ApiRequest,
-    watch::Receiver<Priority>,
-) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
+) -> impl Fn(ApiRequest, Wanted) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
 + Send
 + Sync
 + 'static {
@@ -370,7 +366,7 @@ fn forwarder(
         let policy = policy.clone();
         let budget = budget.clone();
         Box::pin(async move {
-            let class = || priority.borrow().class;
+            let class = || priority.now().class;
             let quotas = policy.limits(mode);
             let _user_slots = match &budget {
                 Some(key) => Some(

@@ -28,7 +28,7 @@ use prometheus::IntGauge;
 use rlimit::Resource;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tower::ServiceExt;
 
@@ -311,16 +311,22 @@ async fn handle(
 
 /// Resolves when the connection has waited too long for a request head or sat
 /// idle too long; never while a request is in progress.
+///
+/// Nothing tells it about activity, so a request costs no wake-up of this task:
+/// it sleeps until the deadline it saw, or for the shorter timeout at most, and
+/// looks again. Every deadline lies at least the shorter timeout after the event
+/// that set it, so a look that often sees each one before it passes and then
+/// sleeps until exactly then.
 async fn watchdog(activity: &Activity, settings: &Settings) -> Expiry {
+    let longest_nap = settings.header_read_timeout.min(settings.idle_timeout);
     loop {
+        let now = Instant::now();
+        let nap_until = now + longest_nap;
         let next = activity.state().deadline(settings);
         match next {
-            Some((deadline, expiry)) if deadline <= Instant::now() => return expiry,
-            Some((deadline, _)) => tokio::select! {
-                () = sleep_until(deadline) => {}
-                () = activity.changed.notified() => {}
-            },
-            None => activity.changed.notified().await,
+            Some((deadline, expiry)) if deadline <= now => return expiry,
+            Some((deadline, _)) => sleep_until(deadline.min(nap_until)).await,
+            None => sleep_until(nap_until).await,
         }
     }
 }
@@ -369,14 +375,10 @@ impl ConnState {
         }
     }
 
-    /// Bytes arrived; whether the phase changed.
-    fn bytes_read(&mut self, now: Instant) -> bool {
-        match self.phase {
-            Phase::Idle { .. } if !self.multiplexed => {
-                self.phase = Phase::Head { since: now };
-                true
-            }
-            _ => false,
+    /// Bytes arrived: after an idle spell, a new head begins.
+    fn bytes_read(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Idle { .. }) && !self.multiplexed {
+            self.phase = Phase::Head { since: now };
         }
     }
 
@@ -413,15 +415,12 @@ impl ConnState {
 struct Activity {
     /// Uncontended: one connection's reads and requests; held for a few instructions.
     state: Mutex<ConnState>,
-    /// Wakes the watchdog when the phase changes.
-    changed: Notify,
 }
 
 impl Activity {
     fn new(now: Instant) -> Self {
         Activity {
             state: Mutex::new(ConnState::new(now)),
-            changed: Notify::new(),
         }
     }
 
@@ -432,9 +431,7 @@ impl Activity {
     }
 
     fn bytes_read(&self) {
-        if self.state().bytes_read(Instant::now()) {
-            self.changed.notify_one();
-        }
+        self.state().bytes_read(Instant::now());
     }
 }
 
@@ -445,7 +442,6 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: Arc<Activity>, multiplexed: bool) -> Self {
         activity.state().request_started(multiplexed);
-        activity.changed.notify_one();
         InFlight(activity)
     }
 }
@@ -453,7 +449,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.state().request_finished(Instant::now());
-        self.0.changed.notify_one();
     }
 }
 
@@ -774,17 +769,45 @@ mod tests {
             Some((done + s.idle_timeout, Expiry::Idle))
         );
         let first_byte = done + Duration::from_secs(100);
-        assert!(state.bytes_read(first_byte));
+        state.bytes_read(first_byte);
         assert_eq!(
             state.deadline(&s),
             Some((first_byte + s.header_read_timeout, Expiry::HeaderRead))
         );
         // More bytes of the same head do not extend it.
-        assert!(!state.bytes_read(first_byte + Duration::from_secs(5)));
+        state.bytes_read(first_byte + Duration::from_secs(5));
         assert_eq!(
             state.deadline(&s),
             Some((first_byte + s.header_read_timeout, Expiry::HeaderRead))
         );
+    }
+
+    /// Told nothing, the watchdog still cuts a head begun while it slept at the
+    /// head's own deadline, and an idle spell at its own (virtual time).
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_keeps_each_deadline_without_being_woken() {
+        let s = timeouts();
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let request = InFlight::start(activity.clone(), false);
+        let watching = tokio::spawn({
+            let activity = activity.clone();
+            async move {
+                let expiry = watchdog(&activity, &s).await;
+                (expiry, Instant::now())
+            }
+        });
+        // A long request: the watchdog naps through it.
+        tokio::time::sleep(s.idle_timeout * 3).await;
+        drop(request);
+        let idle_from = Instant::now();
+        // Just before the idle deadline, the next head begins and stalls.
+        tokio::time::sleep(s.idle_timeout - Duration::from_millis(1)).await;
+        activity.bytes_read();
+        let head_from = Instant::now();
+        let (expiry, at) = watching.await.unwrap();
+        assert_eq!(expiry, Expiry::HeaderRead);
+        assert_eq!(at, head_from + s.header_read_timeout);
+        assert!(at > idle_from + s.idle_timeout);
     }
 
     #[test]
@@ -803,7 +826,7 @@ mod tests {
             Some((done + s.idle_timeout, Expiry::Idle))
         );
         // A ping is not the start of a request.
-        assert!(!state.bytes_read(done + Duration::from_secs(30)));
+        state.bytes_read(done + Duration::from_secs(30));
         assert_eq!(
             state.deadline(&s),
             Some((done + s.idle_timeout, Expiry::Idle))

@@ -21,9 +21,8 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec};
-use tokio::sync::watch;
 
-use crate::admission::Priority;
+use crate::admission::{Priority, Wanted};
 use crate::analysis::QueryShape;
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -526,14 +525,13 @@ impl Cache {
         fetch: F,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut + Send + Sync + 'static,
+        F: Fn(ApiRequest, Wanted) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Fetched> + Send + 'static,
     {
         let fetch = Arc::new(fetch);
         let result = match plan {
             Plan::Bypass { request, refresh } => {
-                let (_, priority) = watch::channel(waiter.priority);
-                let response = fetch(request, priority).await;
+                let response = fetch(request, Wanted::Fixed(waiter.priority)).await;
                 if let (Some(w), Ok(r)) = (&refresh, &response) {
                     let _ = self.keep(w, r);
                 }
@@ -608,14 +606,16 @@ impl Cache {
         work: W,
     ) -> Result<Served, ProxyError>
     where
-        W: Fn(watch::Receiver<Priority>) -> Fut,
+        W: Fn(Wanted) -> Fut,
         Fut: Future<Output = Result<Served, ProxyError>> + Send + 'static,
     {
         let mut again = true;
         let result = loop {
             let outcome = self
                 .flights
-                .run(key.clone(), waiter.priority, waiter.limit, &work)
+                .run(key.clone(), waiter.priority, waiter.limit, |rises| {
+                    work(Wanted::Rising(rises))
+                })
                 .await;
             let (result, joined) = match outcome {
                 Outcome::Led(v) => (v, false),
@@ -709,11 +709,11 @@ impl Cache {
         self: Arc<Self>,
         w: WholePlan,
         fetch: Arc<F>,
-        priority: watch::Receiver<Priority>,
+        priority: Wanted,
         wait: Duration,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
+        F: Fn(ApiRequest, Wanted) -> Fut,
         Fut: Future<Output = Fetched>,
     {
         let mut fleet_lock = match self.lead(&w.key, wait).await {
@@ -735,11 +735,11 @@ impl Cache {
         self: Arc<Self>,
         r: RangePlan,
         fetch: Arc<F>,
-        priority: watch::Receiver<Priority>,
+        priority: Wanted,
         wait: Duration,
     ) -> Result<Served, ProxyError>
     where
-        F: Fn(ApiRequest, watch::Receiver<Priority>) -> Fut,
+        F: Fn(ApiRequest, Wanted) -> Fut,
         Fut: Future<Output = Fetched>,
     {
         let mut fleet_lock = match self.lead(&r.key, wait).await {
