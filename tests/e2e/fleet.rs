@@ -64,6 +64,27 @@ async fn joined(replicas: &[Promguard]) {
     }
 }
 
+/// `GET /admin/sale-mode` through `pg`.
+async fn mode_status(pg: &Promguard) -> serde_json::Value {
+    client()
+        .get(format!("{}/admin/sale-mode", pg.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Whether a sale-mode status lists `replicas` live replicas, each with the state
+/// in force where it was asked.
+fn agreed(status: &serde_json::Value, replicas: usize) -> bool {
+    status["fleet"]["replicas"]
+        .as_array()
+        .is_some_and(|r| r.len() == replicas && r.iter().all(|r| r["same_state"] == true))
+}
+
 #[tokio::test]
 async fn an_answer_fetched_through_one_replica_is_a_hit_on_the_others() {
     let redis = RedisServer::start();
@@ -263,20 +284,8 @@ async fn a_sale_mode_switch_through_one_replica_holds_on_all_and_outlives_them()
     // next heartbeat.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status: serde_json::Value = client()
-            .get(format!("{}/admin/sale-mode", replicas[1].url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("an answer")
-            .json()
-            .await
-            .expect("json");
-        let listed = status["fleet"]["replicas"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if listed.len() == 3 && listed.iter().all(|r| r["same_state"] == true) {
+        let status = mode_status(&replicas[1]).await;
+        if agreed(&status, 3) {
             break;
         }
         assert!(
@@ -303,19 +312,6 @@ async fn a_sale_mode_switch_through_one_replica_holds_on_all_and_outlives_them()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// `GET /admin/sale-mode` through `pg`.
-async fn mode_status(pg: &Promguard) -> serde_json::Value {
-    client()
-        .get(format!("{}/admin/sale-mode", pg.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("an answer")
-        .json()
-        .await
-        .expect("json")
 }
 
 #[tokio::test]
@@ -374,15 +370,10 @@ async fn a_switch_made_while_redis_is_down_becomes_the_fleets_when_it_returns() 
             mode_status(&replicas[0]).await,
             mode_status(&replicas[1]).await,
         );
-        let same = |s: &serde_json::Value| {
-            s["fleet"]["replicas"]
-                .as_array()
-                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["same_state"] == true))
-        };
         let done = other["mode"]["mode"] == "sale"
             && here["fleet"]["held_switch"] == false
-            && same(&here)
-            && same(&other);
+            && agreed(&here, 2)
+            && agreed(&other, 2);
         last = serde_json::json!({"switched": here, "other": other});
         done
     })
