@@ -283,7 +283,8 @@ impl Identifier {
         }) || matches!((&self.grafana_basic, &basic), (Some((u, p)), Some((bu, bp)))
             if u == bu && bool::from(bp.as_bytes().ct_eq(p)));
 
-        let from_grafana = text(&GRAFANA_ORG).is_some()
+        let org = text(&GRAFANA_ORG);
+        let from_grafana = org.is_some()
             || text(&DATASOURCE_UID).is_some()
             || text(&header::USER_AGENT).is_some_and(|ua| ua.starts_with("Grafana/"));
         let grafana_user = text(&GRAFANA_USER);
@@ -350,7 +351,7 @@ impl Identifier {
                 user,
                 source,
                 client,
-                org: text(&GRAFANA_ORG),
+                org,
                 dashboard: text(&DASHBOARD_UID),
                 panel: text(&PANEL_ID),
                 from_grafana,

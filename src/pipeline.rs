@@ -215,19 +215,13 @@ pub async fn handle(
     if limits.counts_hits() {
         spend_request_budget()?;
     }
+    let gzip = accepts_gzip(&headers);
     let cached = match state.cache.lookup(&plan, req.endpoint) {
         Some(hit) => Some(hit),
         // the fleet's cache, when replicas share one
         // Boxed here and below: the futures of the fleet and of a fetch are large,
         // and held inline they would be moved with every hit's future.
-        None => {
-            Box::pin(
-                state
-                    .cache
-                    .lookup_fleet(&plan, req.endpoint, accepts_gzip(&headers)),
-            )
-            .await
-        }
+        None => Box::pin(state.cache.lookup_fleet(&plan, req.endpoint, gzip)).await,
     };
     let served = match cached {
         Some(hit) => hit,
@@ -255,7 +249,7 @@ pub async fn handle(
         cache::Body::Plain(body) => match served
             .stored
             .as_ref()
-            .filter(|_| accepts_gzip(&headers))
+            .filter(|_| gzip)
             .and_then(|answer| answer.gzipped().cloned())
         {
             Some(gzipped) => (gzipped, true),

@@ -782,8 +782,9 @@ mod tests {
         );
     }
 
-    /// Told nothing, the watchdog still cuts a head begun while it slept at the
-    /// head's own deadline, and an idle spell at its own (virtual time).
+    /// Told nothing, the watchdog naps through a long request and still cuts a
+    /// head begun while it slept at the head's own deadline, not at the idle
+    /// deadline it last saw (virtual time).
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_keeps_each_deadline_without_being_woken() {
         let s = timeouts();
