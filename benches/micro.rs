@@ -141,7 +141,7 @@ fn stages(c: &mut Criterion) {
         b.iter(|| {
             series_key(
                 black_box(&req),
-                BackendId::Recent,
+                Some(BackendId::Recent),
                 &query.canonical,
                 15_000,
                 *start,

@@ -364,6 +364,7 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
     let routing = RoutingTable {
         recent_window: args.recent_window.0,
         has_long_term: !args.no_long_term,
+        split_fetches: true,
     };
     let e = explain(
         &policy,

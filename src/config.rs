@@ -39,6 +39,9 @@ pub struct Config {
     /// Where queries go: the recent Prometheus and, optionally, a long-term store.
     /// The one required section.
     pub backends: Backends,
+    /// How each upstream call picks its backend.
+    #[serde(default)]
+    pub routing: RoutingConfig,
     /// How callers prove who they are, and whether Grafana's `X-Grafana-User` is
     /// believed.
     #[serde(default)]
@@ -131,6 +134,26 @@ fn default_redis_timeout() -> HumanDuration {
 
 fn default_max_value_bytes() -> ByteSize {
     ByteSize(8 << 20)
+}
+
+/// How upstream calls are routed between the backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Route each upstream call of a range query by what that call reads, not the
+    /// whole request by its oldest sample: the refreshed tail of a 30-day panel
+    /// comes from the recent Prometheus and only its old extents from the
+    /// long-term store. The answer is then stitched from two query engines (see
+    /// docs/ARCHITECTURE.md); `false` sends every call where the request goes.
+    pub split_fetches: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            split_fetches: true,
+        }
+    }
 }
 
 /// Bounds on the PromQL text promguard reads, checked before any parser runs.
@@ -743,6 +766,7 @@ impl Config {
                 recent: BackendConfig::new(url),
                 long_term: None,
             },
+            routing: RoutingConfig::default(),
             identity: IdentityConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),

@@ -28,7 +28,7 @@ use crate::policy::state::{Effective, Mode};
 use crate::policy::verdict::{Asker, Verdict, shape_of, verdict};
 use crate::refresh;
 use crate::request::{self, ApiRequest, RequestError, RequestKind};
-use crate::routing::{self, BackendId};
+use crate::routing::{self, BackendId, Fetches};
 use crate::shared::fleet::Lease;
 use crate::state::AppState;
 use crate::units::Millis;
@@ -184,22 +184,34 @@ pub async fn handle(
         .get_all(header::CACHE_CONTROL)
         .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.contains("no-cache")));
-    let unaligned_exact = match state.backend(backend).upstream.unaligned_ranges() {
+    // a long range's calls each go to the backend holding what they read
+    let fetches = match req.kind {
+        RequestKind::Range { start, .. } => {
+            routing::fetches(&state.routing, backend, &shape, start, ctx.now)
+        }
+        _ => Fetches::AsRequest,
+    };
+    let exact = |id: BackendId| match state.backend(id).upstream.unaligned_ranges() {
         UnalignedRanges::AsAsked => true,
         UnalignedRanges::Realigned => false,
         UnalignedRanges::Unknown => {
             if matches!(req.kind, RequestKind::Range { start, step_ms, .. } if start % step_ms != 0)
             {
-                state.learn_unaligned_ranges(backend);
+                state.learn_unaligned_ranges(id);
             }
             false
         }
     };
+    let unaligned_exact = exact(backend)
+        && (backend == BackendId::Recent
+            || fetches == Fetches::AsRequest
+            || exact(BackendId::Recent));
     let plan = cache::plan(
         state.cache.config(),
         &req,
         &shape,
         backend,
+        fetches,
         no_cache,
         ctx.now,
         floor,
@@ -230,7 +242,13 @@ pub async fn handle(
                 spend_request_budget()?;
             }
             // limit, admit, forward: once for all identical requests, only what is missing
-            let fetch = forwarder(state, policy.clone(), budgets, backend, budget.clone());
+            let fetch = forwarder(
+                state,
+                policy.clone(),
+                budgets,
+                (backend, ctx.now),
+                budget.clone(),
+            );
             let waiter = Waiter {
                 priority: Priority::of(class),
                 budget: budget.clone(),
@@ -268,7 +286,7 @@ pub async fn handle(
     );
     headers.insert(
         "x-promguard-backend",
-        HeaderValue::from_static(backend.as_str()),
+        HeaderValue::from_static(served.sources.as_str()),
     );
     headers.insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     Ok(response)
@@ -341,14 +359,15 @@ fn enforce(
 }
 
 /// What the cache runs for each piece it must fetch: the caller's upstream budget
-/// and in-flight slot (limit), a slot on the backend (admit), then the call
-/// (forward). Each refusal ends the fetch; the cache may still cover it with a
-/// stale answer.
+/// and in-flight slot (limit), a slot on the backend that holds what the piece
+/// reads (`routed`: where the request, as of its `now`, was routed; admit), then
+/// the call (forward). Each refusal ends the fetch; the cache may still cover it
+/// with a stale answer.
 fn forwarder(
     state: &Arc<AppState>,
     policy: Arc<Compiled>,
     mode: Mode,
-    backend: BackendId,
+    routed: (BackendId, Millis),
     budget: Option<Arc<str>>,
 ) -> impl Fn(ApiRequest, Wanted) -> BoxFuture<'static, Result<UpstreamResponse, ProxyError>>
 + Send
@@ -370,7 +389,10 @@ fn forwarder(
                 ),
                 None => None,
             };
-            let backend = state.backend(backend);
+            let (request, now) = routed;
+            let shape = shape_of(&req.kind, state.lookback_delta);
+            let target = routing::route_fetch(&state.routing, request, req.endpoint, &shape, now);
+            let backend = state.backend(target);
             let slot = backend
                 .gate
                 .admit(priority.clone())

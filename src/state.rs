@@ -121,6 +121,7 @@ impl AppState {
             routing: RoutingTable {
                 recent_window: config.backends.recent.window.0,
                 has_long_term: backends.len() > 1,
+                split_fetches: config.routing.split_fetches,
             },
             backends,
             priority: config.priority.clone(),

@@ -107,6 +107,8 @@ pub struct UpstreamResponse {
     pub status: StatusCode,
     /// The whole body, decompressed, at most `max_response` bytes.
     pub body: Bytes,
+    /// The backend that answered: a range's calls may go to different ones.
+    pub backend: BackendId,
 }
 
 /// How a backend evaluates a range query whose start is not a multiple of its step.
@@ -349,7 +351,13 @@ impl Upstream {
         let reason = match serde_json::from_slice::<Envelope>(&body) {
             Ok(Envelope {
                 status: "success" | "error",
-            }) => return Ok(UpstreamResponse { status, body }),
+            }) => {
+                return Ok(UpstreamResponse {
+                    status,
+                    body,
+                    backend: self.id,
+                });
+            }
             Ok(Envelope { status: other }) => format!("unknown status {other:?}"),
             Err(e) => format!("{e}; body starts with {:?}", snippet(&body)),
         };

@@ -138,6 +138,29 @@ pub fn missing(
     gaps
 }
 
+/// `gaps` with every span that holds grid time `at` and earlier ones cut into
+/// two, the second starting at `at`: where a long panel's fetches move from the
+/// long-term store to the recent Prometheus.
+pub fn cut_at(grid: &Grid, gaps: Vec<Span>, at: i64) -> Vec<Span> {
+    let at = grid.at_or_after(at);
+    let mut cut = Vec::with_capacity(gaps.len() + 1);
+    for gap in gaps {
+        if gap.from < at && at <= gap.to {
+            cut.push(Span {
+                from: gap.from,
+                to: at - grid.step,
+            });
+            cut.push(Span {
+                from: at,
+                to: gap.to,
+            });
+        } else {
+            cut.push(gap);
+        }
+    }
+    cut
+}
+
 /// Join disjoint pieces, each valid within its span, into one matrix over their
 /// union: series matched by label set, points in time order, series sorted by
 /// label set as Prometheus sorts them, series without points dropped.
@@ -315,6 +338,26 @@ mod tests {
 
     /// (want, cached coverage per chunk, expected fetches); step 1 min, 1 h chunks.
     type MissingCase = (Span, Vec<(i64, Span)>, Vec<Span>);
+
+    #[test]
+    fn gaps_are_cut_on_the_grid_where_the_recent_data_starts() {
+        let g = Grid::new(0, 60_000);
+        let m = 60_000;
+        let gaps = vec![span(0, 10 * m), span(20 * m, 30 * m)];
+        // Off the grid, the cut moves up to the next step.
+        assert_eq!(
+            cut_at(&g, gaps.clone(), 5 * m - 1),
+            vec![span(0, 4 * m), span(5 * m, 10 * m), span(20 * m, 30 * m)]
+        );
+        // A gap starting at the cut, or wholly before or after it, stays whole.
+        assert_eq!(cut_at(&g, gaps.clone(), 20 * m), gaps);
+        assert_eq!(cut_at(&g, gaps.clone(), 15 * m), gaps);
+        assert_eq!(cut_at(&g, gaps.clone(), 31 * m), gaps);
+        assert_eq!(
+            cut_at(&g, gaps.clone(), 30 * m),
+            vec![span(0, 10 * m), span(20 * m, 29 * m), span(30 * m, 30 * m)]
+        );
+    }
 
     #[test]
     fn missing_spans() {

@@ -22,17 +22,17 @@ pub struct CacheKey(pub Arc<str>);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey(pub Arc<str>);
 
-/// Backend, path, the request's typed part as the caller of this function spells
+/// Backend (`None`: whichever each fetch was routed to), path, the request's typed part as the caller of this function spells
 /// it, and the parameters promguard does not interpret, in sorted order (their
 /// order does not change the answer). `timeout` is typed and never part of a key.
-fn base(req: &ApiRequest, backend: BackendId, typed: &str) -> String {
+fn base(req: &ApiRequest, backend: Option<BackendId>, typed: &str) -> String {
     let mut other: Vec<_> = req.extra.iter().collect();
     other.sort();
     // Sized once: a key is built on every request, hits included.
     let extra: usize = other.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let path = req.path.as_str();
     let mut key = String::with_capacity(16 + path.len() + typed.len() + extra);
-    key.push_str(backend.as_str());
+    key.push_str(backend.map_or("routed per fetch", BackendId::as_str));
     key.push('\u{0}');
     key.push_str(path);
     key.push('\u{0}');
@@ -48,9 +48,12 @@ fn base(req: &ApiRequest, backend: BackendId, typed: &str) -> String {
 
 /// Key of a range query's extents: the same query at the same step and phase
 /// (start modulo step) evaluates at the same timestamps, whatever its range.
+/// `backend` is `None` when each fetch is routed by what it reads
+/// (`routing.split_fetches`): a chunk then comes from the backend that holds its
+/// span, whichever backend the request that fetched it was routed to.
 pub fn series_key(
     req: &ApiRequest,
-    backend: BackendId,
+    backend: Option<BackendId>,
     canonical: &str,
     step_ms: i64,
     start: i64,
@@ -84,7 +87,7 @@ pub fn range_typed(canonical: &str, from: Millis, to: Millis, step_ms: i64) -> S
 /// Key of one whole answer: `typed` names what the typed request asks (the
 /// canonical query and its span or instant, or a metadata call's matchers and span).
 pub fn answer_key(req: &ApiRequest, backend: BackendId, typed: &str) -> CacheKey {
-    CacheKey(base(req, backend, typed).into())
+    CacheKey(base(req, Some(backend), typed).into())
 }
 
 #[cfg(test)]
@@ -118,7 +121,13 @@ mod tests {
         else {
             panic!("range")
         };
-        series_key(&r, BackendId::Recent, &query.canonical, step_ms, start)
+        series_key(
+            &r,
+            Some(BackendId::Recent),
+            &query.canonical,
+            step_ms,
+            start,
+        )
     }
 
     #[test]

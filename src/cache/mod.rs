@@ -29,13 +29,13 @@ use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::request::{ApiRequest, Endpoint, RequestKind};
-use crate::routing::BackendId;
+use crate::routing::{BackendId, Fetches, Sources};
 use crate::shared::envelope::Payload;
 use crate::shared::l2::{FetchLock, L2, Lead, SharedAnswer};
 use crate::units::{Millis, millis};
 use crate::upstream::UpstreamResponse;
 use coalesce::{Coalescer, Outcome};
-use extent::{Grid, Span, assemble, chunk_interval, chunks_of, missing, updated_chunks};
+use extent::{Grid, Span, assemble, chunk_interval, chunks_of, cut_at, missing, updated_chunks};
 use key::{CacheKey, SeriesKey, answer_key, range_typed, series_key};
 use matrix::Matrix;
 use store::{Chunk, Store};
@@ -138,6 +138,8 @@ pub struct Served {
     pub cache: CacheStatus,
     /// The stored answer a hit came from, which can also be sent gzipped.
     pub stored: Option<Arc<store::Answer>>,
+    /// The backends the answer came from: `X-Promguard-Backend`.
+    pub sources: Sources,
 }
 
 /// A whole answer's key, what to send upstream, and how long it stays fresh.
@@ -163,6 +165,9 @@ pub struct RangePlan {
     stable_to: Millis,
     request: ApiRequest,
     floor: Duration,
+    /// Where its fetches are cut so that each part goes to the backend holding it
+    /// (on the grid; see [`Fetches::Split`]).
+    recent_from: Option<Millis>,
 }
 
 /// How one request uses the cache; decided by [`plan`] before any I/O.
@@ -183,16 +188,18 @@ pub enum Plan {
     Range(RangePlan),
 }
 
-/// Decide how `req` (routed to `backend`) is cached. `no_cache` is the client's
-/// `Cache-Control: no-cache`; `floor` is how old a stored answer this caller
-/// accepts as a hit regardless of its freshness (zero: none); `unaligned_exact`
-/// says the backend evaluates ranges on any grid asked for. Pure.
+/// Decide how `req` (routed to `backend`, its range's calls as `fetches` says) is
+/// cached. `no_cache` is the client's `Cache-Control: no-cache`; `floor` is how old
+/// a stored answer this caller accepts as a hit regardless of its freshness (zero:
+/// none); `unaligned_exact` says the backends evaluate ranges on any grid asked
+/// for. Pure.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     config: &CacheConfig,
     req: &ApiRequest,
     shape: &QueryShape,
     backend: BackendId,
+    fetches: Fetches,
     no_cache: bool,
     now: Millis,
     floor: Duration,
@@ -235,12 +242,24 @@ pub fn plan(
                         // The answer is its grid points, so ends that fall between
                         // the same two steps (a script asking at "now") share it.
                         key: answer_key(req, backend, &typed(want.from, want.to)),
-                        series: series_key(req, backend, canonical, *step_ms, *start),
+                        series: series_key(
+                            req,
+                            (fetches == Fetches::AsRequest).then_some(backend),
+                            canonical,
+                            *step_ms,
+                            *start,
+                        ),
                         grid,
                         want,
                         stable_to,
                         request: req.clone(),
                         floor,
+                        recent_from: match fetches {
+                            Fetches::Split {
+                                recent_from: Some(at),
+                            } if at > want.from => Some(grid.at_or_after(at)),
+                            _ => None,
+                        },
                     }))
                 }
                 _ => Some(Plan::Whole(whole(
@@ -410,6 +429,7 @@ impl Cache {
         let served = match (&shared.body, gzip) {
             (Payload::Gzip(gzipped), true) => {
                 let body = Body::Gzip(gzipped.clone());
+                let sources = shared.sources;
                 let (this, fleet, key) = (self.clone(), fleet.clone(), key.clone());
                 tokio::spawn(async move {
                     if let Some(plain) = fleet.plain(&shared).await {
@@ -421,6 +441,7 @@ impl Cache {
                     body,
                     cache: CacheStatus::Hit,
                     stored: None,
+                    sources,
                 }
             }
             _ => {
@@ -447,6 +468,7 @@ impl Cache {
             key.clone(),
             plain,
             shared.points,
+            shared.sources,
             stored,
             shared.fresh,
             self.keep_for(left),
@@ -464,6 +486,7 @@ impl Cache {
             status: StatusCode::OK,
             body: Body::Plain(answer.body.clone()),
             cache: CacheStatus::Hit,
+            sources: answer.sources,
             stored: Some(answer),
         }
     }
@@ -475,6 +498,7 @@ impl Cache {
         key: &CacheKey,
         body: &Bytes,
         points: u64,
+        sources: Sources,
         fresh: Duration,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let keep = self.keep_for(fresh);
@@ -482,6 +506,7 @@ impl Cache {
             key.clone(),
             body.clone(),
             points,
+            sources,
             self.clock.now(),
             fresh,
             keep,
@@ -540,6 +565,7 @@ impl Cache {
                     body: Body::Plain(r.body),
                     cache: CacheStatus::Bypass,
                     stored: None,
+                    sources: Sources::of(r.backend),
                 })
             }
             Plan::Whole(w) => match self.fresh(&w.key, w.floor) {
@@ -589,6 +615,7 @@ impl Cache {
                 body: Body::Plain(answer.body.clone()),
                 cache: CacheStatus::Hit,
                 stored: Some(answer.clone()),
+                sources: answer.sources,
             }
         })
     }
@@ -665,6 +692,7 @@ impl Cache {
             body: Body::Plain(with_warning(&plain, &warning)),
             cache: CacheStatus::Stale,
             stored: None,
+            sources: shared.sources,
         })
     }
 
@@ -685,6 +713,7 @@ impl Cache {
             body: Body::Plain(with_warning(&answer.body, &warning)),
             cache: CacheStatus::Stale,
             stored: None,
+            sources: answer.sources,
         })
     }
 
@@ -699,7 +728,15 @@ impl Cache {
         response: &UpstreamResponse,
     ) -> Option<tokio::task::JoinHandle<()>> {
         (response.status.is_success() && !has_warnings(&response.body))
-            .then(|| self.put_answer(&w.key, &response.body, 0, w.fresh))
+            .then(|| {
+                self.put_answer(
+                    &w.key,
+                    &response.body,
+                    0,
+                    Sources::of(response.backend),
+                    w.fresh,
+                )
+            })
             .flatten()
     }
 
@@ -761,6 +798,7 @@ impl Cache {
                 let chunk = Chunk {
                     span: shared.span,
                     matrix: shared.matrix,
+                    sources: shared.sources,
                 };
                 self.store
                     .put_chunk(r.series.clone(), shared.index, chunk, shared.left);
@@ -773,15 +811,23 @@ impl Cache {
         let gaps = missing(&r.grid, interval, r.want, |i| {
             cached_chunk(i).map(|c| c.span)
         });
+        let gaps = match r.recent_from {
+            Some(at) => cut_at(&r.grid, gaps, at),
+            None => gaps,
+        };
 
         let mut fetched: Vec<(Span, Matrix)> = Vec::with_capacity(gaps.len());
+        let mut fetched_from = Vec::with_capacity(gaps.len());
         for gap in &gaps {
             let response = fetch(r.request.with_span(gap.from, gap.to), priority.clone()).await?;
             if !response.status.is_success() {
                 return Ok(uncached(response));
             }
             match Matrix::parse(&response.body) {
-                Ok(matrix) if matrix.on_grid(&r.grid, *gap) => fetched.push((*gap, matrix)),
+                Ok(matrix) if matrix.on_grid(&r.grid, *gap) => {
+                    fetched.push((*gap, matrix));
+                    fetched_from.push(Sources::of(response.backend));
+                }
                 // Warnings, native histograms, or points off the grid asked for: the
                 // whole range as the backend answers it, uncached.
                 _ if *gap == r.want => return Ok(uncached(response)),
@@ -796,22 +842,39 @@ impl Cache {
             |i| cached_chunk(i).map(|c| (c.span, &c.matrix)),
             &fetched,
         );
+        // Which backends a span's points came from: its cached chunk's and those of
+        // the fetched pieces it overlaps.
+        let fetched_within = |span: &Span| {
+            fetched
+                .iter()
+                .zip(&fetched_from)
+                .filter(|((s, _), _)| s.intersect(span).is_some())
+                .fold(Sources::default(), |all, (_, from)| all.and(*from))
+        };
         for (i, span, matrix) in updated {
+            let sources = cached_chunk(i)
+                .map_or(Sources::default(), |c| c.sources)
+                .and(fetched_within(&span));
+            let chunk = Chunk {
+                span,
+                matrix,
+                sources,
+            };
             if let Some(fleet) = &self.fleet {
-                fleet.put_chunk(&r.series, i, span, &matrix, self.config.extent_ttl.0);
+                fleet.put_chunk(&r.series, i, &chunk, self.config.extent_ttl.0);
             }
-            self.store.put_chunk(
-                r.series.clone(),
-                i,
-                Chunk { span, matrix },
-                self.config.extent_ttl.0,
-            );
+            self.store
+                .put_chunk(r.series.clone(), i, chunk, self.config.extent_ttl.0);
         }
 
-        let mut pieces: Vec<(Span, &Matrix)> = cached
-            .iter()
-            .filter_map(|(_, c)| c.span.intersect(&r.want).map(|s| (s, &c.matrix)))
-            .collect();
+        let mut sources = fetched_within(&r.want);
+        let mut pieces: Vec<(Span, &Matrix)> = Vec::with_capacity(cached.len() + fetched.len());
+        for (_, c) in &cached {
+            if let Some(s) = c.span.intersect(&r.want) {
+                sources = sources.and(c.sources);
+                pieces.push((s, &c.matrix));
+            }
+        }
         pieces.extend(fetched.iter().map(|(s, m)| (*s, m)));
         let answer = assemble(&pieces);
         let points = answer.point_count() as u64;
@@ -830,7 +893,7 @@ impl Cache {
         };
         if let (Some(lock), Some(write)) = (
             fleet_lock.as_mut(),
-            self.put_answer(&r.key, &body, points, fresh),
+            self.put_answer(&r.key, &body, points, sources, fresh),
         ) {
             lock.after(write);
         }
@@ -843,6 +906,7 @@ impl Cache {
                 (false, false) => CacheStatus::Partial,
             },
             stored: None,
+            sources,
         })
     }
 }
@@ -854,6 +918,7 @@ fn uncached(response: UpstreamResponse) -> Served {
         body: Body::Plain(response.body),
         cache: CacheStatus::Miss,
         stored: None,
+        sources: Sources::of(response.backend),
     }
 }
 
@@ -899,6 +964,9 @@ mod tests {
         /// for unaligned ranges, instead of the grid asked for.
         realign: bool,
         fail: std::sync::atomic::AtomicBool,
+        /// Requests are routed to the long-term store, and their calls split at
+        /// this evaluation time: the calls from it on answered by `recent`.
+        split_at: Option<Millis>,
     }
 
     impl Backend {
@@ -945,9 +1013,17 @@ mod tests {
                 }
                 _ => r#"{"status":"success","data":[]}"#.to_string(),
             };
+            let from = match req.kind {
+                RequestKind::Range { start, .. } => start,
+                _ => Millis::MIN,
+            };
             Ok(UpstreamResponse {
                 status: StatusCode::OK,
                 body: Bytes::from(body),
+                backend: match self.split_at {
+                    Some(at) if from < at => BackendId::LongTerm,
+                    _ => BackendId::Recent,
+                },
             })
         }
 
@@ -1011,11 +1087,21 @@ mod tests {
                 }
                 _ => QueryShape::default(),
             };
+            let (backend, fetches) = match self.backend.split_at {
+                Some(at) => (
+                    BackendId::LongTerm,
+                    Fetches::Split {
+                        recent_from: Some(at),
+                    },
+                ),
+                None => (BackendId::Recent, Fetches::AsRequest),
+            };
             let plan = plan(
                 self.cache.config(),
                 &req,
                 &shape,
-                BackendId::Recent,
+                backend,
+                fetches,
                 false,
                 now,
                 Duration::ZERO,
@@ -1075,6 +1161,40 @@ mod tests {
         let again = s.range(NOW - 59 * MIN, NOW - 9 * MIN, NOW + MIN).await;
         assert_eq!(again.cache, CacheStatus::Hit);
         assert!(s.backend.asked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_long_range_is_fetched_in_two_calls_cut_where_recent_data_starts() {
+        let cut = NOW - 30 * MIN - 30_000;
+        let s = setup(Backend {
+            split_at: Some(cut),
+            ..Backend::default()
+        });
+        let first = s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        assert_eq!(first.cache, CacheStatus::Miss);
+        // On the grid: the cut moves up to the next step.
+        assert_eq!(
+            s.backend.asked(),
+            [
+                (NOW - 60 * MIN, NOW - 31 * MIN),
+                (NOW - 30 * MIN, NOW - 10 * MIN)
+            ]
+        );
+        assert_eq!(points(&first).len(), 51, "stitched whole");
+        assert_eq!(first.sources.as_str(), "long_term, recent");
+        // The refresh's tail is one call, answered by the recent backend, and the
+        // answer still names both: its extents came from the long-term store too.
+        let later = s.range(NOW - 59 * MIN, NOW - 9 * MIN, NOW + MIN).await;
+        assert_eq!(s.backend.asked(), [(NOW - 9 * MIN, NOW - 9 * MIN)]);
+        assert_eq!(later.sources.as_str(), "long_term, recent");
+        let hit = s.range(NOW - 59 * MIN, NOW - 9 * MIN, NOW + MIN).await;
+        assert_eq!(hit.cache, CacheStatus::Hit);
+        assert_eq!(hit.sources.as_str(), "long_term, recent");
+        // Unsplit, one call and one backend.
+        let whole = setup(Backend::default());
+        let first = whole.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        assert_eq!(whole.backend.asked(), [(NOW - 60 * MIN, NOW - 10 * MIN)]);
+        assert_eq!(first.sources.as_str(), "recent");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use prometheus::IntCounterVec;
 use super::extent::Span;
 use super::key::{CacheKey, SeriesKey};
 use super::matrix::Matrix;
+use crate::routing::Sources;
 
 /// A whole answer, stored as the exact bytes to send.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub struct Answer {
     pub body: Bytes,
     /// Points in a range answer, for the points-served metric; 0 otherwise.
     pub points: u64,
+    /// The backends it came from, for `X-Promguard-Backend` on hits.
+    pub sources: Sources,
     /// When it was stored, on the cache's clock: its age for the refresh floor and
     /// for the stale warning.
     pub stored: Instant,
@@ -85,6 +88,8 @@ pub struct Chunk {
     pub span: Span,
     /// The chunk's series, holding only points within `span`.
     pub matrix: Matrix,
+    /// The backends its points came from.
+    pub sources: Sources,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -167,11 +172,13 @@ impl Store {
     /// then kept up to `keep` in total for stale serving. (Eviction at the end of
     /// `keep` runs on the real clock; freshness and age are judged on `now`.) The
     /// answer as stored.
+    #[allow(clippy::too_many_arguments)]
     pub fn put_answer(
         &self,
         key: CacheKey,
         body: Bytes,
         points: u64,
+        sources: Sources,
         now: Instant,
         fresh: Duration,
         keep: Duration,
@@ -188,6 +195,7 @@ impl Store {
         let answer = Arc::new(Answer {
             body,
             points,
+            sources,
             stored: now,
             fresh_until: now + fresh,
             gzipped: OnceLock::new(),
@@ -254,6 +262,7 @@ mod tests {
             key.clone(),
             Bytes::from_static(b"{}"),
             0,
+            Sources::default(),
             Instant::now(),
             Duration::ZERO,
             Duration::from_secs(60),
@@ -276,6 +285,7 @@ mod tests {
             key.clone(),
             Bytes::from(json.clone()),
             0,
+            Sources::default(),
             Instant::now(),
             Duration::from_secs(60),
             Duration::from_secs(60),
@@ -295,6 +305,7 @@ mod tests {
             small.clone(),
             Bytes::from_static(b"{}"),
             0,
+            Sources::default(),
             Instant::now(),
             Duration::from_secs(60),
             Duration::from_secs(60),
@@ -311,6 +322,7 @@ mod tests {
                 CacheKey(format!("k{i}").into()),
                 Bytes::from(vec![b'x'; 1000]),
                 0,
+                Sources::default(),
                 Instant::now(),
                 Duration::from_secs(60),
                 Duration::from_secs(60),

@@ -176,6 +176,7 @@ mod tests {
         let routing = RoutingTable {
             recent_window: Duration::from_secs(2 * 86_400),
             has_long_term: true,
+            split_fetches: true,
         };
         let q = Question {
             query: &long,

@@ -4,7 +4,7 @@
 //! A Redis key is the fleet's prefix, a tier letter and a 128-bit hash of the cache
 //! key, so keys stay short whatever the query. Because a hash can collide, every
 //! value carries its full cache key and is only read back for that key. A value is
-//! `PGL2`, a format version, its kind, its codec, the key, three numbers, the
+//! `PGL2`, a format version, its kind, its codec, the key, four numbers, the
 //! payload with its length in front, and a checksum of all of it (XXH3). The
 //! payload is either LZ4 (with the decompressed size first) or, for whole answers,
 //! the answer gzipped exactly as a client that accepts gzip is sent it, so a
@@ -17,7 +17,9 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 const MAGIC: &[u8; 4] = b"PGL2";
 /// Bumped whenever the layout changes: older values then read as misses.
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// The numbers every value carries next to its payload.
+pub const FIELDS: usize = 4;
 const LZ4: u8 = 1;
 const GZIP: u8 = 2;
 
@@ -57,12 +59,13 @@ pub fn redis_key(prefix: &str, kind: Kind, key: &str) -> String {
     )
 }
 
-/// A value read back: its three numbers and its payload.
+/// A value read back: its numbers and its payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded {
     /// What the writer put there (for answers: when stored, how long fresh, points;
-    /// for chunks: the span's first and last timestamp and when it expires).
-    pub fields: [i64; 3],
+    /// for chunks: the span's first and last timestamp and when it expires; for
+    /// both, last, the backends it came from as [`crate::routing::Sources::bits`]).
+    pub fields: [i64; FIELDS],
     /// The payload: decompressed if it was LZ4, as stored if gzip.
     pub payload: Payload,
 }
@@ -72,12 +75,12 @@ fn len32(len: usize) -> [u8; 4] {
 }
 
 /// Encode a value of `kind` for cache key `key`.
-pub fn encode(kind: Kind, key: &str, fields: [i64; 3], payload: &Payload) -> Vec<u8> {
+pub fn encode(kind: Kind, key: &str, fields: [i64; FIELDS], payload: &Payload) -> Vec<u8> {
     let (codec, stored) = match payload {
         Payload::Plain(bytes) => (LZ4, lz4_flex::block::compress_prepend_size(bytes)),
         Payload::Gzip(bytes) => (GZIP, bytes.to_vec()),
     };
-    let mut out = Vec::with_capacity(4 + 3 + 4 + key.len() + 24 + 12 + stored.len());
+    let mut out = Vec::with_capacity(4 + 3 + 4 + key.len() + 8 * FIELDS + 12 + stored.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, kind as u8, codec]);
     out.extend_from_slice(&len32(key.len()));
@@ -111,7 +114,7 @@ pub fn decode(bytes: &[u8], kind: Kind, key: &str, max_payload: usize) -> Option
     if stored_key != key.as_bytes() {
         return None;
     }
-    let mut fields = [0i64; 3];
+    let mut fields = [0i64; FIELDS];
     let mut rest = rest;
     for field in &mut fields {
         let (number, tail) = rest.split_first_chunk::<8>()?;
@@ -155,7 +158,7 @@ mod tests {
         encode(
             Kind::Answer,
             KEY,
-            [1, -2, 3],
+            [1, -2, 3, 4],
             &plain(br#"{"status":"success"}"#),
         )
     }
@@ -163,11 +166,11 @@ mod tests {
     #[test]
     fn a_value_reads_back_for_its_key_and_kind() {
         let decoded = decode(&value(), Kind::Answer, KEY, 1 << 20).expect("decodes");
-        assert_eq!(decoded.fields, [1, -2, 3]);
+        assert_eq!(decoded.fields, [1, -2, 3, 4]);
         assert_eq!(decoded.payload, plain(br#"{"status":"success"}"#));
         let gzip = Payload::Gzip(Bytes::from_static(b"\x1f\x8b not checked here"));
         let decoded = decode(
-            &encode(Kind::Answer, KEY, [4, 5, 6], &gzip),
+            &encode(Kind::Answer, KEY, [4, 5, 6, 7], &gzip),
             Kind::Answer,
             KEY,
             1 << 20,
@@ -212,14 +215,19 @@ mod tests {
 
     #[test]
     fn a_payload_past_the_limit_is_not_decompressed() {
-        let big = encode(Kind::Chunk, KEY, [0; 3], &plain(&vec![b'x'; 4096]));
+        let big = encode(Kind::Chunk, KEY, [0; FIELDS], &plain(&vec![b'x'; 4096]));
         assert!(decode(&big, Kind::Chunk, KEY, 4096).is_some());
         assert_eq!(decode(&big, Kind::Chunk, KEY, 4095), None);
         // A forged size in front of a tiny payload (checksum and all) is refused
         // the same way.
         let mut lz4 = lz4_flex::block::compress_prepend_size(b"x");
         lz4[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let mut forged = encode(Kind::Chunk, KEY, [0; 3], &Payload::Gzip(Bytes::from(lz4)));
+        let mut forged = encode(
+            Kind::Chunk,
+            KEY,
+            [0; FIELDS],
+            &Payload::Gzip(Bytes::from(lz4)),
+        );
         forged[6] = LZ4;
         let at = forged.len() - 8;
         let (value, checksum) = forged.split_at_mut(at);

@@ -22,7 +22,8 @@ use super::redis::Redis;
 use crate::cache::extent::Span;
 use crate::cache::key::{CacheKey, SeriesKey};
 use crate::cache::matrix::Matrix;
-use crate::cache::store::{self, gunzip};
+use crate::cache::store::{self, Chunk, gunzip};
+use crate::routing::Sources;
 use crate::units::{millis, now_millis};
 
 /// How long a fetch lock lives unless its holder extends it; a replica that dies
@@ -44,6 +45,8 @@ pub struct SharedAnswer {
     pub age: Duration,
     /// How long it is fresh from when it was stored.
     pub fresh: Duration,
+    /// The backends it came from.
+    pub sources: Sources,
 }
 
 impl SharedAnswer {
@@ -61,6 +64,8 @@ pub struct SharedChunk {
     pub span: Span,
     /// Its series.
     pub matrix: Matrix,
+    /// The backends its points came from.
+    pub sources: Sources,
     /// How long it is kept from now.
     pub left: Duration,
 }
@@ -194,7 +199,7 @@ impl L2 {
             self.count("get", "invalid");
             return None;
         };
-        let [stored, fresh, points] = decoded.fields;
+        let [stored, fresh, points, sources] = decoded.fields;
         let age = duration(now_millis().saturating_sub(stored));
         self.count("get", "hit");
         Some(SharedAnswer {
@@ -202,6 +207,7 @@ impl L2 {
             points: u64::try_from(points).unwrap_or(0),
             age,
             fresh: duration(fresh),
+            sources: Sources::from_bits(sources),
         })
     }
 
@@ -243,6 +249,7 @@ impl L2 {
             now_millis(),
             millis(fresh),
             i64::try_from(answer.points).unwrap_or(0),
+            answer.sources.bits(),
         ];
         tokio::spawn(async move {
             let encoded = tokio::task::spawn_blocking({
@@ -312,12 +319,13 @@ impl L2 {
                 self.count("get", "invalid");
                 continue;
             };
-            let [from, to, expires] = decoded.fields;
+            let [from, to, expires, sources] = decoded.fields;
             self.count("get", "hit");
             found.push(SharedChunk {
                 index: *index,
                 span: Span { from, to },
                 matrix,
+                sources: Sources::from_bits(sources),
                 left: duration(expires.saturating_sub(now)),
             });
         }
@@ -329,16 +337,20 @@ impl L2 {
         self: &Arc<Self>,
         series: &SeriesKey,
         index: i64,
-        span: Span,
-        matrix: &Matrix,
+        chunk: &Chunk,
         ttl: Duration,
     ) {
         let key = chunk_key(series, index);
         let value = encode(
             Kind::Chunk,
             &key,
-            [span.from, span.to, now_millis().saturating_add(millis(ttl))],
-            &Payload::Plain(Bytes::from(matrix.to_json())),
+            [
+                chunk.span.from,
+                chunk.span.to,
+                now_millis().saturating_add(millis(ttl)),
+                chunk.sources.bits(),
+            ],
+            &Payload::Plain(Bytes::from(chunk.matrix.to_json())),
         );
         let this = self.clone();
         tokio::spawn(async move {

@@ -54,6 +54,24 @@ fn same(a: &Value, b: &Value, tol: f64, path: String) -> Result<(), String> {
     }
 }
 
+/// A matrix answer with only the points whose timestamp (seconds) passes `keep`,
+/// and without the series left empty: to compare a part of a stitched answer.
+pub fn points_where(answer: &Value, keep: impl Fn(f64) -> bool) -> Value {
+    let mut part = answer.clone();
+    if let Some(series) = part
+        .pointer_mut("/data/result")
+        .and_then(Value::as_array_mut)
+    {
+        for s in series.iter_mut() {
+            if let Some(values) = s["values"].as_array_mut() {
+                values.retain(|p| p[0].as_f64().is_some_and(&keep));
+            }
+        }
+        series.retain(|s| s["values"].as_array().is_some_and(|v| !v.is_empty()));
+    }
+    part
+}
+
 /// Sort a result array by its `metric` labels, since some endpoints (series, VM's
 /// matrices) do not promise an order.
 pub fn sorted_by_metric(mut v: Value) -> Value {

@@ -20,6 +20,7 @@ mod hostile;
 mod limits;
 mod sale_mode;
 mod slow_clients;
+mod split_fetches;
 mod upstream_faults;
 
 /// This package's binaries, which the testkit starts.
