@@ -19,6 +19,12 @@ const QUERY: &str = r#"sum by (region) (rate(shop_orders_total{status="created"}
 const RANGE_S: i64 = 3 * 365 * 86_400;
 const STEP_S: i64 = 3 * 3600;
 
+/// The 3-year panel ending at `end`, through promguard at `base`: (X-Cache,
+/// X-Promguard-Backend, body).
+async fn panel(base: &str, end: i64) -> (String, String, Value) {
+    range(base, QUERY, end - RANGE_S, end, STEP_S, &[]).await
+}
+
 /// Upstream calls promguard made to `backend`, from its own metrics.
 async fn calls(pg: &Promguard, backend: &str) -> f64 {
     scrape(&pg.url).await.sum(&format!(
@@ -58,8 +64,7 @@ async fn a_three_year_panels_refresh_fetches_its_tail_from_prometheus() {
     let (opened_at, refreshed_at) = (end - STEP_S, end);
 
     let vm_before = vm_settled().await;
-    let (cache, backend, first) =
-        range(&pg.url, QUERY, opened_at - RANGE_S, opened_at, STEP_S, &[]).await;
+    let (cache, backend, first) = panel(&pg.url, opened_at).await;
     assert_eq!(cache, "MISS");
     assert_eq!(
         backend, "long_term, recent",
@@ -94,15 +99,7 @@ async fn a_three_year_panels_refresh_fetches_its_tail_from_prometheus() {
     // A refresh one step later fetches only the new step, from Prometheus.
     let vm_before = vm_settled().await;
     let prom_before = prometheus_calls().await;
-    let (cache, backend, refreshed) = range(
-        &pg.url,
-        QUERY,
-        refreshed_at - RANGE_S,
-        refreshed_at,
-        STEP_S,
-        &[],
-    )
-    .await;
+    let (cache, backend, refreshed) = panel(&pg.url, refreshed_at).await;
     assert_eq!(cache, "PARTIAL");
     assert_eq!(backend, "long_term, recent");
     assert_eq!(
@@ -126,26 +123,10 @@ async fn a_three_year_panels_refresh_fetches_its_tail_from_prometheus() {
 
     // With split_fetches off the same refresh goes to the long-term store.
     let whole = Promguard::in_front_of_backends(BINS, "routing:\n  split_fetches: false\n");
-    let (_, backend, _) = range(
-        &whole.url,
-        QUERY,
-        opened_at - RANGE_S,
-        opened_at,
-        STEP_S,
-        &[],
-    )
-    .await;
+    let (_, backend, _) = panel(&whole.url, opened_at).await;
     assert_eq!(backend, "long_term");
     let vm_before = vm_settled().await;
-    let (cache, backend, _) = range(
-        &whole.url,
-        QUERY,
-        refreshed_at - RANGE_S,
-        refreshed_at,
-        STEP_S,
-        &[],
-    )
-    .await;
+    let (cache, backend, _) = panel(&whole.url, refreshed_at).await;
     assert_eq!((cache.as_str(), backend.as_str()), ("PARTIAL", "long_term"));
     assert_eq!(calls(&whole, "recent").await, 0.0);
     assert_eq!(calls(&whole, "long_term").await, 2.0);
