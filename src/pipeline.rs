@@ -390,8 +390,8 @@ fn forwarder(
                 None => None,
             };
             let (request, now) = routed;
-            let shape = shape_of(&req.kind, state.lookback_delta);
-            let target = routing::route_fetch(&state.routing, request, req.endpoint, &shape, now);
+            let reads = || shape_of(&req.kind, state.lookback_delta);
+            let target = routing::route_fetch(&state.routing, request, req.endpoint, reads, now);
             let backend = state.backend(target);
             let slot = backend
                 .gate

@@ -69,20 +69,21 @@ pub fn route(
     }
 }
 
-/// The backend for one upstream call (`shape`: what the call reads) of a request
-/// routed to `request`. With `split_fetches` a call is routed on its own, but never
-/// further back than its request: the rules judged the request's backend.
+/// The backend for one upstream call (`shape`: what the call reads, analysed only
+/// when it can change the answer) of a request routed to `request`. With
+/// `split_fetches` a call is routed on its own, but never further back than its
+/// request: the rules judged the request's backend.
 pub fn route_fetch(
     table: &RoutingTable,
     request: BackendId,
     endpoint: Endpoint,
-    shape: &QueryShape,
+    shape: impl FnOnce() -> QueryShape,
     now: Millis,
 ) -> BackendId {
     if !table.split_fetches || request == BackendId::Recent {
         return request;
     }
-    route(table, endpoint, shape, now)
+    route(table, endpoint, &shape(), now)
 }
 
 /// How the upstream calls of a range request are routed ([`fetches`]).
@@ -255,7 +256,7 @@ mod tests {
         let tail = oldest(Some(NOW - 2 * H));
         let old = oldest(Some(NOW - 30 * 24 * H));
         let fetch = |t: &RoutingTable, request, shape: &QueryShape| {
-            route_fetch(t, request, Endpoint::QueryRange, shape, NOW)
+            route_fetch(t, request, Endpoint::QueryRange, || shape.clone(), NOW)
         };
         assert_eq!(fetch(&t, BackendId::LongTerm, &tail), BackendId::Recent);
         assert_eq!(fetch(&t, BackendId::LongTerm, &old), BackendId::LongTerm);
@@ -290,7 +291,7 @@ mod tests {
         // The part from the cut on reads only recent data, so it goes to Prometheus.
         let tail = oldest(Some(cut - 5 * 60_000));
         assert_eq!(
-            route_fetch(&t, BackendId::LongTerm, Endpoint::QueryRange, &tail, NOW),
+            route_fetch(&t, BackendId::LongTerm, Endpoint::QueryRange, || tail, NOW),
             BackendId::Recent
         );
         assert_eq!(

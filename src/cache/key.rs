@@ -22,9 +22,9 @@ pub struct CacheKey(pub Arc<str>);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SeriesKey(pub Arc<str>);
 
-/// Backend (`None`: whichever each fetch was routed to), path, the request's typed part as the caller of this function spells
-/// it, and the parameters promguard does not interpret, in sorted order (their
-/// order does not change the answer). `timeout` is typed and never part of a key.
+/// Backend (`None`: whichever each fetch was routed to), path, the request's typed
+/// part as the caller of this function spells it, and the parameters promguard does
+/// not interpret, in sorted order (their order does not change the answer). `timeout` is typed and never part of a key.
 fn base(req: &ApiRequest, backend: Option<BackendId>, typed: &str) -> String {
     let mut other: Vec<_> = req.extra.iter().collect();
     other.sort();
