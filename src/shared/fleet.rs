@@ -11,9 +11,12 @@
 //! is the same GCRA as the replica's own ([`crate::limits`]), its state a theoretical
 //! arrival time in Redis.
 //!
-//! When Redis cannot be used, each replica falls back to its share of each cap: the
-//! cap divided by the replicas it last saw live (or `shared.expected_replicas`
-//! before it saw any), at least one slot, and to its own per-user limits.
+//! When Redis cannot be reached (the heartbeat's probe fails), each replica falls
+//! back to its share of each cap: the cap divided by the replicas it last saw live
+//! (or `shared.expected_replicas` before it saw any), at least one slot, and to its
+//! own per-user limits. A lease call that fails while Redis is reachable (slow under
+//! load) is retried like a full cap: a share taken beside the leases the others
+//! still hold would put the backend over the cap.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -241,6 +244,7 @@ impl Fleet {
             {
                 Ok(Some(lease)) => return Ok(FleetSlot::Lease(lease)),
                 Ok(None) => {}
+                Err(()) if self.redis.reachable() => {}
                 Err(()) => {
                     let (share, reserved) = self.share(cap);
                     let used = &self.local[index(backend)];

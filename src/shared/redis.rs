@@ -9,7 +9,7 @@
 //! which state the replica is in.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
@@ -51,6 +51,8 @@ pub struct Redis {
     open_until: Mutex<Option<Instant>>,
     /// [`UNKNOWN`] until the first call, then [`UP`] or [`DOWN`].
     state: AtomicU8,
+    /// Whether the heartbeat's last probe reached Redis.
+    reachable: AtomicBool,
     metrics: CallMetrics,
     /// Where the URL points, without credentials, for the log.
     target: String,
@@ -119,6 +121,7 @@ impl Redis {
             timeout,
             open_until: Mutex::new(None),
             state: AtomicU8::new(UNKNOWN),
+            reachable: AtomicBool::new(false),
             metrics: CallMetrics {
                 duration,
                 errors,
@@ -131,6 +134,13 @@ impl Redis {
     /// Whether Redis answered the last call.
     pub fn is_up(&self) -> bool {
         self.state.load(Ordering::Relaxed) == UP
+    }
+
+    /// Whether the heartbeat's last probe reached Redis. One slow or failed call
+    /// says little about the others; the probe says whether the fleet can be
+    /// reached at all.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
     }
 
     /// Where Redis is, without credentials.
@@ -156,6 +166,7 @@ impl Redis {
         }
         .await;
         self.record("ping", started, result.as_ref().err());
+        self.reachable.store(result.is_ok(), Ordering::Relaxed);
         result
     }
 
