@@ -26,7 +26,7 @@ use promguard::config::{Config, GateConfig, HumanDuration, LimitsConfig, RateCon
 use promguard::limits::{Limiter, Quotas};
 use promguard::metrics::Metrics;
 use promguard::policy::file::load_dir;
-use promguard::policy::rules::Facts;
+use promguard::policy::rules::{Facts, Judge};
 use promguard::request::{ApiRequest, QueryParser, RequestKind, parse};
 use promguard::routing::BackendId;
 use promguard::scan::ScanLimits;
@@ -216,10 +216,13 @@ fn decide(policy: &promguard::policy::file::Policy, req: &ApiRequest) -> bool {
         backend: BackendId::Recent,
         query: Some(&query.text),
     };
-    matches!(
-        policy.sale.rules.decide(&facts),
-        promguard::policy::rules::Decision::Allow { .. }
-    )
+    // A request is judged as asked, then its upstream call; on a miss both run.
+    [Judge::Request, Judge::Fetch].into_iter().all(|stage| {
+        matches!(
+            policy.sale.rules.decide(&facts, stage),
+            promguard::policy::rules::Decision::Allow { .. }
+        )
+    })
 }
 
 fn limits_config() -> LimitsConfig {

@@ -88,6 +88,11 @@ pub struct ExplainArgs {
     /// The dashboard uid the panel belongs to.
     #[arg(long)]
     dashboard: Option<String>,
+    /// Also show what a range query would fetch, and whether it is served, when
+    /// the cache holds its extents up to this time (RFC 3339 or Unix seconds):
+    /// a panel that was open before the window.
+    #[arg(long, requires = "start")]
+    cached_until: Option<String>,
     /// How far back the recent Prometheus holds data.
     #[arg(long, value_parser = parse_human_duration, default_value = "15d")]
     recent_window: HumanDuration,
@@ -379,6 +384,11 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             at,
             user: &args.user,
             dashboard: args.dashboard.as_deref(),
+            cached_until: args
+                .cached_until
+                .as_deref()
+                .map(|t| time("cached-until", t))
+                .transpose()?,
         },
     );
     match args.output {
@@ -408,6 +418,32 @@ fn explain_command(args: ExplainArgs) -> anyhow::Result<()> {
             }
             if let Some(r) = &e.min_refresh {
                 println!("refresh:   from the backend at most every {r} while live");
+            }
+            let calls = |calls: &[promguard::policy::explain::Call]| {
+                for c in calls {
+                    println!(
+                        "  {} .. {} from {}: {}{}",
+                        c.from,
+                        c.to,
+                        c.backend,
+                        c.decision,
+                        c.rule
+                            .as_ref()
+                            .map(|r| format!(" by rule '{r}'"))
+                            .unwrap_or_default()
+                    );
+                }
+            };
+            if !e.fetches.is_empty() {
+                println!("fetches (nothing cached):");
+                calls(&e.fetches);
+            }
+            if let Some(c) = &e.cached {
+                println!("cached up to {}: {}", c.until, c.decision);
+                calls(&c.fetches);
+                if let Some(w) = &c.warning {
+                    println!("warning:   {w}");
+                }
             }
         }
     }

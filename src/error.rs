@@ -14,6 +14,7 @@ use crate::cache::CacheError;
 use crate::identity::IdentityError;
 use crate::limits::LimitError;
 use crate::policy::SwitchError;
+use crate::policy::verdict::Refused;
 use crate::request::RequestError;
 use crate::upstream::UpstreamError;
 
@@ -53,17 +54,11 @@ pub enum ProxyError {
     /// The backend's gate shed the request (503 with `Retry-After`).
     #[error(transparent)]
     Shed(#[from] Shed),
-    /// A policy rule of the mode in force refuses the query (422 `execution`, as
-    /// Prometheus refuses a query, so Grafana shows it on the panel).
-    #[error("{mode}: {message}. {advice}")]
-    Policy {
-        /// The mode, its window and until when, e.g. `sale mode (window 'black-friday', …)`.
-        mode: String,
-        /// The rule and what the query reads, from the rule's refusal.
-        message: String,
-        /// What to do instead: narrow the range, or use the curated dashboards.
-        advice: String,
-    },
+    /// A policy rule of the mode in force refuses the query, or an upstream call
+    /// the cache cannot do without (422 `execution`, as Prometheus refuses a query,
+    /// so Grafana shows it on the panel).
+    #[error(transparent)]
+    Policy(#[from] Refused),
     /// The backend call failed: unreachable (503), timed out (504), answer too large
     /// (422) or not an API answer (502).
     #[error(transparent)]
@@ -84,7 +79,7 @@ impl ProxyError {
             ProxyError::Identity(_)
             | ProxyError::Request(_)
             | ProxyError::Limit(_)
-            | ProxyError::Policy { .. } => Origin::Client,
+            | ProxyError::Policy(_) => Origin::Client,
             ProxyError::Admin(AdminError::Switch(SwitchError::Persist(_))) => Origin::Upstream,
             ProxyError::Admin(_) => Origin::Client,
             ProxyError::Shed(_) | ProxyError::Cache(_) => Origin::Upstream,
@@ -109,7 +104,7 @@ impl ProxyError {
             ProxyError::Shed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             // 422 and "execution", as Prometheus answers a query it refuses to run:
             // Grafana shows the message on the panel.
-            ProxyError::Policy { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
+            ProxyError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
             ProxyError::Admin(e) => match e {
                 AdminError::Disabled => (StatusCode::FORBIDDEN, "forbidden"),
                 AdminError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

@@ -76,6 +76,10 @@ pub struct Metrics {
     /// Queries a dry-run rule let through but would have refused, by mode, rule
     /// and limit: what a rule would do before it is enforced.
     pub policy_dry_run: IntCounterVec,
+    /// Upstream calls a rule held back, by mode, rule and limit: the answer came
+    /// from the cache with a warning, or the request was refused when the cache
+    /// held nothing of it.
+    pub policy_held: IntCounterVec,
     /// Policy reloads by result: `success`, or `error` when the old policy stays.
     pub policy_reloads: IntCounterVec,
     /// Requests whose handler panicked (a bug), answered with a 500.
@@ -242,6 +246,14 @@ impl Metrics {
             &["mode", "rule", "limit"],
         )
         .expect("valid metric");
+        let policy_held = IntCounterVec::new(
+            Opts::new(
+                "policy_held_fetches_total",
+                "Upstream calls a rule held back; the cache answered what it held.",
+            ),
+            &["mode", "rule", "limit"],
+        )
+        .expect("valid metric");
         let policy_reloads = IntCounterVec::new(
             Opts::new("policy_reloads_total", "Policy reloads by result."),
             &["result"],
@@ -306,6 +318,7 @@ impl Metrics {
             Box::new(sale_mode.clone()),
             Box::new(policy_rejections.clone()),
             Box::new(policy_dry_run.clone()),
+            Box::new(policy_held.clone()),
             Box::new(policy_reloads.clone()),
             Box::new(server_open_connections.clone()),
             Box::new(server_refused_connections.clone()),
@@ -347,6 +360,7 @@ impl Metrics {
             sale_mode,
             policy_rejections,
             policy_dry_run,
+            policy_held,
             policy_reloads,
             http_panics,
             identity_requests,

@@ -1,7 +1,7 @@
 //! The request pipeline: every stage, in order, for one Prometheus API request.
 //!
 //! identify → limit → parse → analyse → route → policy → refresh floor → cache →
-//! (limit, admit, forward per upstream call). Each stage is a call into its own
+//! (judge, limit, admit, forward per upstream call). Each stage is a call into its own
 //! module; this file only orders them and carries the per-request [`RequestCtx`].
 //! Early exits are errors that `error.rs` turns into Prometheus-style responses.
 
@@ -18,14 +18,14 @@ use futures_util::future::BoxFuture;
 
 use crate::admission::{self, Class, Priority, Wanted};
 use crate::analysis::QueryShape;
-use crate::cache::{self, CacheStatus, Waiter};
+use crate::cache::{self, CacheStatus, Judge, Waiter};
 use crate::error::ProxyError;
 use crate::identity::{Caller, Source};
 use crate::limits::{LimitError, Quotas, UserSlot};
 use crate::policy::Compiled;
-use crate::policy::rules::{Decision, Refusal, RuleSet};
+use crate::policy::rules::{Decision, Refusal, RuleSet, human};
 use crate::policy::state::{Effective, Mode};
-use crate::policy::verdict::{Asker, Verdict, shape_of, verdict};
+use crate::policy::verdict::{Asker, Refused, Verdict, judge_fetch, shape_of, verdict};
 use crate::refresh;
 use crate::request::{self, ApiRequest, RequestError, RequestKind};
 use crate::routing::{self, BackendId, Fetches};
@@ -145,7 +145,8 @@ pub async fn handle(
     let policy = state.policies.active();
 
     // analyse, route, decide: which samples it touches, recent Prometheus or the
-    // long-term store, and what the rules of the mode in force say
+    // long-term store, and what the rules of the mode in force that judge requests
+    // say; the others judge each upstream call, after the cache
     let Verdict {
         shape,
         backend,
@@ -176,7 +177,7 @@ pub async fn handle(
         .min_refresh(mode.mode)
         .filter(|_| !exempt)
         .unwrap_or_default();
-    let (req, shape) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
+    let (req, shape, floored) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
 
     // cache: a stored answer is served at once; per-user budgets are spent only by
     // requests that need the backend (and by hits when limits.count_hits is set)
@@ -206,7 +207,7 @@ pub async fn handle(
         && (backend == BackendId::Recent
             || fetches == Fetches::AsRequest
             || exact(BackendId::Recent));
-    let plan = cache::plan(
+    let mut plan = cache::plan(
         state.cache.config(),
         &req,
         &shape,
@@ -217,6 +218,17 @@ pub async fn handle(
         floor,
         unaligned_exact,
     );
+    if floored {
+        plan = plan.noted(&format!(
+            "promguard: in {} mode this panel refreshes at most every {}, so its newest \
+             point may be that old",
+            mode.mode.as_str(),
+            human(floor)
+        ));
+    }
+    if !exempt && policy.rules(mode.mode).judges_fetches() {
+        plan = plan.judged(fetch_judge(state, ctx, &policy, &mode, backend));
+    }
     let spend_request_budget = || match &budget {
         Some(key) => state
             .limiter
@@ -254,7 +266,19 @@ pub async fn handle(
                 budget: budget.clone(),
                 limit: state.wait_limit(backend, req.timeout),
             };
-            Box::pin(state.cache.serve(plan, req.endpoint, waiter, fetch)).await?
+            // refused after all when the rules hold back calls the cache cannot
+            // answer without
+            Box::pin(state.cache.serve(plan, req.endpoint, waiter, fetch))
+                .await
+                .inspect_err(|e| {
+                    if let ProxyError::Policy(r) = e {
+                        state
+                            .metrics
+                            .policy_rejections
+                            .with_label_values(&[mode.mode.as_str(), &r.rule, r.limit])
+                            .inc();
+                    }
+                })?
         }
     };
     ctx.cache = Some(served.cache);
@@ -336,11 +360,7 @@ fn enforce(
     match decision {
         Decision::Refuse(refusal) => {
             count(&state.metrics.policy_rejections, &refusal);
-            Err(ProxyError::Policy {
-                mode: mode.describe(),
-                message: refusal.message,
-                advice: advice(policy.rules(mode.mode)),
-            })
+            Err(refused(policy, mode, refusal).into())
         }
         Decision::Allow { would_refuse } => {
             for refusal in would_refuse {
@@ -356,6 +376,73 @@ fn enforce(
         }
         Decision::Exempt => Ok(Subject::Exempt),
     }
+}
+
+/// The refusal of `refusal`'s rule in `mode`, as the caller is told it.
+fn refused(policy: &Compiled, mode: &Effective, refusal: Refusal) -> Refused {
+    Refused {
+        mode: mode.describe(),
+        message: refusal.message,
+        advice: advice(policy.rules(mode.mode)),
+        rule: refusal.rule,
+        limit: refusal.limit,
+    }
+}
+
+/// The rules of `mode` that judge upstream calls, for a request routed to
+/// `backend`: asked by the cache before each call it would make, counting what
+/// they hold back and what their dry runs would.
+fn fetch_judge(
+    state: &Arc<AppState>,
+    ctx: &RequestCtx,
+    policy: &Arc<Compiled>,
+    mode: &Effective,
+    backend: BackendId,
+) -> Judge {
+    let (state, policy, mode) = (state.clone(), policy.clone(), mode.clone());
+    let asker = asker(&state, ctx);
+    let (user, dashboard) = (asker.user.to_string(), asker.dashboard.map(str::to_string));
+    let now = ctx.now;
+    Judge::new(move |call| {
+        let asker = Asker {
+            user: &user,
+            dashboard: dashboard.as_deref(),
+        };
+        let (_, decision) = judge_fetch(
+            call.endpoint,
+            &call.kind,
+            backend,
+            policy.rules(mode.mode),
+            &state.routing,
+            state.lookback_delta,
+            asker,
+            now,
+        );
+        let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
+            counter
+                .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
+                .inc();
+        };
+        match decision {
+            Decision::Refuse(refusal) => {
+                count(&state.metrics.policy_held, &refusal);
+                Err(refused(&policy, &mode, refusal))
+            }
+            Decision::Allow { would_refuse } => {
+                for refusal in would_refuse {
+                    count(&state.metrics.policy_dry_run, &refusal);
+                    tracing::warn!(
+                        mode = mode.mode.as_str(),
+                        rule = refusal.rule,
+                        "dry run: {}",
+                        refusal.message
+                    );
+                }
+                Ok(())
+            }
+            Decision::Exempt => Ok(()),
+        }
+    })
 }
 
 /// What the cache runs for each piece it must fetch: the caller's upstream budget
@@ -462,8 +549,9 @@ fn asker<'a>(state: &AppState, ctx: &'a RequestCtx) -> Asker<'a> {
     }
 }
 
-/// `req` snapped to the refresh floor, with its shape, when the floor moves it and
-/// it still goes to the backend the policy decided on; as it was otherwise.
+/// `req` snapped to the refresh floor, with its shape and `true`, when the floor
+/// moves it and it still goes to the backend the policy decided on; as it was
+/// otherwise.
 fn on_refresh_floor(
     state: &AppState,
     req: Arc<ApiRequest>,
@@ -471,16 +559,16 @@ fn on_refresh_floor(
     backend: BackendId,
     floor: Duration,
     now: Millis,
-) -> (Arc<ApiRequest>, QueryShape) {
+) -> (Arc<ApiRequest>, QueryShape, bool) {
     let live_after = cache::live_after(state.cache.config(), now);
     let Some(snapped) = refresh::snap(&req, floor, live_after) else {
-        return (req, shape);
+        return (req, shape, false);
     };
     let snapped_shape = shape_of(&snapped.kind, state.lookback_delta);
     if routing::route(&state.routing, snapped.endpoint, &snapped_shape, now) != backend {
-        return (req, shape);
+        return (req, shape, false);
     }
-    (Arc::new(snapped), snapped_shape)
+    (Arc::new(snapped), snapped_shape, true)
 }
 
 /// What to do instead of a refused query.

@@ -81,6 +81,15 @@ pub fn format_time(ms: Millis) -> String {
     format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
 }
 
+/// A time for people to read, `2026-11-27T09:00:00Z` (seconds, UTC); Unix seconds
+/// when out of the calendar's range.
+pub fn format_rfc3339(ms: Millis) -> String {
+    DateTime::from_timestamp_millis(ms).map_or_else(
+        || format_time(ms),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
 /// A duration as the HTTP API takes it (`step`, `timeout`): float seconds or the
 /// Prometheus duration syntax, positive or zero, at most [`MAX_DURATION`].
 ///

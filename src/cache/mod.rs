@@ -6,7 +6,10 @@
 //! extents. [`Cache::serve`] answers from the store, or runs one coalesced upstream
 //! fetch per distinct answer, for range queries only of the missing spans, then
 //! stitches, stores and answers; when the backend fails it falls back to a stale
-//! answer with a warning.
+//! answer with a warning. A [`Judge`] may hold back calls the caller's rules
+//! refuse: the answer then comes from what the cache holds, with a warning that
+//! says what is missing and why, and only a request it holds nothing for is
+//! refused.
 
 pub mod coalesce;
 pub mod extent;
@@ -28,6 +31,7 @@ use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::policy::verdict::Refused;
 use crate::request::{ApiRequest, Endpoint, RequestKind};
 use crate::routing::{BackendId, Fetches, Sources};
 use crate::shared::envelope::Payload;
@@ -142,6 +146,41 @@ pub struct Served {
     pub sources: Sources,
 }
 
+/// Whether the caller's rules let one upstream call be made: `Err` holds it
+/// back, and the cache answers from what it holds instead.
+#[derive(Clone)]
+pub struct Judge(Arc<Rules>);
+
+/// The rules behind a [`Judge`]: `Err` for a call they refuse.
+type Rules = dyn Fn(&ApiRequest) -> Result<(), Refused> + Send + Sync;
+
+impl Judge {
+    /// A judge that asks `rules` about every call.
+    pub fn new(rules: impl Fn(&ApiRequest) -> Result<(), Refused> + Send + Sync + 'static) -> Self {
+        Judge(Arc::new(rules))
+    }
+
+    fn allows(&self, call: &ApiRequest) -> Result<(), Refused> {
+        (self.0)(call)
+    }
+}
+
+impl std::fmt::Debug for Judge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Judge")
+    }
+}
+
+/// What only some callers' answers carry: their rules' judgement of each call,
+/// and a warning that says why their answer differs from a plain one. Each gives
+/// the answer a key of its own, so nobody else is served it.
+#[derive(Debug, Clone, Default)]
+struct Terms {
+    judge: Option<Judge>,
+    /// Stored with the answer, so a hit sends it without re-encoding.
+    note: Option<Arc<str>>,
+}
+
 /// A whole answer's key, what to send upstream, and how long it stays fresh.
 #[derive(Debug, Clone)]
 pub struct WholePlan {
@@ -151,6 +190,7 @@ pub struct WholePlan {
     /// A stored answer younger than this is a hit for this caller however fresh
     /// it is for others (the policy's `min_refresh`).
     floor: Duration,
+    terms: Terms,
 }
 
 /// A range query cached as extents.
@@ -168,6 +208,7 @@ pub struct RangePlan {
     /// Where its fetches are cut so that each part goes to the backend holding it
     /// (on the grid; see [`Fetches::Split`]).
     recent_from: Option<Millis>,
+    terms: Terms,
 }
 
 /// How one request uses the cache; decided by [`plan`] before any I/O.
@@ -181,11 +222,48 @@ pub enum Plan {
         /// Set when the client's `no-cache` skipped a cacheable whole answer: the fresh
         /// answer still replaces the stored one.
         refresh: Option<WholePlan>,
+        /// The caller's rules, which may refuse the call.
+        judge: Option<Judge>,
     },
     /// Cached as one answer: instant queries, metadata, ranges that cannot be split.
     Whole(WholePlan),
     /// Cached as extents, fetching only the spans the store lacks.
     Range(RangePlan),
+}
+
+impl Plan {
+    /// The plan for a caller whose rules judge each upstream call: a call they
+    /// refuse is not made, and the answer comes from what the cache holds, kept
+    /// (with its warning) under a key of its own.
+    #[must_use]
+    pub fn judged(mut self, judge: Judge) -> Plan {
+        match &mut self {
+            Plan::Bypass { judge: j, .. } => *j = Some(judge),
+            Plan::Whole(w) => w.terms.judge = Some(judge),
+            Plan::Range(r) => r.terms.judge = Some(judge),
+        }
+        self
+    }
+
+    /// The plan for an answer that carries `note` as its Prometheus warning,
+    /// stored with it under a key of its own.
+    #[must_use]
+    pub fn noted(mut self, note: &str) -> Plan {
+        let (key, terms) = match &mut self {
+            Plan::Bypass { .. } => return self,
+            Plan::Whole(w) => (&mut w.key, &mut w.terms),
+            Plan::Range(r) => (&mut r.key, &mut r.terms),
+        };
+        *key = CacheKey(format!("{}\u{0}note={note}", key.0).into());
+        terms.note = Some(note.into());
+        self
+    }
+}
+
+/// Where an answer served past held-back calls is kept: beside the plain answer,
+/// which callers whose rules refuse nothing must never be served.
+fn held_key(key: &CacheKey) -> CacheKey {
+    CacheKey(format!("{}\u{0}held", key.0).into())
 }
 
 /// Decide how `req` (routed to `backend`, its range's calls as `fetches` says) is
@@ -215,6 +293,7 @@ pub fn plan(
         request,
         fresh,
         floor,
+        terms: Terms::default(),
     };
     let planned = match &req.kind {
         _ if !config.enabled => None,
@@ -260,6 +339,7 @@ pub fn plan(
                             } if at > want.from => Some(grid.at_or_after(at)),
                             _ => None,
                         },
+                        terms: Terms::default(),
                     }))
                 }
                 _ => Some(Plan::Whole(whole(
@@ -308,14 +388,17 @@ pub fn plan(
         None => Plan::Bypass {
             request: req.clone(),
             refresh: None,
+            judge: None,
         },
         Some(Plan::Whole(w)) if no_cache => Plan::Bypass {
             request: w.request.clone(),
             refresh: Some(w),
+            judge: None,
         },
         Some(Plan::Range(r)) if no_cache => Plan::Bypass {
             request: r.request,
             refresh: None,
+            judge: None,
         },
         Some(p) => p,
     }
@@ -391,12 +474,13 @@ impl Cache {
         self.store.usage()
     }
 
-    /// A stored answer `plan` can be served from as it is, counted as a hit.
+    /// A stored answer `plan` can be served from as it is, counted as a hit: the
+    /// plain answer, or for a judged plan the one served past held-back calls.
     pub fn lookup(&self, plan: &Plan, endpoint: Endpoint) -> Option<Served> {
         let hit = match plan {
             Plan::Bypass { .. } => None,
-            Plan::Whole(w) => self.fresh(&w.key, w.floor),
-            Plan::Range(r) => self.fresh(&r.key, r.floor),
+            Plan::Whole(w) => self.fresh_for(&w.key, w.floor, &w.terms),
+            Plan::Range(r) => self.fresh_for(&r.key, r.floor, &r.terms),
         }?;
         self.metrics
             .lookups
@@ -555,7 +639,14 @@ impl Cache {
     {
         let fetch = Arc::new(fetch);
         let result = match plan {
-            Plan::Bypass { request, refresh } => {
+            Plan::Bypass {
+                request,
+                refresh,
+                judge,
+            } => {
+                if let Some(refused) = judge.and_then(|j| j.allows(&request).err()) {
+                    return Err(refused.into());
+                }
                 let response = fetch(request, Wanted::Fixed(waiter.priority)).await;
                 if let (Some(w), Ok(r)) = (&refresh, &response) {
                     let _ = self.keep(w, r);
@@ -568,30 +659,32 @@ impl Cache {
                     sources: Sources::of(r.backend),
                 })
             }
-            Plan::Whole(w) => match self.fresh(&w.key, w.floor) {
+            Plan::Whole(w) => match self.fresh_for(&w.key, w.floor, &w.terms) {
                 Some(hit) => Ok(hit),
                 None => {
-                    let key = w.key.clone();
+                    let (flight, answer) = flight_keys(&w.key, &w.terms);
                     let this = self.clone();
                     let limit = waiter.limit;
                     let work = move |priority| {
                         this.clone()
                             .fill_whole(w.clone(), fetch.clone(), priority, limit)
                     };
-                    self.coalesced(key, endpoint, &waiter, work).await
+                    self.coalesced(flight, &answer, endpoint, &waiter, work)
+                        .await
                 }
             },
-            Plan::Range(r) => match self.fresh(&r.key, r.floor) {
+            Plan::Range(r) => match self.fresh_for(&r.key, r.floor, &r.terms) {
                 Some(hit) => Ok(hit),
                 None => {
-                    let key = r.key.clone();
+                    let (flight, answer) = flight_keys(&r.key, &r.terms);
                     let this = self.clone();
                     let limit = waiter.limit;
                     let work = move |priority| {
                         this.clone()
                             .fill_range(r.clone(), fetch.clone(), priority, limit)
                     };
-                    self.coalesced(key, endpoint, &waiter, work).await
+                    self.coalesced(flight, &answer, endpoint, &waiter, work)
+                        .await
                 }
             },
         };
@@ -602,6 +695,17 @@ impl Cache {
                 .inc();
         }
         result
+    }
+
+    /// [`Cache::fresh`], and for a judged plan also the answer served past
+    /// held-back calls.
+    fn fresh_for(&self, key: &CacheKey, floor: Duration, terms: &Terms) -> Option<Served> {
+        self.fresh(key, floor).or_else(|| {
+            terms
+                .judge
+                .as_ref()
+                .and_then(|_| self.fresh(&held_key(key), floor))
+        })
     }
 
     /// A stored answer that is fresh, or younger than `floor`, as a hit.
@@ -621,13 +725,15 @@ impl Cache {
     }
 
     /// Run `work` once for all concurrent callers of `key`, at the priority of all
-    /// of them; if it fails, fall back to a stale answer. A waiter refused only
+    /// of them; if it fails, fall back to a stale answer stored under `answer`. A
+    /// waiter refused only
     /// because the caller who started the fetch was over *its* per-user budget
     /// runs the fetch again as its own, once: nobody is refused for someone
     /// else's budget.
     async fn coalesced<W, Fut>(
         &self,
         key: CacheKey,
+        answer: &CacheKey,
         endpoint: Endpoint,
         waiter: &Waiter,
         work: W,
@@ -666,9 +772,9 @@ impl Cache {
             }
         };
         match result {
-            Err(e) => match self.stale(&key, &e.to_string()) {
+            Err(e) => match self.stale(answer, &e.to_string()) {
                 Some(stale) => Ok(stale),
-                None => self.fleet_stale(&key, &e.to_string()).await.ok_or(e),
+                None => self.fleet_stale(answer, &e.to_string()).await.ok_or(e),
             },
             ok => ok,
         }
@@ -721,7 +827,8 @@ impl Cache {
         fresh.max(self.config.stale_max_age.0)
     }
 
-    /// Store a successful whole answer without warnings; the fleet's write, if any.
+    /// Store a successful whole answer without warnings (with the plan's note, as
+    /// `response` carries it now); the fleet's write, if any.
     fn keep(
         &self,
         w: &WholePlan,
@@ -731,7 +838,7 @@ impl Cache {
             .then(|| {
                 self.put_answer(
                     &w.key,
-                    &response.body,
+                    &noted(response.body.clone(), &w.terms),
                     0,
                     Sources::of(response.backend),
                     w.fresh,
@@ -753,6 +860,14 @@ impl Cache {
         F: Fn(ApiRequest, Wanted) -> Fut,
         Fut: Future<Output = Fetched>,
     {
+        if let Some(refused) = w
+            .terms
+            .judge
+            .as_ref()
+            .and_then(|j| j.allows(&w.request).err())
+        {
+            return Err(refused.into());
+        }
         let mut fleet_lock = match self.lead(&w.key, wait).await {
             Ok(lock) => lock,
             Err(served) => return Ok(served),
@@ -761,7 +876,13 @@ impl Cache {
         if let (Some(lock), Some(write)) = (fleet_lock.as_mut(), self.keep(&w, &response)) {
             lock.after(write);
         }
-        Ok(uncached(response))
+        let mut served = uncached(response);
+        if served.status.is_success()
+            && let Body::Plain(body) = served.body
+        {
+            served.body = Body::Plain(noted(body, &w.terms));
+        }
+        Ok(served)
     }
 
     /// Fetch the spans the extents (here, or in the fleet's cache) lack, keep their
@@ -811,9 +932,46 @@ impl Cache {
         let gaps = missing(&r.grid, interval, r.want, |i| {
             cached_chunk(i).map(|c| c.span)
         });
-        let gaps = match r.recent_from {
+        let mut gaps = match r.recent_from {
             Some(at) => cut_at(&r.grid, gaps, at),
             None => gaps,
+        };
+        // The calls the caller's rules refuse are not made: the answer then shows
+        // what the cache holds, unless it holds nothing of the range.
+        let mut held: Option<(Refused, Span)> = None;
+        if let Some(judge) = &r.terms.judge {
+            gaps.retain(
+                |gap| match judge.allows(&r.request.with_span(gap.from, gap.to)) {
+                    Ok(()) => true,
+                    Err(refused) => {
+                        held = Some(match held.take() {
+                            None => (refused, *gap),
+                            Some((first, span)) => (first, Span { to: gap.to, ..span }),
+                        });
+                        false
+                    }
+                },
+            );
+            if let Some((refused, _)) = &held
+                && !cached
+                    .iter()
+                    .any(|(_, c)| c.span.intersect(&r.want).is_some())
+            {
+                return Err(refused.clone().into());
+            }
+        }
+        // Whatever cannot be stitched is asked for whole, if the rules allow it.
+        let whole = |response: Option<UpstreamResponse>| {
+            let refused = held.as_ref().map(|(refused, _)| refused.clone());
+            let request = r.request.clone();
+            let (fetch, priority) = (fetch.clone(), priority.clone());
+            async move {
+                match (response, refused) {
+                    (Some(response), None) => Ok(uncached(response)),
+                    (_, Some(refused)) => Err(refused.into()),
+                    (None, None) => fetch(request, priority).await.map(uncached),
+                }
+            }
         };
 
         let mut fetched: Vec<(Span, Matrix)> = Vec::with_capacity(gaps.len());
@@ -830,12 +988,12 @@ impl Cache {
                 }
                 // Warnings, native histograms, or points off the grid asked for: the
                 // whole range as the backend answers it, uncached.
-                _ if *gap == r.want => return Ok(uncached(response)),
-                _ => return fetch(r.request.clone(), priority).await.map(uncached),
+                _ if *gap == r.want => return whole(Some(response)).await,
+                _ => return whole(None).await,
             }
         }
 
-        let updated = updated_chunks(
+        let mut updated = updated_chunks(
             &r.grid,
             interval,
             r.stable_to,
@@ -851,6 +1009,11 @@ impl Cache {
                 .filter(|((s, _), _)| s.intersect(span).is_some())
                 .fold(Sources::default(), |all, (_, from)| all.and(*from))
         };
+        // A chunk a held-back span runs through keeps what it holds: merged with a
+        // piece it does not touch, it would be replaced by it.
+        if let Some((_, span)) = &held {
+            updated.retain(|(i, _, _)| !chunks_of(*span, interval).contains(i));
+        }
         for (i, span, matrix) in updated {
             let sources = cached_chunk(i)
                 .map_or(Sources::default(), |c| c.sources)
@@ -886,28 +1049,69 @@ impl Cache {
         self.metrics
             .points_fetched
             .inc_by(fetched.iter().map(|(_, m)| m.point_count() as u64).sum());
-        let fresh = if r.want.to > r.stable_to {
-            self.config.fresh_ttl.0
-        } else {
-            self.config.extent_ttl.0
+        let cache = match (gaps.is_empty(), cached.is_empty()) {
+            (true, _) => CacheStatus::Hit,
+            (false, true) => CacheStatus::Miss,
+            (false, false) => CacheStatus::Partial,
         };
-        if let (Some(lock), Some(write)) = (
-            fleet_lock.as_mut(),
-            self.put_answer(&r.key, &body, points, sources, fresh),
-        ) {
-            lock.after(write);
-        }
+        let body = match &held {
+            // Kept beside the plain answer, briefly: the rules may allow the
+            // calls again soon (the window closes, the switch flips).
+            Some((refused, span)) => {
+                let body = with_warning(&body, &refused.held(span.from, span.to));
+                self.store.put_answer(
+                    held_key(&r.key),
+                    body.clone(),
+                    points,
+                    sources,
+                    self.clock.now(),
+                    self.config.fresh_ttl.0,
+                    self.config.fresh_ttl.0,
+                );
+                body
+            }
+            None => {
+                let body = noted(body, &r.terms);
+                let fresh = if r.want.to > r.stable_to {
+                    self.config.fresh_ttl.0
+                } else {
+                    self.config.extent_ttl.0
+                };
+                if let (Some(lock), Some(write)) = (
+                    fleet_lock.as_mut(),
+                    self.put_answer(&r.key, &body, points, sources, fresh),
+                ) {
+                    lock.after(write);
+                }
+                body
+            }
+        };
         Ok(Served {
             status: StatusCode::OK,
             body: Body::Plain(body),
-            cache: match (gaps.is_empty(), cached.is_empty()) {
-                (true, _) => CacheStatus::Hit,
-                (false, true) => CacheStatus::Miss,
-                (false, false) => CacheStatus::Partial,
-            },
+            cache,
             stored: None,
             sources,
         })
+    }
+}
+
+/// The keys of a plan's shared fetch and of the answer it falls back on: a judged
+/// plan's fetch is its own, so callers whose rules refuse nothing never wait on
+/// one that holds calls back.
+fn flight_keys(key: &CacheKey, terms: &Terms) -> (CacheKey, CacheKey) {
+    match terms.judge {
+        Some(_) => (held_key(key), key.clone()),
+        None => (key.clone(), key.clone()),
+    }
+}
+
+/// `body` with the plan's note as its warning, when it has one and the backend
+/// gave none of its own (they stay as the backend wrote them).
+fn noted(body: Bytes, terms: &Terms) -> Bytes {
+    match &terms.note {
+        Some(note) if !has_warnings(&body) => with_warning(&body, note),
+        _ => body,
     }
 }
 
@@ -927,17 +1131,23 @@ fn has_warnings(body: &[u8]) -> bool {
     body.windows(11).any(|w| w == b"\"warnings\":")
 }
 
-/// Add a Prometheus `warnings` entry to a success body (which has none: answers
-/// with warnings are never stored).
+/// Add a Prometheus `warnings` entry to a success body without parsing it: first
+/// in the list promguard put first (a stored answer's note), or as a new list.
+/// Answers from a backend with warnings of their own are never stored.
 fn with_warning(body: &Bytes, warning: &str) -> Bytes {
-    let Some(rest) = body.strip_prefix(b"{") else {
-        return body.clone();
+    const LIST: &[u8] = b"{\"warnings\":[";
+    let (rest, more) = match body.strip_prefix(LIST) {
+        Some(rest) => (rest, &b","[..]),
+        None => match body.strip_prefix(b"{") {
+            Some(rest) => (rest, &b"],"[..]),
+            None => return body.clone(),
+        },
     };
     let quoted = serde_json::to_string(warning).unwrap_or_else(|_| "\"stale\"".into());
     let mut out = Vec::with_capacity(body.len() + quoted.len() + 16);
-    out.extend_from_slice(b"{\"warnings\":[");
+    out.extend_from_slice(LIST);
     out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(b"],");
+    out.extend_from_slice(more);
     out.extend_from_slice(rest);
     Bytes::from(out)
 }
@@ -1037,6 +1247,10 @@ mod tests {
         clock: ManualClock,
         backend: Arc<Backend>,
         queries: QueryParser,
+        /// The caller's rules, judging each call, from the next request on.
+        judge: Mutex<Option<Judge>>,
+        /// The warning the caller's answers carry, from the next request on.
+        note: Mutex<Option<&'static str>>,
     }
 
     fn setup(backend: Backend) -> Setup {
@@ -1052,6 +1266,33 @@ mod tests {
             clock,
             backend: Arc::new(backend),
             queries: QueryParser::default(),
+            judge: Mutex::new(None),
+            note: Mutex::new(None),
+        }
+    }
+
+    /// Rules that hold back every call evaluating before `at`.
+    fn holding_before(at: Millis) -> Judge {
+        Judge::new(move |call| match call.kind {
+            RequestKind::Range { start, .. } | RequestKind::Instant { time: start, .. }
+                if start < at =>
+            {
+                Err(Refused {
+                    mode: "sale mode".into(),
+                    message: "refused by rule 'recent-data-only': too old".into(),
+                    advice: "narrow it".into(),
+                    rule: "recent-data-only".into(),
+                    limit: "long_term",
+                })
+            }
+            _ => Ok(()),
+        })
+    }
+
+    fn body(served: &Served) -> String {
+        match &served.body {
+            Body::Plain(b) => String::from_utf8(b.to_vec()).unwrap(),
+            Body::Gzip(_) => panic!("plain in these tests"),
         }
     }
 
@@ -1096,7 +1337,7 @@ mod tests {
                 ),
                 None => (BackendId::Recent, Fetches::AsRequest),
             };
-            let plan = plan(
+            let mut plan = plan(
                 self.cache.config(),
                 &req,
                 &shape,
@@ -1107,6 +1348,12 @@ mod tests {
                 Duration::ZERO,
                 false,
             );
+            if let Some(note) = *self.note.lock().unwrap() {
+                plan = plan.noted(note);
+            }
+            if let Some(judge) = self.judge.lock().unwrap().clone() {
+                plan = plan.judged(judge);
+            }
             if let Some(hit) = self.cache.lookup(&plan, req.endpoint) {
                 return Ok(hit);
             }
@@ -1139,7 +1386,12 @@ mod tests {
         let Body::Plain(body) = &served.body else {
             panic!("a range answer is plain");
         };
-        let m = Matrix::parse(body).expect("a matrix");
+        // Matrix::parse refuses answers with warnings; promguard puts its own first.
+        let body = match body.windows(10).position(|w| w == b"\"status\":\"") {
+            Some(at) => [&b"{"[..], &body[at..]].concat(),
+            None => body.to_vec(),
+        };
+        let m = Matrix::parse(&body).expect("a matrix");
         (0..m.series[0].points.len())
             .map(|i| m.series[0].points.get(i).0)
             .collect()
@@ -1195,6 +1447,111 @@ mod tests {
         let first = whole.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
         assert_eq!(whole.backend.asked(), [(NOW - 60 * MIN, NOW - 10 * MIN)]);
         assert_eq!(first.sources.as_str(), "recent");
+    }
+
+    #[tokio::test]
+    async fn a_judged_range_is_served_from_its_extents_past_a_held_call_with_a_warning() {
+        let s = setup(Backend::default());
+        s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        s.backend.asked();
+        // Zoomed out to two hours under rules that hold back the older hour: no
+        // call, the cached hour, and a warning naming the span held back.
+        *s.judge.lock().unwrap() = Some(holding_before(NOW - 60 * MIN));
+        let zoomed = s.range(NOW - 120 * MIN, NOW - 10 * MIN, NOW).await;
+        assert!(s.backend.asked().is_empty());
+        assert_eq!(zoomed.cache, CacheStatus::Hit);
+        assert_eq!(points(&zoomed).len(), 51);
+        assert_eq!(points(&zoomed)[0], NOW - 60 * MIN);
+        let warning = r#"{"warnings":["promguard: no data from 2026-11-27T07:00:00Z to 2026-11-27T07:59:00Z: refused by rule 'recent-data-only': too old in sale mode"],"status":"success""#;
+        assert!(body(&zoomed).starts_with(warning), "{}", body(&zoomed));
+        // Kept: the next such caller is a hit on it, with its warning.
+        let again = s.range(NOW - 120 * MIN, NOW - 10 * MIN, NOW).await;
+        assert!(again.stored.is_some(), "a stored answer, gzipped once");
+        assert!(body(&again).starts_with(warning));
+        // A caller whose rules allow the call never sees it: it fetches the hour.
+        *s.judge.lock().unwrap() = None;
+        let plain = s.range(NOW - 120 * MIN, NOW - 10 * MIN, NOW).await;
+        assert_eq!(plain.cache, CacheStatus::Partial);
+        assert_eq!(s.backend.asked(), [(NOW - 120 * MIN, NOW - 61 * MIN)]);
+        assert_eq!(points(&plain).len(), 111);
+        assert!(!body(&plain).contains("warnings"));
+    }
+
+    #[tokio::test]
+    async fn a_judged_range_the_cache_holds_nothing_of_is_refused_without_a_call() {
+        let cut = NOW - 30 * MIN;
+        let s = setup(Backend {
+            split_at: Some(cut),
+            ..Backend::default()
+        });
+        // The recent half would be allowed; a panel showing only it is not the
+        // panel asked for, so nothing is fetched and the refusal is the answer.
+        *s.judge.lock().unwrap() = Some(holding_before(cut));
+        let params = [
+            ("query", "sum(rate(x[5m]))".to_string()),
+            ("start", crate::units::format_time(NOW - 60 * MIN)),
+            ("end", crate::units::format_time(NOW - 10 * MIN)),
+            ("step", "60".to_string()),
+        ];
+        let refused = s.try_ask(&params, "/api/v1/query_range", NOW).await;
+        assert!(
+            matches!(&refused, Err(ProxyError::Policy(r)) if r.message.contains("too old")),
+            "{refused:?}"
+        );
+        assert!(s.backend.asked().is_empty());
+        // A range whose calls all pass is served as ever.
+        let recent = s.range(cut, NOW - 10 * MIN, NOW).await;
+        assert_eq!(recent.cache, CacheStatus::Miss);
+        assert_eq!(s.backend.asked(), [(cut, NOW - 10 * MIN)]);
+    }
+
+    #[tokio::test]
+    async fn a_judged_whole_answer_falls_back_on_the_stored_one_with_the_refusal() {
+        let s = setup(Backend::default());
+        let params = [
+            ("query", "sum(increase(x[30d]))".to_string()),
+            ("time", crate::units::format_time(NOW - 30_000)),
+        ];
+        s.ask(&params, "/api/v1/query", NOW).await;
+        s.backend.asked();
+        s.clock.advance(Duration::from_secs(60));
+        *s.judge.lock().unwrap() = Some(holding_before(NOW));
+        let held = s.ask(&params, "/api/v1/query", NOW + 60_000).await;
+        assert_eq!(held.cache, CacheStatus::Stale);
+        assert!(s.backend.asked().is_empty());
+        assert!(body(&held).contains("60s old because: sale mode: refused by rule"));
+        let fresh = [
+            ("query", "sum(increase(y[30d]))".to_string()),
+            params[1].clone(),
+        ];
+        assert!(matches!(
+            s.try_ask(&fresh, "/api/v1/query", NOW + 60_000).await,
+            Err(ProxyError::Policy(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_noted_answer_is_stored_with_its_warning_under_its_own_key() {
+        let s = setup(Backend::default());
+        *s.note.lock().unwrap() =
+            Some("promguard: in sale mode this panel refreshes at most every 1 minute");
+        let first = s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        let warning = r#"{"warnings":["promguard: in sale mode this panel refreshes at most every 1 minute"],"status":"success""#;
+        assert!(body(&first).starts_with(warning), "{}", body(&first));
+        let hit = s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        assert_eq!(hit.cache, CacheStatus::Hit);
+        assert!(hit.stored.is_some());
+        assert!(body(&hit).starts_with(warning));
+        // Without the note the same range is another answer, stitched from the
+        // same extents.
+        *s.note.lock().unwrap() = None;
+        let plain = s.range(NOW - 60 * MIN, NOW - 10 * MIN, NOW).await;
+        assert!(plain.stored.is_none());
+        assert_eq!(s.backend.asked().len(), 1, "only the first fetched");
+        assert!(!body(&plain).contains("warnings"));
+        // A stale fallback adds its own warning in front, still one list.
+        let stale = with_warning(&Bytes::from(warning.to_string() + "}"), "stale");
+        assert!(stale.starts_with(br#"{"warnings":["stale","promguard: in sale mode"#));
     }
 
     #[tokio::test]

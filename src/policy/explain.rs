@@ -1,16 +1,20 @@
 //! `promguard policy explain`: what the policy would do with a query at a time,
-//! and why, so teams can check their dashboards before a sale. Pure.
+//! and why, so teams can check their dashboards before a sale: as the request
+//! reads cold, and, given a cache that holds its extents up to a time, what it
+//! would still fetch. Pure.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::file::Policy;
-use super::rules::{Decision, human};
+use super::rules::{Decision, RuleSet, human};
 use super::state::{Effective, effective};
-use super::verdict::{Asker, Verdict, verdict};
+use super::verdict::{Asker, Refused, Verdict, judge_fetch, verdict};
+use crate::analysis::QueryShape;
+use crate::cache::extent::{Grid, cut_at};
 use crate::request::{Endpoint, Query, RequestKind};
-use crate::routing::RoutingTable;
+use crate::routing::{BackendId, Fetches, RoutingTable, fetches};
 use crate::units::Millis;
 
 /// The query and who asks it.
@@ -32,6 +36,38 @@ pub struct Question<'a> {
     pub user: &'a str,
     /// The dashboard it comes from, for the rules' exempt dashboards; taken as given.
     pub dashboard: Option<&'a str>,
+    /// For a range query: the cache holds its extents up to this time, so only
+    /// what follows is fetched.
+    pub cached_until: Option<Millis>,
+}
+
+/// One upstream call the cache would make, and what the rules say about it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Call {
+    /// First evaluation time, Unix seconds.
+    pub from: f64,
+    /// Last evaluation time, Unix seconds.
+    pub to: f64,
+    /// Where it would go: `recent` or `long_term`.
+    pub backend: &'static str,
+    /// `fetch`, or `held` when a rule holds it back.
+    pub decision: &'static str,
+    /// The rule that holds it back.
+    pub rule: Option<String>,
+}
+
+/// The request given a cache that holds its extents up to a time.
+#[derive(Debug, Serialize)]
+pub struct Cached {
+    /// Up to when the cache holds the extents, Unix seconds.
+    pub until: f64,
+    /// `serve` (every call allowed), `serve from cache with a warning` (some held
+    /// back; the cache answers what it holds), or `refuse`.
+    pub decision: &'static str,
+    /// The calls it would still make.
+    pub fetches: Vec<Call>,
+    /// The warning Grafana would show on the panel, when a call is held back.
+    pub warning: Option<String>,
 }
 
 /// Every fact behind the decision.
@@ -67,6 +103,10 @@ pub struct Explanation {
     pub dry_run: Vec<String>,
     /// For allowed live queries: how often at most they reach the backend.
     pub min_refresh: Option<String>,
+    /// The upstream calls a cache holding nothing of it would make.
+    pub fetches: Vec<Call>,
+    /// With `cached_until`: what it would fetch from a cache holding that much.
+    pub cached: Option<Cached>,
 }
 
 /// What `policy` would do with `q` in the mode its schedule gives at `q.at`: the
@@ -99,6 +139,10 @@ pub fn explain(
         )
     };
     let mode_policy = policy.mode(mode.mode);
+    let asker = Asker {
+        user: q.user,
+        dashboard: q.dashboard,
+    };
     let Verdict {
         shape,
         backend,
@@ -109,13 +153,21 @@ pub fn explain(
         &mode_policy.rules,
         routing,
         lookback_delta,
-        Asker {
-            user: q.user,
-            dashboard: q.dashboard,
-        },
+        asker,
         q.at,
     );
-    let (decision, rule, message, dry_run) = match decision {
+    let calls = Calls {
+        rules: &mode_policy.rules,
+        routing,
+        lookback_delta,
+        asker,
+        kind: &kind,
+        endpoint,
+        backend,
+        shape: &shape,
+        at: q.at,
+    };
+    let (mut decision, mut rule, mut message, mut dry_run) = match decision {
         Decision::Refuse(r) => ("refuse", Some(r.rule), Some(r.message), Vec::new()),
         Decision::Exempt => ("exempt", None, None, Vec::new()),
         Decision::Allow { would_refuse } => (
@@ -125,6 +177,24 @@ pub fn explain(
             would_refuse.into_iter().map(|r| r.message).collect(),
         ),
     };
+    let mut cold = Vec::new();
+    let mut cached = None;
+    if decision == "allow" {
+        // Cold, the cache holds nothing to answer from: the first held call refuses.
+        for judged in calls.judged(None) {
+            if let Some(r) = judged.held.refused
+                && decision == "allow"
+            {
+                (decision, rule, message) = ("refuse", Some(r.rule), Some(r.message));
+            }
+            dry_run.extend(judged.held.dry_run);
+            cold.push(judged.call);
+        }
+        cached = q
+            .cached_until
+            .filter(|_| q.range_query)
+            .map(|until| calls.cached(until, &mode));
+    }
     let lookback_ms = shape.oldest.map(|o| q.at.saturating_sub(o));
     Explanation {
         decision,
@@ -149,6 +219,164 @@ pub fn explain(
             .filter(|_| decision == "allow")
             .map(human),
         dry_run,
+        fetches: cold,
+        cached,
+    }
+}
+
+/// One call worked out and judged.
+struct Judged {
+    /// Its first and last evaluation times.
+    span: (Millis, Millis),
+    call: Call,
+    held: Held,
+}
+
+/// What a call's judgement holds.
+struct Held {
+    /// The enforcing rule that holds it back.
+    refused: Option<super::rules::Refusal>,
+    /// Dry-run rules that would.
+    dry_run: Vec<String>,
+}
+
+/// Everything needed to work out and judge the upstream calls of the question.
+struct Calls<'a> {
+    rules: &'a RuleSet,
+    routing: &'a RoutingTable,
+    lookback_delta: Duration,
+    asker: Asker<'a>,
+    kind: &'a RequestKind,
+    endpoint: Endpoint,
+    backend: BackendId,
+    shape: &'a QueryShape,
+    at: Millis,
+}
+
+impl Calls<'_> {
+    /// The calls for what a cache holding extents up to `cached_until` lacks
+    /// (everything, with `None`), cut where the pipeline cuts them, each judged.
+    fn judged(&self, cached_until: Option<Millis>) -> Vec<Judged> {
+        let spans = match *self.kind {
+            RequestKind::Range {
+                start,
+                end,
+                step_ms,
+                ..
+            } => {
+                let grid = Grid::new(start, step_ms);
+                let from = cached_until.map_or(start, |t| start.max(t.saturating_add(1)));
+                let Some(want) = grid.span_within(from, end) else {
+                    return Vec::new();
+                };
+                match fetches(self.routing, self.backend, self.shape, start, self.at) {
+                    Fetches::Split {
+                        recent_from: Some(at),
+                    } => cut_at(&grid, vec![want], at),
+                    _ => vec![want],
+                }
+                .into_iter()
+                .map(|s| (s.from, s.to))
+                .collect()
+            }
+            RequestKind::Instant { time, .. } => vec![(time, time)],
+            _ => Vec::new(),
+        };
+        spans
+            .into_iter()
+            .map(|(from, to)| {
+                let kind = match self.kind {
+                    RequestKind::Range { query, step_ms, .. } => RequestKind::Range {
+                        query: query.clone(),
+                        start: from,
+                        end: to,
+                        step_ms: *step_ms,
+                    },
+                    other => other.clone(),
+                };
+                let (backend, decision) = judge_fetch(
+                    self.endpoint,
+                    &kind,
+                    self.backend,
+                    self.rules,
+                    self.routing,
+                    self.lookback_delta,
+                    self.asker,
+                    self.at,
+                );
+                let held = match decision {
+                    Decision::Refuse(r) => Held {
+                        refused: Some(r),
+                        dry_run: Vec::new(),
+                    },
+                    Decision::Allow { would_refuse } => Held {
+                        refused: None,
+                        dry_run: would_refuse.into_iter().map(|r| r.message).collect(),
+                    },
+                    Decision::Exempt => Held {
+                        refused: None,
+                        dry_run: Vec::new(),
+                    },
+                };
+                let call = Call {
+                    from: from as f64 / 1000.0,
+                    to: to as f64 / 1000.0,
+                    backend: backend.as_str(),
+                    decision: if held.refused.is_some() {
+                        "held"
+                    } else {
+                        "fetch"
+                    },
+                    rule: held.refused.as_ref().map(|r| r.rule.clone()),
+                };
+                Judged {
+                    span: (from, to),
+                    call,
+                    held,
+                }
+            })
+            .collect()
+    }
+
+    /// The question given a cache holding its extents up to `until`.
+    fn cached(&self, until: Millis, mode: &Effective) -> Cached {
+        let start = match self.kind {
+            RequestKind::Range { start, .. } => *start,
+            _ => until,
+        };
+        let judged = self.judged(Some(until));
+        let mut held = judged.iter().filter(|j| j.held.refused.is_some());
+        let first = held.next();
+        let last = held.next_back().or(first);
+        let (decision, warning) = match (first, last) {
+            (Some(_), _) if until < start => ("refuse", None),
+            (Some(first), Some(last)) => {
+                let (message, rule, limit) = first
+                    .held
+                    .refused
+                    .as_ref()
+                    .map(|r| (r.message.clone(), r.rule.clone(), r.limit))
+                    .unwrap_or_default();
+                let refused = Refused {
+                    mode: mode.describe(),
+                    message,
+                    advice: String::new(),
+                    rule,
+                    limit,
+                };
+                (
+                    "serve from cache with a warning",
+                    Some(refused.held(first.span.0, last.span.1)),
+                )
+            }
+            _ => ("serve", None),
+        };
+        Cached {
+            until: until as f64 / 1000.0,
+            decision,
+            fetches: judged.into_iter().map(|j| j.call).collect(),
+            warning,
+        }
     }
 }
 
@@ -187,6 +415,7 @@ mod tests {
             at,
             user: "bob",
             dashboard: None,
+            cached_until: None,
         };
         let e = explain(&policy, &routing, Duration::from_secs(300), &q);
         assert_eq!(e.decision, "refuse");
@@ -232,5 +461,89 @@ mod tests {
         assert_eq!(scanned.analysis, "tolerant scan");
         assert_eq!(scanned.decision, "refuse", "conservative, as the proxy is");
         assert_eq!(scanned.backend, "long_term");
+    }
+
+    #[test]
+    fn a_30_day_panel_is_refused_cold_and_served_when_its_extents_are_cached() {
+        let policy =
+            super::super::file::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+                .unwrap();
+        let at = 1_795_770_000_000; // 2026-11-27T12:00:00+03:00
+        let (expr, canonical) = crate::request::QueryParser::default()
+            .parse("sum(rate(shop_orders_total[5m]))")
+            .unwrap();
+        let query = Query {
+            text: "sum(rate(shop_orders_total[5m]))".into(),
+            expr,
+            canonical,
+        };
+        let routing = RoutingTable {
+            recent_window: Duration::from_secs(2 * 86_400),
+            has_long_term: true,
+            split_fetches: true,
+        };
+        let hour = 3_600_000;
+        let q = Question {
+            query: &query,
+            start: at - 30 * 24 * hour,
+            end: at,
+            step_ms: hour,
+            range_query: true,
+            at,
+            user: "bob",
+            dashboard: None,
+            cached_until: Some(at - 3 * hour),
+        };
+        let e = explain(&policy, &routing, Duration::from_secs(300), &q);
+        // Cold: two calls, the old one held by the long-term rule, the recent 2
+        // days by the panel-length rule, so nothing can answer it.
+        assert_eq!(e.decision, "refuse");
+        let held: Vec<_> = e
+            .fetches
+            .iter()
+            .map(|c| (c.backend, c.rule.as_deref()))
+            .collect();
+        assert_eq!(
+            held,
+            [
+                ("long_term", Some("recent-data-only")),
+                ("recent", Some("panels-up-to-12h"))
+            ]
+        );
+        // Open since the afternoon: only the last 3 hours, from Prometheus.
+        let cached = e.cached.unwrap();
+        assert_eq!(cached.decision, "serve");
+        assert_eq!(
+            cached.fetches,
+            [Call {
+                from: (at - 2 * hour) as f64 / 1000.0,
+                to: at as f64 / 1000.0,
+                backend: "recent",
+                decision: "fetch",
+                rule: None,
+            }]
+        );
+        // Cached up to 10 days ago: the old part is held back, with a warning.
+        let older = explain(
+            &policy,
+            &routing,
+            Duration::from_secs(300),
+            &Question {
+                cached_until: Some(at - 10 * 24 * hour),
+                ..q
+            },
+        )
+        .cached
+        .unwrap();
+        assert_eq!(older.decision, "serve from cache with a warning");
+        let warning = older.warning.unwrap();
+        assert!(
+            warning.starts_with("promguard: no data from 2026-11-17T10:00:00Z to 2026-11-27T09:00:00Z: refused by rule 'recent-data-only'"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("in sale mode (window 'black-friday-2026'"),
+            "{warning}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::rules::{Limit, Rule, RuleSet};
+use super::rules::{Judge, Limit, Rule, RuleSet};
 use super::state::Mode;
 use super::window::{Window, resolve};
 use crate::config::{HumanDuration, RateConfig};
@@ -180,6 +180,14 @@ struct RawRule {
     reason: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    judge: Option<RawJudge>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawJudge {
+    Fetch,
+    Request,
 }
 
 #[derive(Deserialize, PartialEq, Eq)]
@@ -214,11 +222,25 @@ impl<'de> Deserialize<'de> for Rule {
                 raw.name
             )));
         }
+        let limit = limits.remove(0);
+        let judge = match (&limit, raw.judge) {
+            // The query text is the same in every upstream call of a request.
+            (Limit::Block(_), Some(RawJudge::Fetch)) => {
+                return Err(serde::de::Error::custom(format!(
+                    "rule {:?}: judge: fetch does not apply to block, which reads the \
+                     query text; leave judge out",
+                    raw.name
+                )));
+            }
+            (Limit::Block(_), _) | (_, Some(RawJudge::Request)) => Judge::Request,
+            (_, Some(RawJudge::Fetch) | None) => Judge::Fetch,
+        };
         Ok(Rule {
             name: raw.name,
-            limit: limits.remove(0),
+            limit,
             reason: raw.reason,
             dry_run: raw.dry_run,
+            judge,
         })
     }
 }
@@ -373,6 +395,31 @@ mod tests {
 
         let err = compile_one("sael: {}\n").unwrap_err();
         assert!(err.message.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn rules_judge_upstream_calls_unless_they_say_request() {
+        let p = compile_one(
+            "sale:\n  rules:\n    - {name: a, long_term: deny}\n    - {name: b, max_range: 12h, judge: request}\n    - {name: c, block: x}\n",
+        )
+        .unwrap();
+        let judges: Vec<_> = p.sale.rules.rules.iter().map(|r| r.judge).collect();
+        assert_eq!(judges, [Judge::Fetch, Judge::Request, Judge::Request]);
+
+        let err = compile_one(
+            "sale:\n  rules:\n    - name: a\n      max_lookback: 2d\n      judge: cache\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(
+            err.message.contains("judge: unknown variant `cache`"),
+            "{err}"
+        );
+        let err =
+            compile_one("sale:\n  rules:\n    - name: c\n      block: x\n      judge: fetch\n")
+                .unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains("does not apply to block"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! Stage 6, decide: whether the active rule set allows a query.
+//! Stage 6, decide: whether the active rule set allows a query, and each upstream
+//! call it causes.
 //!
-//! Input: the compiled [`RuleSet`] of the current mode and the [`Facts`] of one
-//! request (who, which dashboard, range, oldest touched sample, backend, PromQL).
-//! Output: a [`Decision`]: allowed (with the dry-run rules that would have refused
-//! it), or refused by one rule with a message that says what to do instead. Pure.
+//! Input: the compiled [`RuleSet`] of the current mode, the [`Judge`] stage, and
+//! the [`Facts`] of one request or of one upstream call (who, which dashboard,
+//! range, oldest touched sample, backend, PromQL). Output: a [`Decision`]: allowed
+//! (with the dry-run rules that would have refused it), or refused by one rule
+//! with a message that says what to do instead. Most rules judge the calls that
+//! reach a backend, after the cache, so a panel the cache holds stays viewable;
+//! a rule with `judge: request` (and every blocked pattern) judges the request as
+//! asked. Pure.
 
 use std::time::Duration;
 
@@ -38,6 +43,17 @@ impl Limit {
     }
 }
 
+/// What a rule looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judge {
+    /// Each upstream call the cache would make for a request: what reaches the
+    /// backend. The default for `max_range`, `max_lookback` and `long_term`.
+    Fetch,
+    /// The request as asked, before the cache: a hard cap whatever the cache
+    /// holds. Always the case for blocked patterns, which read the query text.
+    Request,
+}
+
 /// One rule of a policy file: one limit, enforced or a dry run.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -49,6 +65,8 @@ pub struct Rule {
     pub reason: Option<String>,
     /// Log and count what it would refuse, without refusing.
     pub dry_run: bool,
+    /// Whether it judges the request or its upstream calls.
+    pub judge: Judge,
 }
 
 /// The rules of one mode, with who is exempt from them.
@@ -113,9 +131,9 @@ pub enum Decision {
 }
 
 impl RuleSet {
-    /// Apply the rules in order: the first enforcing rule that matches refuses;
-    /// dry-run matches are collected.
-    pub fn decide(&self, facts: &Facts<'_>) -> Decision {
+    /// Apply the rules that judge at `stage` in order: the first enforcing rule
+    /// that matches refuses; dry-run matches are collected.
+    pub fn decide(&self, facts: &Facts<'_>, stage: Judge) -> Decision {
         if self.exempt_users.iter().any(|u| u == facts.user)
             || facts
                 .dashboard
@@ -124,7 +142,7 @@ impl RuleSet {
             return Decision::Exempt;
         }
         let mut would_refuse = Vec::new();
-        for rule in &self.rules {
+        for rule in self.rules.iter().filter(|r| r.judge == stage) {
             let Some(what) = violation(&rule.limit, facts) else {
                 continue;
             };
@@ -145,6 +163,14 @@ impl RuleSet {
             }
         }
         Decision::Allow { would_refuse }
+    }
+}
+
+impl RuleSet {
+    /// Whether any rule judges upstream calls: only then must the cache ask
+    /// before each call it makes for a caller these rules bind.
+    pub fn judges_fetches(&self) -> bool {
+        self.rules.iter().any(|r| r.judge == Judge::Fetch)
     }
 }
 
@@ -219,6 +245,10 @@ mod tests {
     fn rule(name: &str, limit: Limit, dry_run: bool) -> Rule {
         Rule {
             name: name.into(),
+            judge: match limit {
+                Limit::Block(_) => Judge::Request,
+                _ => Judge::Fetch,
+            },
             limit,
             reason: None,
             dry_run,
@@ -270,7 +300,7 @@ mod tests {
     #[test]
     fn a_short_recent_query_passes() {
         assert_eq!(
-            sale_rules().decide(&facts()),
+            sale_rules().decide(&facts(), Judge::Fetch),
             Decision::Allow {
                 would_refuse: vec![]
             }
@@ -285,7 +315,7 @@ mod tests {
             backend: BackendId::LongTerm,
             ..facts()
         };
-        let Decision::Refuse(r) = sale_rules().decide(&f) else {
+        let Decision::Refuse(r) = sale_rules().decide(&f, Judge::Fetch) else {
             panic!("refused")
         };
         assert_eq!(r.rule, "recent-only");
@@ -303,7 +333,7 @@ mod tests {
             range: Some(Duration::from_secs(7 * DAY)),
             ..facts()
         };
-        match sale_rules().decide(&long_range) {
+        match sale_rules().decide(&long_range, Judge::Fetch) {
             Decision::Refuse(r) => {
                 assert_eq!(r.rule, "short-ranges");
                 assert!(
@@ -319,7 +349,7 @@ mod tests {
             ..facts()
         };
         assert!(
-            matches!(sale_rules().decide(&deep), Decision::Refuse(r) if r.rule == "short-lookback")
+            matches!(sale_rules().decide(&deep, Judge::Fetch), Decision::Refuse(r) if r.rule == "short-lookback")
         );
     }
 
@@ -330,24 +360,30 @@ mod tests {
             ..facts()
         };
         assert_eq!(
-            sale_rules().decide(&Facts {
-                dashboard: Some("orders"),
-                ..far
-            }),
+            sale_rules().decide(
+                &Facts {
+                    dashboard: Some("orders"),
+                    ..far
+                },
+                Judge::Fetch
+            ),
             Decision::Exempt
         );
         assert_eq!(
-            sale_rules().decide(&Facts {
-                user: "oncall",
-                ..far
-            }),
+            sale_rules().decide(
+                &Facts {
+                    user: "oncall",
+                    ..far
+                },
+                Judge::Request
+            ),
             Decision::Exempt
         );
         let scan = Facts {
             query: Some(r#"count({__name__=~"shop_.*"})"#),
             ..facts()
         };
-        match sale_rules().decide(&scan) {
+        match sale_rules().decide(&scan, Judge::Request) {
             Decision::Allow { would_refuse } => {
                 assert_eq!(would_refuse.len(), 1);
                 assert!(would_refuse[0].dry_run);
@@ -355,6 +391,41 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn each_rule_judges_only_at_its_own_stage() {
+        let mut rules = sale_rules();
+        let long_range = Facts {
+            range: Some(Duration::from_secs(7 * DAY)),
+            ..facts()
+        };
+        assert!(matches!(
+            rules.decide(&long_range, Judge::Request),
+            Decision::Allow { .. }
+        ));
+        assert!(rules.judges_fetches());
+        rules.rules[2].judge = Judge::Request;
+        assert!(
+            matches!(rules.decide(&long_range, Judge::Request), Decision::Refuse(r) if r.rule == "short-ranges")
+        );
+        assert!(matches!(
+            rules.decide(&long_range, Judge::Fetch),
+            Decision::Allow { .. }
+        ));
+        let scan = Facts {
+            query: Some(r#"count({__name__=~"shop_.*"})"#),
+            ..facts()
+        };
+        assert_eq!(
+            rules.decide(&scan, Judge::Fetch),
+            Decision::Allow {
+                would_refuse: vec![]
+            },
+            "a blocked pattern reads the query text, which the request already showed"
+        );
+        rules.rules.retain(|r| r.judge == Judge::Request);
+        assert!(!rules.judges_fetches());
     }
 
     #[test]

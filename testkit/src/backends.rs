@@ -137,4 +137,24 @@ impl Backends {
             .map(|p| page.sum(&format!("vm_http_requests_total{{path=\"/api/v1/{p}")))
             .sum()
     }
+
+    /// [`Backends::vm_query_count`] once it has settled: VictoriaMetrics counts a
+    /// request only after answering it, a moment after the client has the answer.
+    ///
+    /// # Panics
+    ///
+    /// When it still changes after 10 s (the caller must hold [`VM_COUNTERS`]
+    /// alone).
+    pub async fn vm_query_count_settled(&self) -> f64 {
+        let mut last = self.vm_query_count().await;
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let now = self.vm_query_count().await;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        panic!("VictoriaMetrics' query count never settled (last {last})");
+    }
 }

@@ -1,8 +1,10 @@
 //! Sale mode end to end against the real backends: during an active window a
 //! 30-day query is refused with the reason and VictoriaMetrics (by its own request
 //! counters) receives nothing, curated dashboards and short recent queries still
-//! pass; `sale-mode off` lifts it at once, a restart keeps the override, an invalid
-//! policy edit leaves the old policy in force, and dry-run rules only count.
+//! pass; panels loaded before the switch stay viewable from the cache, with a
+//! warning where a call was held back; `sale-mode off` lifts it at once, a restart
+//! keeps the override, an invalid policy edit leaves the old policy in force, and
+//! dry-run rules only count.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,12 +14,18 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::Value;
 
 use promguard_testkit::{
-    Promguard, VM_COUNTERS, backends, client, eventually, now_secs, post_form, scrape,
+    Promguard, VM_COUNTERS, backends, client, eventually, now_secs, post_form, range, scrape,
 };
 
 use crate::BINS;
 
 const TOKEN: &str = "test-admin-token";
+
+/// The sale rules of every test here.
+const SALE_RULES: &str = "sale:\n  exempt: {dashboards: [orders]}\n  rules:\n\
+     \x20   - {name: recent-data-only, long_term: deny, reason: reserved for on-call}\n\
+     \x20   - {name: up-to-12h, max_range: 12h}\n\
+     \x20   - {name: no-name-regex, block: '__name__=~', dry_run: true}\n";
 
 /// A policy whose sale window is open now.
 fn policy_now() -> String {
@@ -25,21 +33,21 @@ fn policy_now() -> String {
         (Utc::now() + chrono::Duration::hours(h)).to_rfc3339_opts(SecondsFormat::Secs, true)
     };
     format!(
-        "windows:\n  - {{name: drill, start: '{}', end: '{}'}}\n\
-         sale:\n  exempt: {{dashboards: [orders]}}\n  rules:\n\
-         \x20   - {{name: recent-data-only, long_term: deny, reason: reserved for on-call}}\n\
-         \x20   - {{name: up-to-12h, max_range: 12h}}\n\
-         \x20   - {{name: no-name-regex, block: '__name__=~', dry_run: true}}\n",
+        "windows:\n  - {{name: drill, start: '{}', end: '{}'}}\n{SALE_RULES}",
         at(-1),
         at(1)
     )
 }
 
 fn start(policy_dir: &Path, state: &Path) -> Promguard {
+    start_with(policy_dir, state, "")
+}
+
+fn start_with(policy_dir: &Path, state: &Path, extra: &str) -> Promguard {
     Promguard::in_front_of_backends(
         BINS,
         &format!(
-            "policy:\n  dir: {}\n  state_file: {}\n  admin_token: {TOKEN}\n  reload_interval: 1h\n",
+            "policy:\n  dir: {}\n  state_file: {}\n  admin_token: {TOKEN}\n  reload_interval: 1h\n{extra}",
             policy_dir.display(),
             state.display()
         ),
@@ -198,11 +206,23 @@ async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
         &pg,
         &["auto", "--reason", "back to plan", "--by", "sre-anna"],
     );
-    let (status, _, _) = post_form(&url(&pg), &month_query(), &[]).await;
+    let (status, _, _) = post_form(&url(&pg), &deep_query(), &[]).await;
     assert_eq!(
         status, 422,
         "the old policy, with its window, still applies"
     );
+    // The month loaded while it was off is in the cache: served, at no cost.
+    let form = month_query();
+    let (cache, _, _) = range(
+        &pg.url,
+        &form[0].1,
+        form[1].1.parse().expect("start"),
+        form[2].1.parse().expect("end"),
+        3600,
+        &[],
+    )
+    .await;
+    assert_eq!(cache, "HIT");
 
     let metrics = scrape(&pg.url).await;
     assert_eq!(
@@ -214,6 +234,91 @@ async fn a_sale_window_refuses_long_term_reads_until_an_sre_lifts_it() {
         1.0
     );
     assert!(metrics.sum(r#"promguard_policy_rejections_total{limit="long_term",mode="sale",rule="recent-data-only"}"#) >= 1.0);
+}
+
+/// A 30-day panel as Grafana sends it: start and end floored to its hour step.
+async fn live_month(pg: &Promguard, query: &str) -> (String, String, Value) {
+    let end = now_secs() / 3600 * 3600;
+    range(&pg.url, query, end - 30 * 86_400, end, 3600, &[]).await
+}
+
+#[tokio::test]
+async fn panels_loaded_before_the_switch_stay_viewable_without_long_term_reads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("sale.yaml"), SALE_RULES).expect("write policy");
+    // Points of the last 2 hours stay live, so a refresh fetches its tail again.
+    let pg = start_with(
+        dir.path(),
+        &dir.path().join("state.json"),
+        "cache:\n  fresh_window: 2h\n  fresh_ttl: 1s\n",
+    );
+    // A rate whose tail reads what Prometheus holds, and an SLA over 3 days
+    // whose tail still reads the long-term store.
+    let rate = "sum(rate(shop_orders_total[5m]))";
+    let sla = "sum(increase(shop_orders_total[3d]))";
+    let _quiet = VM_COUNTERS.write().await;
+    let b = backends(BINS);
+    live_month(&pg, rate).await;
+    let (_, _, before) = live_month(&pg, sla).await;
+    assert!(before.get("warnings").is_none(), "{before}");
+
+    sale_mode_cli(
+        &pg,
+        &["on", "--for", "1h", "--reason", "drill", "--by", "sre-anna"],
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let vm_before = b.vm_query_count_settled().await;
+
+    let (cache, backend, refreshed) = live_month(&pg, rate).await;
+    assert_eq!(
+        (cache.as_str(), backend.as_str()),
+        ("PARTIAL", "long_term, recent")
+    );
+    assert!(refreshed.get("warnings").is_none(), "{refreshed}");
+
+    let (_, _, held) = live_month(&pg, sla).await;
+    let warning = held["warnings"][0].as_str().unwrap_or_default();
+    for needle in [
+        "promguard: no data from",
+        "refused by rule 'recent-data-only'",
+        "in sale mode (switched by hand, until",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} missing in {held}");
+    }
+    // The cached 30 days, up to the newest cached point.
+    let points = held["data"]["result"][0]["values"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!((700..720).contains(&points), "{points} points: {held}");
+
+    // Cold, nothing can answer it: refused as before.
+    let end = now_secs() / 3600 * 3600;
+    let form = [
+        ("query", "sum(rate(shop_orders_total[10m]))".to_string()),
+        ("start", (end - 30 * 86_400).to_string()),
+        ("end", end.to_string()),
+        ("step", "3600".to_string()),
+    ];
+    let (status, _, cold) = post_form(&format!("{}/api/v1/query_range", pg.url), &form, &[]).await;
+    assert_eq!(status, 422, "{cold}");
+    assert!(
+        cold["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("refused by rule 'recent-data-only'"),
+        "{cold}"
+    );
+    assert_eq!(
+        b.vm_query_count_settled().await,
+        vm_before,
+        "the long-term store received nothing"
+    );
+    let metrics = scrape(&pg.url).await;
+    assert!(metrics.sum(r#"promguard_policy_held_fetches_total{limit="long_term",mode="sale",rule="recent-data-only"}"#) >= 2.0);
+    assert_eq!(
+        metrics.sum(r#"promguard_policy_rejections_total{limit="long_term",mode="sale",rule="recent-data-only"}"#),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -408,6 +513,14 @@ async fn min_refresh_makes_live_refreshes_of_personal_panels_one_backend_call() 
         Some(minute as f64),
         "snapped to the minute: {first}"
     );
+    assert_eq!(
+        first["warnings"],
+        serde_json::json!([
+            "promguard: in sale mode this panel refreshes at most every 60 seconds, so its \
+             newest point may be that old"
+        ]),
+        "Grafana shows why on the panel"
+    );
     let after_first = upstream_calls().await;
     assert!(after_first > before, "the first load reaches the backend");
     for end in [minute + 30, minute + 45] {
@@ -431,6 +544,7 @@ async fn min_refresh_makes_live_refreshes_of_personal_panels_one_backend_call() 
         let (status, _, body) = refresh(end, "orders").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(last_point(&body), Some(end as f64), "{body}");
+        assert!(body.get("warnings").is_none(), "{body}");
         assert!(upstream_calls().await > calls, "curated refresh at {end}");
     }
 }

@@ -2,8 +2,6 @@
 //! from VictoriaMetrics and its live tail from Prometheus, counted at each backend,
 //! and `routing.split_fetches: false` keeps every call on the long-term store.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use promguard_testkit::{
@@ -32,24 +30,9 @@ async fn calls(pg: &Promguard, backend: &str) -> f64 {
     ))
 }
 
-/// VictoriaMetrics' count of queries once it has settled: it counts a request
-/// only after answering it, a moment after the client has the answer.
-///
-/// # Panics
-///
-/// When it still changes after 10 s (this test holds the counters alone).
+/// VictoriaMetrics' count of queries once it has settled.
 async fn vm_settled() -> f64 {
-    let b = backends(BINS);
-    let mut last = b.vm_query_count().await;
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = b.vm_query_count().await;
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    panic!("VictoriaMetrics' query count never settled (last {last})");
+    backends(BINS).vm_query_count_settled().await
 }
 
 /// Query-range calls Prometheus has answered, from its own metrics.
