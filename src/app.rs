@@ -46,6 +46,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/-/status", get(status))
         .route("/admin/sale-mode", get(admin_status).post(admin_set_mode))
         .route("/admin/policies/reload", post(admin_reload))
+        .route("/admin/warm", get(admin_warm_status).post(admin_warm))
         .fallback(api)
         .with_state(state);
     edge(routes, panics)
@@ -156,6 +157,7 @@ async fn api(State(state): State<Arc<AppState>>, request: Request) -> Response {
         headers: parts.headers,
         body,
         client,
+        warm: false,
     };
     let path = incoming.path.clone();
     let mut ctx = RequestCtx::new(units::now_millis());
@@ -357,6 +359,9 @@ pub enum AdminError {
     /// file unreadable or invalid, named with its line; the old policy stays.
     #[error("{0}; the previous policy stays in force")]
     Reload(String),
+    /// `POST /admin/warm` while a run is going on or in sale mode (409).
+    #[error(transparent)]
+    Warm(#[from] crate::warm::Refusal),
 }
 
 /// Admin calls need the configured token, compared in constant time; without a
@@ -461,6 +466,56 @@ async fn admin_reload(
         .reload()
         .map_err(|e| AdminError::Reload(e.to_string()))?;
     Ok(Json(json!({"status": "success"})))
+}
+
+async fn admin_warm_status(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<crate::warm::Run>, ProxyError> {
+    authorize(&state, &headers)?;
+    Ok(Json(state.warmer.status()))
+}
+
+/// `{"dashboards": [<Grafana dashboard JSON>, …], "range": "30d"}`; without
+/// `range`, each dashboard's own.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Warm {
+    dashboards: Vec<serde_json::Value>,
+    range: Option<String>,
+}
+
+async fn admin_warm(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::warm::Run>), ProxyError> {
+    authorize(&state, &headers)?;
+    let request: Warm =
+        serde_json::from_slice(&body).map_err(|e| AdminError::Body(e.to_string()))?;
+    let range_ms = request
+        .range
+        .as_deref()
+        .map(parse_human_duration)
+        .transpose()
+        .map_err(AdminError::Duration)?
+        .map(|d| units::millis(d.0));
+    let dashboards = request
+        .dashboards
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            crate::grafana::Dashboard::parse(&d.to_string())
+                .map_err(|e| AdminError::Body(format!("dashboards[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let run = state.warmer.start_dashboards(
+        &state,
+        &dashboards,
+        range_ms,
+        "on demand (POST /admin/warm)".into(),
+    );
+    Ok((StatusCode::ACCEPTED, Json(run.map_err(AdminError::from)?)))
 }
 
 #[cfg(test)]

@@ -45,6 +45,32 @@ pub enum Command {
     },
     /// Switch sale mode on a running promguard (through its admin API).
     SaleMode(Box<SaleModeArgs>),
+    /// Fill a running promguard's cache with every range panel of Grafana
+    /// dashboards, as Grafana will ask for them (through its admin API), and wait
+    /// for it to finish.
+    Warm(Box<WarmArgs>),
+}
+
+#[derive(Args)]
+pub struct WarmArgs {
+    /// A Grafana dashboard JSON file (exported, or as the API returns it); repeat
+    /// for several.
+    #[arg(long, required = true)]
+    dashboard: Vec<PathBuf>,
+    /// The time range to warm, e.g. 30d [default: each dashboard's own].
+    #[arg(long, value_parser = parse_human_duration)]
+    range: Option<HumanDuration>,
+    /// promguard's address.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9091",
+        env = "PROMGUARD_URL",
+        value_parser = http_url
+    )]
+    url: Url,
+    /// The admin token.
+    #[arg(long, env = "PROMGUARD_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -283,6 +309,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             command: PolicyCommand::Explain(args),
         } => explain_command(*args),
         Command::SaleMode(args) => sale_mode_command(*args),
+        Command::Warm(args) => warm_command(*args),
         Command::Serve(_) => bail!("serve runs in main"),
     }
 }
@@ -490,6 +517,90 @@ fn sale_mode_command(args: SaleModeArgs) -> anyhow::Result<()> {
         bail!("promguard answered {status}");
     }
     Ok(())
+}
+
+fn warm_command(args: WarmArgs) -> anyhow::Result<()> {
+    let token = args
+        .token
+        .context("give --token or set PROMGUARD_ADMIN_TOKEN")?;
+    let mut dashboards = Vec::with_capacity(args.dashboard.len());
+    for path in &args.dashboard {
+        // Checked here, so a file that is not a dashboard is named before anything runs.
+        promguard::grafana::Dashboard::load(path).map_err(|e| anyhow::anyhow!(e))?;
+        let text = std::fs::read_to_string(path)?;
+        dashboards.push(serde_json::from_str::<serde_json::Value>(&text)?);
+    }
+    let mut body = serde_json::json!({ "dashboards": dashboards });
+    if let Some(range) = args.range {
+        body["range"] = format!("{}s", range.0.as_secs()).into();
+    }
+    let url = args.url.join("admin/warm")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let response = client
+            .post(url.clone())
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("promguard answered {status}: {text}");
+        }
+        let mut reported = 0;
+        loop {
+            let run: serde_json::Value = client
+                .get(url.clone())
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let dashboards = run["dashboards"].as_array().cloned().unwrap_or_default();
+            let running = run["state"] == "running";
+            // A dashboard is done once a later one has started, or the run ended.
+            let done = if running {
+                dashboards
+                    .iter()
+                    .rposition(|d| {
+                        d["warmed"].as_u64().unwrap_or(0)
+                            + d["cached"].as_u64().unwrap_or(0)
+                            + d["failed"].as_u64().unwrap_or(0)
+                            > 0
+                    })
+                    .unwrap_or(0)
+            } else {
+                dashboards.len()
+            };
+            for d in dashboards.iter().take(done).skip(reported) {
+                println!(
+                    "{}: {} calls, {} warmed ({} bytes), {} already cached, {} failed",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["calls"],
+                    d["warmed"],
+                    d["bytes"],
+                    d["cached"],
+                    d["failed"]
+                );
+                for problem in d["problems"].as_array().into_iter().flatten() {
+                    println!("  {}", problem.as_str().unwrap_or_default());
+                }
+            }
+            reported = reported.max(done);
+            if !running {
+                match run["stopped"].as_str() {
+                    Some(why) => bail!("warming stopped: {why}"),
+                    None => return anyhow::Ok(()),
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    })
 }
 
 /// An error for a person at a terminal: the message, then each cause that adds

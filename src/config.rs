@@ -69,6 +69,45 @@ pub struct Config {
     /// switch. Without it, every replica is on its own.
     #[serde(default)]
     pub shared: SharedConfig,
+    /// Filling the cache before a sale window opens (a window's `warm_before`) or
+    /// on demand (`promguard warm`).
+    #[serde(default)]
+    pub warm: WarmConfig,
+}
+
+/// What warming replays, and how much of the backends it may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmConfig {
+    /// Grafana dashboard JSON files whose every panel is warmed before each window
+    /// with a `warm_before` (the curated ones, the on-call team's favourites).
+    pub dashboards: Vec<PathBuf>,
+    /// The time range those dashboards are warmed over; each dashboard's own when
+    /// unset.
+    pub range: Option<HumanDuration>,
+    /// The most used recorded range queries replayed too.
+    pub top: usize,
+    /// Range queries remembered (query, step, range, dashboard, how often); the
+    /// least used is forgotten first.
+    pub record: usize,
+    /// Only ranges at least this long are remembered: short ones cost little cold.
+    pub min_range: HumanDuration,
+    /// The share of each backend's `max_in_flight` warming may use (at least one
+    /// call); it pauses, then stops, while others queue for a backend.
+    pub share: f64,
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        WarmConfig {
+            dashboards: Vec::new(),
+            range: None,
+            top: 50,
+            record: 1000,
+            min_range: HumanDuration(Duration::from_secs(6 * 3600)),
+            share: 0.25,
+        }
+    }
 }
 
 /// The fleet's shared state.
@@ -775,6 +814,7 @@ impl Config {
             policy: PolicyConfig::default(),
             query: QueryConfig::default(),
             shared: SharedConfig::default(),
+            warm: WarmConfig::default(),
         }
     }
 
@@ -897,6 +937,12 @@ impl Config {
                         .into(),
                 });
             }
+        }
+        if !(self.warm.share > 0.0 && self.warm.share <= 1.0) {
+            return Err(ConfigError::Invalid {
+                field: "warm.share",
+                message: "must be above 0 and at most 1".into(),
+            });
         }
         if self.shared.expected_replicas == 0 {
             return Err(ConfigError::Invalid {

@@ -112,6 +112,7 @@ impl ProxyError {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")
                 }
                 AdminError::Reload(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_data"),
+                AdminError::Warm(_) => (StatusCode::CONFLICT, "unavailable"),
                 AdminError::Body(_)
                 | AdminError::Unaudited
                 | AdminError::Duration(_)

@@ -79,6 +79,20 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// promguard's own warming ([`crate::warm`]), from `client`: one caller, of no
+    /// dashboard, so of Explore's class.
+    pub fn warming(client: IpAddr) -> Caller {
+        Caller {
+            user: "promguard-warm".into(),
+            source: Source::Bearer,
+            client,
+            org: None,
+            dashboard: None,
+            panel: None,
+            from_grafana: false,
+        }
+    }
+
     /// Where the identity came from, for the `promguard_identity_requests_total`
     /// label: the [`Source`], with anonymous requests that carry Grafana's
     /// headers told apart as `grafana_unproven`.

@@ -21,6 +21,9 @@
 //! In a fleet, [`shared`] makes the cache, the backend caps, the per-user upstream
 //! limits and the sale-mode switch the fleet's, on Redis.
 //!
+//! Before a sale window, [`warm`] fills the cache with what engineers will open,
+//! Grafana's requests for them built by [`grafana`].
+//!
 //! Around them: [`server`] (the accept loop: connection bound and timeouts),
 //! [`app`] (HTTP surface and own endpoints), [`error`] (the one table from failures
 //! to Prometheus-style responses), [`metrics`] (self-metrics), [`config`] and
@@ -35,6 +38,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod grafana;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
@@ -50,3 +54,4 @@ pub mod shutdown;
 pub mod state;
 pub mod units;
 pub mod upstream;
+pub mod warm;

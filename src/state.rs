@@ -19,6 +19,7 @@ use crate::request::QueryParser;
 use crate::routing::{BackendId, RoutingTable};
 use crate::shared::Shared;
 use crate::upstream::Upstream;
+use crate::warm::Warmer;
 
 /// One configured backend: its client and the gate in front of it.
 pub struct Backend {
@@ -65,7 +66,13 @@ pub struct AppState {
     /// What this replica shares with the fleet through Redis; `None` without
     /// `shared.redis`.
     pub shared: Option<Arc<Shared>>,
+    /// Fills the cache before sale windows, and on demand; keeps the record of
+    /// long ranges served.
+    pub warmer: Arc<Warmer>,
 }
+
+/// How often the maintenance looks for a window to warm before.
+pub const WARM_TICK: Duration = Duration::from_secs(5);
 
 impl AppState {
     /// Build the state from a validated configuration.
@@ -101,7 +108,9 @@ impl AppState {
         )?;
         record_settings(config, &metrics);
         let shared = Shared::new(config, &metrics.registry)?;
+        let warmer = Arc::new(Warmer::new(&config.warm, &metrics.registry)?);
         Ok(AppState {
+            warmer,
             identifier: Identifier::new(&config.identity),
             queries: QueryParser::new(config.query.memo_bytes.0, config.query.limits()),
             policies,
@@ -214,8 +223,9 @@ impl AppState {
 
     /// Start the tasks that keep the state: forgetting the budgets of users who
     /// went quiet (every minute), reloading policies when their files change
-    /// (every `reload_interval`) or on SIGHUP, and, in a fleet, the heartbeat and
-    /// the sale-mode sync.
+    /// (every `reload_interval`) or on SIGHUP, warming before a window with
+    /// `warm_before` (looked for every [`WARM_TICK`]), and, in a fleet, the
+    /// heartbeat and the sale-mode sync.
     pub fn spawn_maintenance(self: &Arc<Self>, reload_interval: Duration) {
         if let Some(shared) = &self.shared {
             let heart = shared.clone();
@@ -237,6 +247,14 @@ impl AppState {
                 }
             });
         }
+        let warming = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WARM_TICK);
+            loop {
+                tick.tick().await;
+                warming.warmer.tick(&warming, chrono::Utc::now());
+            }
+        });
         let janitor = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use promguard_testkit::grafana::{Call, HttpCall};
+use promguard::grafana::{Call, HttpCall};
 
 use crate::population::{Dashboard, Engineer, Kind, Target};
 

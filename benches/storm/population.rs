@@ -8,7 +8,7 @@
 //! engineer's screen. Personal dashboards are what people build without thinking
 //! about cost: a catalogue of plausible queries over ranges from 30 minutes to 3
 //! years, with range selectors up to 30 days. Every request is shaped by the
-//! testkit's model of Grafana (`promguard_testkit::grafana`), the one the tests use.
+//! promguard's model of Grafana (`promguard::grafana`), the one the tests use.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,9 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use promguard::analysis::{DEFAULT_LOOKBACK_DELTA, analyse};
-use promguard_testkit::grafana::{
-    Call, Dashboard as Board, DataSource, Resolution, Screen, Sizing,
-};
+use promguard::grafana::{Call, Dashboard as Board, DataSource, Resolution, Screen, Sizing};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;
@@ -178,7 +176,7 @@ struct CuratedFile {
 
 impl CuratedFile {
     fn load(path: &Path) -> Self {
-        let board = Board::load(path);
+        let board = Board::load(path).unwrap_or_else(|e| panic!("{e}"));
         let variables = board.all_selected().unwrap_or_else(|e| panic!("{e}"));
         assert!(
             board.query_panels().iter().any(|p| !p.targets.is_empty()),

@@ -126,7 +126,12 @@ struct RawWindow {
     start: String,
     end: String,
     timezone: Option<String>,
+    warm_before: Option<HumanDuration>,
 }
+
+/// The longest `warm_before`: warming earlier than a day ahead fills the cache
+/// with answers the window's first viewers would not ask for.
+const MAX_WARM_BEFORE: Duration = Duration::from_secs(24 * 3600);
 
 impl<'de> Deserialize<'de> for Window {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -145,10 +150,18 @@ impl<'de> Deserialize<'de> for Window {
                 raw.name
             )));
         }
+        let warm_before = raw.warm_before.map(|d| d.0);
+        if warm_before.is_some_and(|d| d.is_zero() || d > MAX_WARM_BEFORE) {
+            return Err(serde::de::Error::custom(format!(
+                "window {:?} warm_before: must be positive and at most 24h",
+                raw.name
+            )));
+        }
         Ok(Window {
             name: raw.name,
             start,
             end,
+            warm_before,
         })
     }
 }
@@ -420,6 +433,32 @@ mod tests {
                 .unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.message.contains("does not apply to block"), "{err}");
+    }
+
+    #[test]
+    fn a_window_may_warm_the_cache_before_it_opens() {
+        let p = compile_one(
+            "windows:\n  - name: bf\n    start: '2026-11-27T00:00:00+03:00'\n    end: '2026-11-28T00:00:00+03:00'\n    warm_before: 2h\n",
+        )
+        .unwrap();
+        assert_eq!(p.windows[0].warm_before, Some(Duration::from_secs(7200)));
+        // A value that is no duration is placed on its own line; one out of bounds
+        // on its window's.
+        for (value, needle, line) in [
+            (
+                "3d",
+                "window \"bf\" warm_before: must be positive and at most 24h",
+                2,
+            ),
+            ("soon", "windows[0].warm_before: invalid duration", 5),
+        ] {
+            let err = compile_one(&format!(
+                "windows:\n  - name: bf\n    start: '2026-11-27T00:00:00+03:00'\n    end: '2026-11-28T00:00:00+03:00'\n    warm_before: {value}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(needle), "{err}");
+        }
     }
 
     #[test]

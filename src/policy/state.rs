@@ -260,6 +260,7 @@ mod tests {
             name: "black-friday".into(),
             start: utc("2026-11-27T00:00:00Z"),
             end: utc("2026-11-28T00:00:00Z"),
+            warm_before: None,
         }]
     }
 

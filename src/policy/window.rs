@@ -19,6 +19,9 @@ pub struct Window {
     pub start: DateTime<Utc>,
     /// First instant after it.
     pub end: DateTime<Utc>,
+    /// How long before `start` promguard fills its cache with what engineers will
+    /// open (`warm` in the configuration says what); `None`: no warming.
+    pub warm_before: Option<std::time::Duration>,
 }
 
 /// The active window at an instant and when sale mode ends if nothing changes.
@@ -111,6 +114,7 @@ mod tests {
             name: name.into(),
             start: utc(start),
             end: utc(end),
+            warm_before: None,
         }
     }
 

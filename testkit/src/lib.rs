@@ -2,8 +2,6 @@
 //! (`benches/`): nothing here is part of the proxy, which uses this crate only as a
 //! dev-dependency.
 //!
-//! - [`grafana`]: the model of Grafana's Prometheus data source, from a dashboard's
-//!   JSON to the HTTP request it sends (step, variables, times), with table tests.
 //! - [`backends`](mod@backends): the real Prometheus and VictoriaMetrics, loaded with generated data
 //!   by `scripts/backends.sh`, started once per process.
 //! - [`promguard`]: promguard processes started from a config or from flags.
@@ -19,7 +17,6 @@
 
 pub mod backends;
 pub mod compare;
-pub mod grafana;
 pub mod http;
 pub mod nginx;
 pub mod procstat;

@@ -22,6 +22,7 @@ mod sale_mode;
 mod slow_clients;
 mod split_fetches;
 mod upstream_faults;
+mod warm;
 
 /// This package's binaries, which the testkit starts.
 const BINS: promguard_testkit::Bins = promguard_testkit::bins!();

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use promguard_testkit::grafana::dashboard::GridPos;
+use promguard::grafana::dashboard::GridPos;
 use promguard_testkit::repo;
 use promql_parser::parser::{self, Expr};
 use promql_parser::util::{ExprVisitor, parse_duration, walk_expr};

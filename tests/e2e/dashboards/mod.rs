@@ -7,13 +7,13 @@
 //!   real promguard in sale mode.
 //!
 //! Grafana itself, from the dashboard JSON schema to the requests it sends, is the
-//! testkit's model (`promguard_testkit::grafana`), the one the storm bench uses.
+//! promguard's model (`promguard::grafana`), the one the storm bench uses.
 
 mod lints;
 mod provisioning;
 mod sale_night;
 
-use promguard_testkit::grafana::{Dashboard, Screen};
+use promguard::grafana::{Dashboard, Screen};
 use promguard_testkit::repo;
 
 /// The uids the example policies exempt in sale mode; each is `dashboards/<uid>.json`.
@@ -28,4 +28,5 @@ const SCREEN: Screen = Screen { width_px: 1920 };
 /// `dashboards/<uid>.json`.
 fn curated(uid: &str) -> Dashboard {
     Dashboard::load(&repo().join(format!("dashboards/{uid}.json")))
+        .unwrap_or_else(|e| panic!("{e}"))
 }

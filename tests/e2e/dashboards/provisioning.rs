@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use promguard_testkit::grafana::DataSource;
-use promguard_testkit::grafana::interval::parse_interval;
+use promguard::grafana::DataSource;
+use promguard::grafana::interval::parse_interval;
 use promguard_testkit::repo;
 use serde::Deserialize;
 

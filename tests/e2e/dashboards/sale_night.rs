@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use promguard_testkit::grafana::{Dashboard, DataSource, HttpCall};
+use promguard::grafana::{Dashboard, DataSource, HttpCall};
 use promguard_testkit::{
     Promguard, VM_COUNTERS, backends, client, get, now_ms, now_secs, post_form, repo,
 };

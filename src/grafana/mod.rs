@@ -1,6 +1,8 @@
 //! Grafana's Prometheus data source, as promguard meets it: how a dashboard's panel
-//! target becomes the HTTP request Grafana sends. The tests and the storm bench build
-//! every Grafana-shaped request here, so they cannot disagree about one.
+//! target becomes the HTTP request Grafana sends. Warming (`promguard warm`,
+//! `warm.dashboards`) sends each panel's queries as Grafana would, so that they are
+//! the cache keys Grafana's requests will find; the tests and the storm bench build
+//! every Grafana-shaped request here too, so none of them can disagree about one.
 //!
 //! The behaviour is the one `pkg/promlib` has (Grafana 11 and 12), read from Grafana's
 //! source; an older revision of `pkg/tsdb/prometheus`, where the code lived before,

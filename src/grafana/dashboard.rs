@@ -3,8 +3,9 @@
 //! pure.
 //!
 //! The schema holds what the curated dashboards' lints check and what the emulator
-//! reads; a dashboard missing any of it does not load. Variables are opened with
-//! everything selected (a multi-value variable's "All" value).
+//! reads; what a dashboard leaves out takes Grafana's default (a dashboard exported
+//! from any Grafana loads). Variables are opened with everything selected (a
+//! multi-value variable's "All" value), or as saved ([`Dashboard::opened`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,71 +16,130 @@ use serde_json::Value;
 use super::interval::{DataSource, Resolution, Sizing, parse_interval};
 use super::request::Call;
 
+/// A dashboard's JSON model, as far as Grafana's requests depend on it.
 #[derive(Debug, Deserialize)]
 pub struct Dashboard {
+    /// The dashboard's uid (`X-Dashboard-Uid` on its requests).
+    #[serde(default)]
     pub uid: String,
+    /// Its title, for logs and reports.
+    #[serde(default)]
     pub title: String,
+    /// Its tags.
+    #[serde(default)]
     pub tags: Vec<String>,
+    /// Its auto-refresh interval (`30s`), empty for none.
+    #[serde(default)]
     pub refresh: String,
+    /// The time range it opens with.
+    #[serde(default)]
     pub time: TimeRange,
+    /// The time picker's settings.
+    #[serde(default)]
     pub timepicker: Timepicker,
+    /// Its variables.
+    #[serde(default)]
     pub templating: Templating,
+    /// Its panels, rows' nested panels inside the rows.
+    #[serde(default)]
     pub panels: Vec<Panel>,
 }
 
+/// A dashboard's time range, in Grafana's relative syntax (`now-6h`).
 #[derive(Debug, Deserialize)]
 pub struct TimeRange {
+    /// Where it starts, e.g. `now-30d`.
     pub from: String,
+    /// Where it ends, `now` for a live dashboard.
     pub to: String,
 }
 
-#[derive(Debug, Deserialize)]
+impl Default for TimeRange {
+    /// Grafana's default for a new dashboard: the last 6 hours.
+    fn default() -> Self {
+        TimeRange {
+            from: "now-6h".into(),
+            to: "now".into(),
+        }
+    }
+}
+
+/// The time picker's settings.
+#[derive(Debug, Deserialize, Default)]
 pub struct Timepicker {
+    /// The auto-refresh intervals a viewer may pick.
+    #[serde(default)]
     pub refresh_intervals: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The dashboard's variables.
+#[derive(Debug, Deserialize, Default)]
 pub struct Templating {
+    /// In the order Grafana resolves them.
+    #[serde(default)]
     pub list: Vec<Variable>,
 }
 
+/// One dashboard variable.
 #[derive(Debug, Deserialize)]
 pub struct Variable {
+    /// `query`, `custom`, `constant`, `interval`, `datasource`, `textbox`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The name expressions use as `$name`.
     pub name: String,
     /// A plugin id for a `datasource` variable, a query object for a `query` one.
+    #[serde(default)]
     pub query: Value,
+    /// The data source a `query` variable asks.
     pub datasource: Option<Value>,
+    /// A `query` variable's definition, e.g. `label_values(up, job)`.
     pub definition: Option<String>,
+    /// Whether "All" can be selected.
     #[serde(rename = "includeAll", default)]
     pub include_all: bool,
+    /// What "All" stands for in expressions; Grafana lists every value without it.
     #[serde(rename = "allValue")]
     pub all_value: Option<String>,
+    /// The saved selection: `{"value": "eu"}`, a list for a multi-value variable,
+    /// `$__all` for "All".
+    #[serde(default)]
     pub current: Value,
 }
 
+/// One panel, or a row holding panels.
 #[derive(Debug, Deserialize)]
 pub struct Panel {
+    /// Its id within the dashboard (`X-Panel-Id`).
+    #[serde(default)]
     pub id: u32,
-    #[serde(rename = "type")]
+    /// The panel type (`timeseries`, `stat`, `table`, `row`).
+    #[serde(rename = "type", default)]
     pub kind: String,
+    /// Its title.
+    #[serde(default)]
     pub title: String,
+    /// Its description.
     #[serde(default)]
     pub description: String,
+    /// Its data source, unless its targets name their own.
     pub datasource: Option<Value>,
-    #[serde(rename = "gridPos")]
+    /// Its place and size on the dashboard's 24-column grid.
+    #[serde(rename = "gridPos", default)]
     pub grid_pos: GridPos,
     /// The panel's min interval.
     pub interval: Option<String>,
+    /// Its own `maxDataPoints`, when set: else its width in pixels sizes the step.
     #[serde(rename = "maxDataPoints")]
     pub max_data_points: Option<i64>,
     /// A relative time override (`1h`): the panel shows the last `time_from` instead of
     /// the dashboard's range.
     #[serde(rename = "timeFrom")]
     pub time_from: Option<String>,
+    /// Its field configuration (units, thresholds).
     #[serde(rename = "fieldConfig")]
     pub field_config: Option<Value>,
+    /// The queries it sends.
     #[serde(default)]
     pub targets: Vec<Target>,
     /// A collapsed row keeps its panels inside it.
@@ -87,19 +147,42 @@ pub struct Panel {
     pub panels: Vec<Panel>,
 }
 
+/// A panel's place and size on the 24-column grid.
 #[derive(Debug, Deserialize, Clone, Copy)]
 pub struct GridPos {
+    /// Column of its left edge.
     pub x: i64,
+    /// Row of its top edge.
     pub y: i64,
+    /// Width, in columns.
     pub w: i64,
+    /// Height, in rows.
     pub h: i64,
 }
 
+impl Default for GridPos {
+    /// A new panel's size in Grafana: half the width.
+    fn default() -> Self {
+        GridPos {
+            x: 0,
+            y: 0,
+            w: 12,
+            h: 8,
+        }
+    }
+}
+
+/// One query of a panel.
 #[derive(Debug, Deserialize)]
 pub struct Target {
-    #[serde(rename = "refId")]
+    /// Its letter within the panel (`A`).
+    #[serde(rename = "refId", default)]
     pub ref_id: String,
+    /// Empty for targets of other data sources, which are not sent here.
+    #[serde(default)]
     pub expr: String,
+    /// The data source it is sent to.
+    #[serde(default)]
     pub datasource: Value,
     /// The target's min step; also the scrape interval of its `$__rate_interval`.
     pub interval: Option<String>,
@@ -107,6 +190,7 @@ pub struct Target {
     /// it, or both; neither is a range query (older dashboards).
     #[serde(default)]
     pub instant: bool,
+    /// Whether it is also sent as a range query, when `instant` is set.
     #[serde(default)]
     pub range: bool,
     /// `table` for a table panel's target, whose rows Grafana builds from one instant.
@@ -121,12 +205,14 @@ pub struct Target {
 pub struct LabelValues {
     /// The series selector, when the definition has one.
     pub matcher: Option<String>,
+    /// The label whose values it asks for.
     pub label: String,
 }
 
 /// A viewer's screen, which sizes panels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Screen {
+    /// The screen's width in pixels.
     pub width_px: i64,
 }
 
@@ -140,14 +226,30 @@ impl Screen {
 }
 
 impl Dashboard {
-    /// # Panics
+    /// The dashboard in the file at `path`: a dashboard's JSON model, or the API's
+    /// `{"dashboard": …}` envelope around one.
     ///
-    /// When the file cannot be read or is not a dashboard of this schema: for the
-    /// curated dashboards either is a defect of the repository.
-    pub fn load(path: &Path) -> Dashboard {
-        let text = std::fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    /// # Errors
+    ///
+    /// The file cannot be read, or is not a dashboard; the message names the file.
+    pub fn load(path: &Path) -> Result<Dashboard, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        Dashboard::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The dashboard in `text`, as [`Dashboard::load`] reads it.
+    ///
+    /// # Errors
+    ///
+    /// Not JSON, or not a dashboard.
+    pub fn parse(text: &str) -> Result<Dashboard, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let model = match value.get("dashboard") {
+            Some(inner) if inner.is_object() => inner.clone(),
+            _ => value,
+        };
+        serde_json::from_value(model).map_err(|e| e.to_string())
     }
 
     /// Every panel that queries, rows' nested panels included, in the file's order.
@@ -159,6 +261,7 @@ impl Dashboard {
             .collect()
     }
 
+    /// The variables whose values come from a query.
     pub fn query_variables(&self) -> impl Iterator<Item = &Variable> {
         self.templating.list.iter().filter(|v| v.kind == "query")
     }
@@ -200,6 +303,42 @@ impl Dashboard {
             .collect()
     }
 
+    /// The values Grafana substitutes for the dashboard's variables when it opens as
+    /// saved: each variable's current selection, a multi-value one as Grafana writes
+    /// it for Prometheus (`(a|b)`, each value regex-escaped), "All" as the
+    /// variable's All value or `.*`.
+    pub fn opened(&self) -> BTreeMap<String, String> {
+        self.templating
+            .list
+            .iter()
+            .filter_map(|v| {
+                let current = v.current.get("value").unwrap_or(&v.current);
+                let all = || v.all_value.clone().unwrap_or_else(|| ".*".into());
+                let value = match current {
+                    Value::String(s) if s == "$__all" => all(),
+                    Value::String(s) => s.clone(),
+                    Value::Array(values) => {
+                        let values: Vec<&str> = values.iter().filter_map(Value::as_str).collect();
+                        match values.as_slice() {
+                            [] => return None,
+                            ["$__all", ..] => all(),
+                            [one] => (*one).to_string(),
+                            many => format!(
+                                "({})",
+                                many.iter()
+                                    .map(|s| regex::escape(s))
+                                    .collect::<Vec<_>>()
+                                    .join("|")
+                            ),
+                        }
+                    }
+                    _ => return None,
+                };
+                Some((v.name.clone(), value))
+            })
+            .collect()
+    }
+
     /// The calls Grafana makes for `target` of `panel` on `screen`, with `variables`
     /// for the dashboard's own: none for a hidden or empty target, a range and an
     /// instant call for a target that asks for both.
@@ -215,12 +354,32 @@ impl Dashboard {
         data_source: DataSource,
         screen: Screen,
     ) -> Result<Vec<Call>, String> {
+        self.calls_over(panel, target, variables, data_source, screen, None)
+    }
+
+    /// [`Dashboard::calls`] with the dashboard's time range set to the last
+    /// `range_ms` (a panel's own relative time still wins), as when a viewer picks
+    /// it in the time picker.
+    ///
+    /// # Errors
+    ///
+    /// As [`Dashboard::calls`].
+    pub fn calls_over(
+        &self,
+        panel: &Panel,
+        target: &Target,
+        variables: &BTreeMap<String, String>,
+        data_source: DataSource,
+        screen: Screen,
+        range_ms: Option<i64>,
+    ) -> Result<Vec<Call>, String> {
         if target.hide || target.expr.is_empty() {
             return Ok(Vec::new());
         }
-        let range_ms = match &panel.time_from {
-            Some(from) => parse_interval(from)?,
-            None => self.range_ms()?,
+        let range_ms = match (&panel.time_from, range_ms) {
+            (Some(from), _) => parse_interval(from)?,
+            (None, Some(range)) => range,
+            (None, None) => self.range_ms()?,
         };
         let optional = |text: &Option<String>| text.as_deref().map(parse_interval).transpose();
         let sizing = Sizing {
@@ -279,11 +438,48 @@ impl Variable {
 mod tests {
     use super::*;
     use crate::grafana::interval::{HOUR, SECOND};
-    use crate::repo;
+
+    fn repo() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn a_dashboard_opens_as_saved_with_grafanas_defaults_for_what_it_leaves_out() {
+        let board = Dashboard::parse(
+            r#"{"dashboard": {"uid": "mine", "templating": {"list": [
+                {"type": "custom", "name": "env", "current": {"value": "prod"}},
+                {"type": "query", "name": "region", "current": {"value": ["eu-1", "us.east"]}},
+                {"type": "query", "name": "job", "includeAll": true, "current": {"value": "$__all"}},
+                {"type": "query", "name": "shard", "allValue": ".+", "current": {"value": ["$__all"]}}
+            ]}, "panels": [{"targets": [{"expr": "up"}]}]}}"#,
+        )
+        .unwrap();
+        let opened = board.opened();
+        assert_eq!(opened["env"], "prod");
+        assert_eq!(opened["region"], r"(eu\-1|us\.east)");
+        assert_eq!(opened["job"], ".*");
+        assert_eq!(opened["shard"], ".+");
+        assert_eq!(board.range_ms(), Ok(6 * HOUR));
+        let panel = board.query_panels()[0];
+        assert_eq!(panel.grid_pos.w, 12);
+        let calls = board
+            .calls_over(
+                panel,
+                &panel.targets[0],
+                &opened,
+                DataSource::GRAFANA_DEFAULT,
+                Screen { width_px: 1920 },
+                Some(30 * 24 * HOUR),
+            )
+            .unwrap();
+        // 30 days over a half-width panel of 894 px: 48 minutes a point, an hour.
+        assert_eq!(calls[0].step_ms(), Some(HOUR));
+        assert!(Dashboard::parse("[1]").is_err());
+    }
 
     #[test]
     fn a_curated_dashboard_opens_as_grafana_opens_it() {
-        let board = Dashboard::load(&repo().join("dashboards/orders.json"));
+        let board = Dashboard::load(&repo().join("dashboards/orders.json")).unwrap();
         let variables = board
             .all_selected()
             .expect("every variable has an All value");

@@ -24,31 +24,51 @@ use super::interval::{MINUTE, Resolution};
 pub enum Call {
     /// A range target: the expression as sent, over the last `range_ms` at `step_ms`.
     Range {
+        /// The expression as sent.
         expr: Arc<str>,
+        /// The time range's length.
         range_ms: i64,
+        /// The step.
         step_ms: i64,
     },
     /// An instant target (`instant: true, range: false`): evaluated at "now", to the
     /// millisecond, unaligned.
-    Instant { expr: Arc<str> },
+    Instant {
+        /// The expression as sent.
+        expr: Arc<str>,
+    },
     /// The metric browser: label names over the last `range_ms`.
-    Labels { range_ms: i64 },
+    Labels {
+        /// The time range's length.
+        range_ms: i64,
+    },
     /// Values of `label`, optionally of the series matching `matcher` (dashboard
     /// variables, the metric browser).
     LabelValues {
+        /// The label.
         label: Arc<str>,
+        /// The series selector, if any.
         matcher: Option<Arc<str>>,
+        /// The time range's length.
         range_ms: i64,
     },
     /// Series matching `matcher` (the metric browser, once a metric is picked).
-    Series { matcher: Arc<str>, range_ms: i64 },
+    Series {
+        /// The series selector.
+        matcher: Arc<str>,
+        /// The time range's length.
+        range_ms: i64,
+    },
 }
 
 /// What to send: a POST form or a GET with query parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpCall {
+    /// A form POST, else a GET with query parameters.
     pub post: bool,
+    /// The API path.
     pub path: String,
+    /// The form or query parameters, in order.
     pub params: Vec<(&'static str, String)>,
 }
 

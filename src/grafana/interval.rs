@@ -8,9 +8,13 @@
 
 /// Milliseconds in a second, minute, hour, day and week.
 pub const SECOND: i64 = 1000;
+/// Milliseconds in a minute.
 pub const MINUTE: i64 = 60 * SECOND;
+/// Milliseconds in an hour.
 pub const HOUR: i64 = 60 * MINUTE;
+/// Milliseconds in a day.
 pub const DAY: i64 = 24 * HOUR;
+/// Milliseconds in a week.
 pub const WEEK: i64 = 7 * DAY;
 /// Grafana's year in `$__interval` (`gtime.FormatInterval`): 365 days.
 const YEAR: i64 = 365 * DAY;
@@ -190,19 +194,13 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    /// # Panics
-    ///
-    /// When `sizing.max_data_points` is not positive: the browser always sends a width.
+    /// What Grafana derives for a range of `range_ms` sized by `sizing`. A
+    /// `maxDataPoints` below one (a hand-edited dashboard) counts as one point.
     pub fn new(range_ms: i64, sizing: Sizing, data_source: DataSource) -> Resolution {
-        assert!(
-            sizing.max_data_points > 0,
-            "maxDataPoints is the panel's width or its own setting, never {}",
-            sizing.max_data_points
-        );
-        let range_ns = range_ms * NANOS_PER_MS;
+        let range_ns = range_ms.saturating_mul(NANOS_PER_MS);
         // Both sides divide the range by the points; the server in whole nanoseconds,
         // which decides on exactly the same side of every bound as the browser's float.
-        let per_point = range_ns / sizing.max_data_points;
+        let per_point = range_ns / sizing.max_data_points.max(1);
 
         let floor = sizing
             .panel_min_interval_ms
