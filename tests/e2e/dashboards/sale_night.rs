@@ -44,10 +44,12 @@ impl Drop for ScrapeTarget {
     }
 }
 
-/// How many times the shared Prometheus scraped `instance` after `from`, up to `to`.
+/// How many times the shared Prometheus scraped `instance` after `from`, up to `to`,
+/// and got its metrics (`up` is 1): a scrape that timed out on a busy machine is
+/// no sample of promguard's counters.
 async fn scrapes(instance: &str, from: i64, to: i64) -> u64 {
     let query = format!(
-        "count_over_time(up{{job=\"promguard\",instance=\"{instance}\"}}[{}s])",
+        "sum_over_time(up{{job=\"promguard\",instance=\"{instance}\"}}[{}s])",
         to - from
     );
     let (status, _, body) = get(
