@@ -1,9 +1,11 @@
 //! The ways the storm meets the backends: directly; through nginx with proxy_cache;
 //! through promguard as a first deployment has it (the README's flags-only command
 //! behind a Grafana with default settings), with only Grafana identity and the
-//! curated dashboards' priority configured, tuned for this machine, tuned in sale
-//! mode, and as a fleet of three tuned replicas sharing one real redis-server
-//! (Debian package redis-server) behind a round-robin nginx. Each arm decides what
+//! curated dashboards' priority configured, tuned for this machine (and with
+//! `routing.split_fetches` off, as before fetch-level routing), tuned in sale
+//! mode, the same after a warm afternoon in normal mode, and as a fleet of three
+//! tuned replicas sharing one real redis-server (Debian package redis-server)
+//! behind a round-robin nginx. Each arm decides what
 //! its Grafana sends and gets a freshly started proxy (and Redis); the backends are
 //! shared.
 
@@ -47,8 +49,15 @@ pub enum Arm {
     /// Every limit spelled out for this machine ([`config`]), policies loaded, sale
     /// mode off.
     Tuned,
+    /// The tuned configuration with `routing.split_fetches: false`: every call of a
+    /// request goes where the request was routed, as before fetch-level routing.
+    Unsplit,
     /// The tuned configuration with sale mode switched on.
     Sale,
+    /// The tuned configuration after a warm-up in normal mode (the same engineers
+    /// on the same dashboards for [`crate::Settings::warm_up`]), then sale mode
+    /// switched on for the measured run: the window opening on an afternoon's cache.
+    Warmed,
     /// [`FLEET_REPLICAS`] replicas of the tuned configuration (sale mode off) sharing
     /// one redis-server (`shared:`), so cache, caps, budgets and the switch are the
     /// fleet's; behind one nginx balancing round-robin without a cache.
@@ -57,13 +66,15 @@ pub enum Arm {
 
 impl Arm {
     /// Every arm, in the order a default run measures them.
-    pub const ALL: [Arm; 7] = [
+    pub const ALL: [Arm; 9] = [
         Arm::Direct,
         Arm::Nginx,
         Arm::Quickstart,
         Arm::Identity,
         Arm::Tuned,
+        Arm::Unsplit,
         Arm::Sale,
+        Arm::Warmed,
         Arm::Fleet,
     ];
 
@@ -74,7 +85,9 @@ impl Arm {
             Arm::Quickstart => "promguard quick start",
             Arm::Identity => "promguard identity only",
             Arm::Tuned => "promguard tuned",
+            Arm::Unsplit => "promguard tuned, split_fetches off",
             Arm::Sale => "promguard tuned, sale mode",
+            Arm::Warmed => "promguard tuned, sale mode after a warm afternoon",
             Arm::Fleet => "promguard tuned, fleet of 3",
         }
     }
@@ -87,7 +100,9 @@ impl Arm {
             Arm::Quickstart => "quickstart",
             Arm::Identity => "identity",
             Arm::Tuned => "tuned",
+            Arm::Unsplit => "unsplit",
             Arm::Sale => "sale",
+            Arm::Warmed => "warmed",
             Arm::Fleet => "fleet",
         }
     }
@@ -105,9 +120,14 @@ impl Arm {
     pub fn grafana(self) -> Grafana {
         match self {
             Arm::Quickstart => Grafana::Defaults,
-            Arm::Direct | Arm::Nginx | Arm::Identity | Arm::Tuned | Arm::Sale | Arm::Fleet => {
-                Grafana::SendsUser
-            }
+            Arm::Direct
+            | Arm::Nginx
+            | Arm::Identity
+            | Arm::Tuned
+            | Arm::Unsplit
+            | Arm::Sale
+            | Arm::Warmed
+            | Arm::Fleet => Grafana::SendsUser,
         }
     }
 
@@ -124,7 +144,7 @@ impl Arm {
                     defaults.long_term.max_in_flight,
                 ])
             }
-            Arm::Tuned | Arm::Sale | Arm::Fleet => Some(TUNED_CAPS),
+            Arm::Tuned | Arm::Unsplit | Arm::Sale | Arm::Warmed | Arm::Fleet => Some(TUNED_CAPS),
         }
     }
 }
@@ -245,9 +265,13 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
             None,
         ),
         Arm::Identity => promguard(Promguard::start(BINS, &identity_config(backends)), None),
-        Arm::Tuned | Arm::Sale => {
+        Arm::Tuned | Arm::Unsplit | Arm::Sale | Arm::Warmed => {
             let state = tempfile::tempdir().expect("a state directory");
-            let process = Promguard::start(BINS, &config(backends, state.path()));
+            let mut config = config(backends, state.path());
+            if arm == Arm::Unsplit {
+                config.push_str("routing: {split_fetches: false}\n");
+            }
+            let process = Promguard::start(BINS, &config);
             set_sale_mode(&process.url, arm == Arm::Sale).await;
             promguard(process, Some(state))
         }
@@ -387,6 +411,14 @@ policy:
         state = state_dir.join("sale-mode.json").display(),
         cache_mib = cache_mib(),
     )
+}
+
+/// Switch sale mode on at every promguard of `proxy`: the warmed arm's window
+/// opens.
+pub async fn open_window(proxy: &Proxy) {
+    for url in proxy.promguard_urls() {
+        set_sale_mode(&url, true).await;
+    }
 }
 
 /// Force the mode for the whole arm, so a scheduled sale window in the shipped

@@ -49,6 +49,7 @@ pub enum Backend {
 /// Where an arm sends requests for each backend. The direct and nginx arms route
 /// like promguard would (a query whose oldest sample is older than the recent
 /// window goes to the long-term store); promguard gets everything.
+#[derive(Clone)]
 pub struct Endpoints {
     pub urls: [String; 2],
     pub recent_window_ms: i64,
@@ -92,6 +93,9 @@ pub struct Record {
     pub cache: Option<&'static str>,
     /// An instant query (stat, gauge, bar gauge, table panels; Explore).
     pub instant: bool,
+    /// Served from promguard's cache past calls the sale rules held back: the
+    /// answer's warning says what is missing.
+    pub held: bool,
 }
 
 /// One arm's run in progress.
@@ -296,15 +300,19 @@ impl Load {
                 .get("x-cache")
                 .and_then(|v| cache_tag(v.as_bytes()));
             // The whole body, as Grafana reads it before drawing.
-            response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, cache))
+            let body = response.bytes().await?;
+            // promguard puts its own warning first.
+            let held = body
+                .get(..64)
+                .is_some_and(|head| head.windows(22).any(|w| w == b"promguard: no data fro"));
+            Ok::<_, reqwest::Error>((status, cache, held))
         })
         .await;
         open.fetch_sub(1, Ordering::Relaxed);
-        let (outcome, cache) = match answer {
-            Ok(Ok((status, cache))) => (Outcome::Status(status), cache),
-            Ok(Err(_)) => (Outcome::Failed, None),
-            Err(_) => (expiry, None),
+        let (outcome, cache, held) = match answer {
+            Ok(Ok((status, cache, held))) => (Outcome::Status(status), cache, held),
+            Ok(Err(_)) => (Outcome::Failed, None, false),
+            Err(_) => (expiry, None, false),
         };
         let record = Record {
             at_ms: sent.duration_since(self.started).as_millis() as u64,
@@ -313,6 +321,7 @@ impl Load {
             outcome,
             cache,
             instant: matches!(target.call, Call::Instant { .. }),
+            held,
         };
         self.records.lock().expect("records lock").push(record);
     }

@@ -20,8 +20,14 @@
 //!    everything else at its defaults (`identity`);
 //! 5. promguard with every limit tuned for this machine and the shipped `policies/`,
 //!    in normal mode (`tuned`; `normal` is accepted too);
-//! 6. the same in sale mode, switched on by the admin API (`sale`);
-//! 7. three replicas of the tuned arm's promguard (normal mode) sharing one real
+//! 6. the same with `routing.split_fetches: false`, every call of a request sent
+//!    where the request was routed, as before fetch-level routing (`unsplit`);
+//! 7. the tuned arm in sale mode, switched on by the admin API (`sale`);
+//! 8. the tuned arm after a warm-up: the same engineers on the same dashboards in
+//!    normal mode for STORM_WARMUP_SECS (a shortened afternoon, not measured),
+//!    then sale mode switched on for the measured run, the window opening on the
+//!    afternoon's cache (`warmed`);
+//! 9. three replicas of the tuned arm's promguard (normal mode) sharing one real
 //!    redis-server, so that the caps are the whole fleet's, behind one nginx that
 //!    balances round-robin without caching (`fleet`).
 //!
@@ -38,8 +44,9 @@
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
-//! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl), STORM_ARMS
-//! (direct,nginx,quickstart,identity,tuned,sale,fleet), STORM_FONT (a TrueType font
+//! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl),
+//! STORM_WARMUP_SECS (60), STORM_ARMS
+//! (direct,nginx,quickstart,identity,tuned,unsplit,sale,warmed,fleet), STORM_FONT (a TrueType font
 //! for the plots). Needs the Debian packages prometheus, victoria-metrics,
 //! nginx-light, redis-server (the fleet arm) and fonts-dejavu-core.
 //!
@@ -86,6 +93,8 @@ struct Settings {
     long_term: String,
     instances: usize,
     nginx_ttl: String,
+    /// How long the warmed arm's engineers use their dashboards before its window.
+    warm_up: Duration,
     arms: Vec<Arm>,
 }
 
@@ -113,6 +122,7 @@ fn settings() -> Settings {
         long_term: var("STORM_LONG_TERM", "3y".to_string()),
         instances: var("STORM_INSTANCES", 2),
         nginx_ttl: var("STORM_NGINX_TTL", "10s".to_string()),
+        warm_up: Duration::from_secs(var("STORM_WARMUP_SECS", 60)),
         arms,
     }
 }
@@ -184,6 +194,15 @@ async fn run_arm(
     let load_average = procstat::load_average();
     backends.reset_caches().await;
     let (proxy, endpoints) = arms::start(arm, backends, &s.nginx_ttl).await;
+    if arm == Arm::Warmed {
+        // The afternoon before the window: the same storm, shortened, unmeasured.
+        eprintln!("storm: warm-up in normal mode ({} s)", s.warm_up.as_secs());
+        Load::new(endpoints.clone(), arm.grafana(), s.warm_up, s.timeout)
+            .run(population)
+            .await;
+        arms::open_window(&proxy).await;
+        settle(backends).await;
+    }
     let promguard_urls = proxy.promguard_urls();
     let proxy_cpu = proxy.cpu_seconds();
     let fleet_cpu = proxy.fleet_cpu_seconds();

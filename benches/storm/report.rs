@@ -1,6 +1,7 @@
 //! What one arm measured, the side-by-side markdown table of all arms, and the
 //! promguard arms' figures against their targets (the fleet's against the tuned
-//! single replica's), judged from those figures.
+//! single replica's, the warmed sale window's against today's sale arm and
+//! fetch-level routing's against the unsplit arm), judged from those figures.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,6 +42,14 @@ const JUDGED: [Arm; 3] = [Arm::Quickstart, Arm::Identity, Arm::Tuned];
 /// this share above the tuned single replica's: the fleet must not cost the
 /// backends more than one promguard does (less is no failure).
 const FLEET_UPSTREAM_WITHIN: f64 = 0.10;
+/// Personal panels answered in a sale window that opens on a warm cache.
+const WARMED_PERSONAL_ANSWERED: f64 = 0.90;
+/// Normal-mode long-term store queries/s with fetch-level routing, at least this
+/// many times fewer than without.
+const SPLIT_FEWER: f64 = 3.0;
+/// "Unchanged or better" for the warmed window's curated p99 against the sale
+/// arm's: within this share above it, the run-to-run spread of that figure.
+const P99_NOISE: f64 = 0.25;
 
 /// What reached the backends at full load, after the ramp.
 #[derive(Debug, Clone, Copy)]
@@ -416,6 +425,14 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
         });
     }
     row(
+        "personal answers from the cache past calls the sale rules held back (with a warning)",
+        &|r| {
+            let held = r.of(Kind::Personal).filter(|x| x.held).count();
+            let all = r.of(Kind::Personal).count().max(1);
+            format!("{held} ({:.1}%)", 100.0 * held as f64 / all as f64)
+        },
+    );
+    row(
         "curated instant queries (stat and bar-gauge panels): sent, answers by X-Cache",
         &|r| {
             let sent = r.of(Kind::Curated).filter(|x| x.instant).count();
@@ -524,6 +541,7 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
     }
     out.push_str(&targets(results, direct));
     out.push_str(&fleet_targets(results));
+    out.push_str(&sale_targets(results));
     let _ = writeln!(
         out,
         "\nHow to read it:\n\
@@ -794,6 +812,103 @@ fn fleet_targets(results: &[ArmResult]) -> String {
         &ratio,
         fleet.worst_curated_p99(true).map(|p| p < CURATED_P99_MS),
     );
+    out
+}
+
+/// The sale window that opens on a warm cache against today's sale arm, and
+/// fetch-level routing against the unsplit arm in normal mode; each part only when
+/// both of its arms ran.
+fn sale_targets(results: &[ArmResult]) -> String {
+    let find = |arm| results.iter().find(|r| r.arm == arm);
+    let mut out = String::new();
+    let verdict = |met: bool| if met { "met" } else { "**missed**" };
+    if let (Some(warmed), Some(sale)) = (find(Arm::Warmed), find(Arm::Sale)) {
+        let _ = writeln!(
+            out,
+            "\nA sale window opening on a warm cache (the warmed arm) against today's sale \
+             arm, judged from the figures:\n\n\
+             | target | warmed | sale | |\n|---|---|---|---|"
+        );
+        let answered = |r: &ArmResult| r.answered(Kind::Personal).unwrap_or(0.0);
+        let held = |r: &ArmResult| {
+            let all = r.of(Kind::Personal).count().max(1) as f64;
+            r.of(Kind::Personal).filter(|x| x.held).count() as f64 / all
+        };
+        let _ = writeln!(
+            out,
+            "| personal answered ≥ {:.0}% (of them from the cache with a warning) | {:.1}% ({:.1}%) | {:.1}% ({:.1}%) | {} |",
+            100.0 * WARMED_PERSONAL_ANSWERED,
+            100.0 * answered(warmed),
+            100.0 * held(warmed),
+            100.0 * answered(sale),
+            100.0 * held(sale),
+            verdict(answered(warmed) >= WARMED_PERSONAL_ANSWERED)
+        );
+        let (wq, sq) = (warmed.queries()[1], sale.queries()[1]);
+        let (ws, ss) = (warmed.samples()[1], sale.samples()[1]);
+        let _ = writeln!(
+            out,
+            "| long-term store queries in the window, at most the sale arm's | {wq:.0} | {sq:.0} | {} |",
+            verdict(wq <= sq)
+        );
+        let _ = writeln!(
+            out,
+            "| long-term store rows scanned in the window, at most the sale arm's | {} | {} | {} |",
+            si(ws),
+            si(ss),
+            verdict(ws <= ss)
+        );
+        match (warmed.worst_curated_p99(true), sale.worst_curated_p99(true)) {
+            (Some(w), Some(s)) => {
+                let _ = writeln!(
+                    out,
+                    "| curated p99, worst 10 s window from the ramp on, unchanged or better \
+                     (at most {:.0}% above the sale arm's) | {} ms | {} ms | {} |",
+                    100.0 * P99_NOISE,
+                    ms(w),
+                    ms(s),
+                    verdict(w <= s * (1.0 + P99_NOISE))
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "| curated p99 | no requests | | not judged |");
+            }
+        }
+    }
+    if let (Some(tuned), Some(unsplit)) = (find(Arm::Tuned), find(Arm::Unsplit)) {
+        let rate = |r: &ArmResult| r.steady.victoria.map(|v| v.queries / v.seconds);
+        let _ = writeln!(
+            out,
+            "\nFetch-level routing in normal mode (tuned, `routing.split_fetches` on) against \
+             the same with it off (unsplit):\n\n\
+             | target | tuned | unsplit | unsplit / tuned | |\n|---|---|---|---|---|"
+        );
+        match (rate(tuned), rate(unsplit)) {
+            (Some(t), Some(u)) => {
+                let _ = writeln!(
+                    out,
+                    "| steady state: long-term store queries/s, at least {SPLIT_FEWER:.0}× fewer \
+                     | {t:.2} | {u:.2} | {:.1} | {} |",
+                    u / t.max(f64::MIN_POSITIVE),
+                    verdict(u >= SPLIT_FEWER * t)
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "| steady state: long-term store queries/s | did not answer /metrics | | – | not judged |"
+                );
+            }
+        }
+        let whole = |r: &ArmResult| r.queries()[1] / r.seconds;
+        let _ = writeln!(
+            out,
+            "| whole arm: long-term store queries/s | {:.2} | {:.2} | {:.1} | |",
+            whole(tuned),
+            whole(unsplit),
+            whole(unsplit) / whole(tuned).max(f64::MIN_POSITIVE)
+        );
+    }
     out
 }
 
