@@ -1,5 +1,5 @@
 //! Issue 7: the sale-night dashboard storm, replayed against real backends through
-//! seven arms side by side.
+//! nine arms side by side.
 //!
 //! A seeded population of engineers (300 by default) opens the curated dashboards
 //! (`dashboards/orders.json`, `dashboards/sla.json`: range panels on recording rules,
@@ -40,7 +40,7 @@
 //! against the tuned arm; see the "How to read it" notes in the output for
 //! definitions.
 //!
-//! Run: `cargo bench --bench storm` (about 19 minutes on 2 cores). Writes
+//! Run: `cargo bench --bench storm` (about 25 minutes on 2 cores). Writes
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
