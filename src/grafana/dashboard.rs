@@ -221,7 +221,7 @@ impl Screen {
     /// Grafana sends as `maxDataPoints` for a panel without its own: the screen minus
     /// the side menu (100 px) and the panel's padding (16 px), at least 100.
     pub fn panel_px(self, cols: i64) -> i64 {
-        ((self.width_px - 100) * cols / 24 - 16).max(100)
+        (self.width_px.saturating_sub(100).saturating_mul(cols) / 24 - 16).max(100)
     }
 }
 

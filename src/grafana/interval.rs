@@ -195,7 +195,8 @@ pub struct Resolution {
 
 impl Resolution {
     /// What Grafana derives for a range of `range_ms` sized by `sizing`. A
-    /// `maxDataPoints` below one (a hand-edited dashboard) counts as one point.
+    /// `maxDataPoints` below one (a hand-edited dashboard) counts as one point, and
+    /// intervals too long to count in nanoseconds stop at the longest that can.
     pub fn new(range_ms: i64, sizing: Sizing, data_source: DataSource) -> Resolution {
         let range_ns = range_ms.saturating_mul(NANOS_PER_MS);
         // Both sides divide the range by the points; the server in whole nanoseconds,
@@ -210,7 +211,7 @@ impl Resolution {
         // `GetIntervalFrom`: the browser's interval stands in for a missing min step,
         // so a quotient the browser rounded up keeps the browser's value.
         let min_ms = sizing.target_min_step_ms.unwrap_or(interval_ms);
-        let calculated = if per_point < min_ms * NANOS_PER_MS {
+        let calculated = if per_point < min_ms.saturating_mul(NANOS_PER_MS) {
             min_ms
         } else {
             round_interval(per_point, Rounding::Server)
@@ -224,7 +225,9 @@ impl Resolution {
             range_ms,
             interval_ms,
             step_ms: calculated.max(safe),
-            rate_interval_ms: (interval_ms + scrape).max(4 * scrape),
+            rate_interval_ms: interval_ms
+                .saturating_add(scrape)
+                .max(scrape.saturating_mul(4)),
         }
     }
 }

@@ -118,6 +118,28 @@ mod tests {
     const NOW: Millis = 1_795_770_000_000;
 
     #[test]
+    fn a_hand_edited_dashboard_is_warmed_or_reported_never_a_panic() {
+        let board = Dashboard::parse(
+            r#"{"time": {"from": "now-1000000d", "to": "now"}, "panels": [
+                {"title": "wide", "gridPos": {"x": 0, "y": 0, "w": 9223372036854775807, "h": 1},
+                 "maxDataPoints": -5, "interval": "0s",
+                 "targets": [{"refId": "A", "expr": "up", "interval": "100000000w"}]},
+                {"title": "typo", "targets": [{"refId": "B", "expr": "rate(x[$nope])"}]},
+                {"title": "odd time", "timeFrom": "1y", "targets": [{"refId": "C", "expr": "up"}]},
+                {"title": "other data source", "targets": [{"refId": "D"}]}
+            ]}"#,
+        )
+        .unwrap();
+        let job = dashboard(&board, None, NOW);
+        assert_eq!(job.calls.len(), 1, "{job:?}");
+        let step: i64 = job.calls[0].form[3].1.parse::<f64>().unwrap() as i64;
+        assert!(step > 0);
+        assert_eq!(job.problems.len(), 2, "{:?}", job.problems);
+        assert!(job.problems[0].contains("undefined variable $nope"));
+        assert!(job.problems[1].contains("\"1y\""));
+    }
+
+    #[test]
     fn a_dashboard_warms_each_range_target_as_grafana_sends_it() {
         let board =
             Dashboard::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/orders.json"))
