@@ -281,11 +281,12 @@ pub async fn handle(
                 .await
                 .inspect_err(|e| {
                     if let ProxyError::Policy(r) = e {
-                        state
-                            .metrics
-                            .policy_rejections
-                            .with_label_values(&[mode.mode.as_str(), &r.rule, r.limit])
-                            .inc();
+                        count_rule(
+                            &state.metrics.policy_rejections,
+                            mode.mode,
+                            &r.rule,
+                            r.limit,
+                        );
                     }
                 })?
         }
@@ -358,27 +359,45 @@ enum Subject {
     Bound,
 }
 
-/// Carry out the rules' decision: refuse, or allow and count the dry-run rules
-/// that would have refused.
+/// Carry out the rules' decision on the request: refuse (counted as a rejection),
+/// or allow and count the dry-run rules that would have refused.
 fn enforce(
     state: &AppState,
     policy: &Compiled,
     mode: &Effective,
     decision: Decision,
 ) -> Result<Subject, ProxyError> {
-    let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
-        counter
-            .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
-            .inc();
-    };
+    Ok(carry_out(
+        state,
+        policy,
+        mode,
+        decision,
+        &state.metrics.policy_rejections,
+    )?)
+}
+
+/// Carry out a decision of the rules: a refusal counted in `refusals`, or the
+/// dry-run rules that would have refused counted and logged.
+fn carry_out(
+    state: &AppState,
+    policy: &Compiled,
+    mode: &Effective,
+    decision: Decision,
+    refusals: &prometheus::IntCounterVec,
+) -> Result<Subject, Refused> {
     match decision {
         Decision::Refuse(refusal) => {
-            count(&state.metrics.policy_rejections, &refusal);
-            Err(refused(policy, mode, refusal).into())
+            count_rule(refusals, mode.mode, &refusal.rule, refusal.limit);
+            Err(refused(policy, mode, refusal))
         }
         Decision::Allow { would_refuse } => {
             for refusal in would_refuse {
-                count(&state.metrics.policy_dry_run, &refusal);
+                count_rule(
+                    &state.metrics.policy_dry_run,
+                    mode.mode,
+                    &refusal.rule,
+                    refusal.limit,
+                );
                 tracing::warn!(
                     mode = mode.mode.as_str(),
                     rule = refusal.rule,
@@ -390,6 +409,12 @@ fn enforce(
         }
         Decision::Exempt => Ok(Subject::Exempt),
     }
+}
+
+fn count_rule(counter: &prometheus::IntCounterVec, mode: Mode, rule: &str, limit: &str) {
+    counter
+        .with_label_values(&[mode.as_str(), rule, limit])
+        .inc();
 }
 
 /// The refusal of `refusal`'s rule in `mode`, as the caller is told it.
@@ -432,30 +457,7 @@ fn fetch_judge(
             asker,
             now,
         );
-        let count = |counter: &prometheus::IntCounterVec, refusal: &Refusal| {
-            counter
-                .with_label_values(&[mode.mode.as_str(), &refusal.rule, refusal.limit])
-                .inc();
-        };
-        match decision {
-            Decision::Refuse(refusal) => {
-                count(&state.metrics.policy_held, &refusal);
-                Err(refused(&policy, &mode, refusal))
-            }
-            Decision::Allow { would_refuse } => {
-                for refusal in would_refuse {
-                    count(&state.metrics.policy_dry_run, &refusal);
-                    tracing::warn!(
-                        mode = mode.mode.as_str(),
-                        rule = refusal.rule,
-                        "dry run: {}",
-                        refusal.message
-                    );
-                }
-                Ok(())
-            }
-            Decision::Exempt => Ok(()),
-        }
+        carry_out(&state, &policy, &mode, decision, &state.metrics.policy_held).map(drop)
     })
 }
 

@@ -262,22 +262,18 @@ async fn warming_keeps_to_its_share_of_a_slow_backends_cap() {
         "dashboards": [{"uid": "many", "title": "Many", "panels": panels}],
         "range": "6h"
     });
-    let started = client()
-        .post(format!("{}/admin/warm", pg.url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(started.status(), 202);
-    let again = client()
-        .post(format!("{}/admin/warm", pg.url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("an answer");
-    assert_eq!(again.status(), 409, "one run at a time");
+    let start = || async {
+        client()
+            .post(format!("{}/admin/warm", pg.url))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer")
+            .status()
+    };
+    assert_eq!(start().await, 202);
+    assert_eq!(start().await, 409, "one run at a time");
     let finished = eventually(60, Duration::from_millis(250), async || {
         warm_status(&pg).await["state"] == "finished"
     })
