@@ -72,7 +72,7 @@ pub fn route(
 /// The backend for one upstream call (`shape`: what the call reads, analysed only
 /// when it can change the answer) of a request routed to `request`. With
 /// `split_fetches` a call is routed on its own, but never further back than its
-/// request: the rules judged the request's backend.
+/// request: a request routed to `recent` never reaches the long-term store.
 pub fn route_fetch(
     table: &RoutingTable,
     request: BackendId,
