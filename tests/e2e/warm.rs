@@ -2,7 +2,8 @@
 //! with the configured dashboards' panels, so the first request in the window is
 //! a hit and VictoriaMetrics (by its own counters) sees nothing; `promguard warm`
 //! warms every range panel of a dashboard JSON; and against a slow fault backend
-//! that counts its concurrency, warming keeps to its share of the cap.
+//! that counts its concurrency, warming keeps to its share of the cap, and stops
+//! when others queue for the backend past its patience or sale mode comes on.
 
 use std::path::Path;
 use std::time::Duration;
@@ -288,4 +289,114 @@ async fn warming_keeps_to_its_share_of_a_slow_backends_cap() {
         .load(std::sync::atomic::Ordering::SeqCst);
     assert!(peak <= 2, "the backend saw {peak} warming calls at once");
     assert_eq!(backend.requests(), 8);
+}
+
+#[tokio::test]
+async fn warming_stops_when_others_queue_for_the_backend_and_when_sale_mode_comes_on() {
+    let backend = FaultServer::start(Mode::Slow(Duration::from_secs(1))).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pg = Promguard::start(
+        BINS,
+        &format!(
+            "backends:\n  recent: {{url: {}}}\n\
+             admission:\n  recent: {{max_in_flight: 2, reserved: 0, max_queue: 64, max_wait: 30s}}\n\
+             warm: {{share: 0.5}}\n\
+             policy:\n  admin_token: {TOKEN}\n  state_file: {}\n",
+            backend.url,
+            dir.path().join("state.json").display()
+        ),
+    );
+    let panels: Vec<Value> = (0..30)
+        .map(|i| {
+            serde_json::json!({
+                "id": i, "title": format!("panel {i}"),
+                "targets": [{"refId": "A", "expr": format!("sum(rate(y_{i}[5m]))")}]
+            })
+        })
+        .collect();
+    let body =
+        serde_json::json!({"dashboards": [{"uid": "slow", "panels": panels}], "range": "1h"});
+    let start = || async {
+        client()
+            .post(format!("{}/admin/warm", pg.url))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer")
+            .status()
+    };
+    let ended = async || {
+        eventually(80, Duration::from_millis(250), async || {
+            warm_status(&pg).await["state"] != "running"
+        })
+        .await
+    };
+
+    // Eight engineers keep the backend's two slots full and its queue non-empty
+    // for 10 s, past warming's 5 s of patience.
+    assert_eq!(start().await, 202);
+    let url = format!("{}/api/v1/query", pg.url);
+    let flood = (0..8).map(|i| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                let _ = client()
+                    .post(&url)
+                    .header("Cache-Control", "no-cache")
+                    .form(&[
+                        ("query", format!("up{{i=\"{i}\",n=\"{n}\"}}")),
+                        ("time", "1700000000".into()),
+                    ])
+                    .send()
+                    .await;
+                n += 1;
+            }
+        })
+    });
+    let flood: Vec<_> = flood.collect();
+    assert!(ended().await, "{}", warm_status(&pg).await);
+    let status = warm_status(&pg).await;
+    assert_eq!(status["state"], "stopped", "{status}");
+    assert!(
+        status["stopped"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("load rose: backend recent has"),
+        "{status}"
+    );
+    assert!(
+        status["dashboards"][0]["warmed"].as_u64() < Some(30),
+        "{status}"
+    );
+    for task in flood {
+        task.await.expect("the flood ends");
+    }
+
+    // The window opens while a run goes on: it stops.
+    assert_eq!(start().await, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let switched = client()
+        .post(format!("{}/admin/sale-mode", pg.url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"mode": "on", "for": "1h", "reason": "drill", "by": "sre"}))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(switched.status(), 200);
+    assert!(ended().await, "{}", warm_status(&pg).await);
+    let status = warm_status(&pg).await;
+    assert_eq!(
+        (status["state"].as_str(), status["stopped"].as_str()),
+        (Some("stopped"), Some("sale mode is on")),
+        "{status}"
+    );
+    assert_eq!(start().await, 409, "no warming in sale mode");
+    let metrics = scrape(&pg.url).await;
+    assert_eq!(
+        metrics.sum(r#"promguard_warm_runs_total{end="stopped"}"#),
+        2.0
+    );
 }
