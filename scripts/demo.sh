@@ -176,9 +176,11 @@ done
 printf '[{"targets": ["127.0.0.1:%s"], "labels": {"job": "promguard"}}]\n' "$port" \
   >"$(url PROMGUARD_TARGETS_DIR)/demo.json"
 
-now=$(date +%s)
+# The 30-day panels end on the hour, as Grafana aligns a panel to its step.
+hour=$(($(date +%s) / 3600 * 3600))
 q() { printf '%q' "$1"; }
-month="$(q "$pg/api/v1/query_range") --data-urlencode 'query=sum(increase(shop_orders_total{status=\"created\"}[1h]))' -d start=$((now - 30 * 86400)) -d end=$now -d step=3600"
+month="$(q "$pg/api/v1/query_range") --data-urlencode 'query=sum(increase(shop_orders_total{status=\"created\"}[1h]))' -d start=$((hour - 30 * 86400)) -d end=$hour -d step=3600"
+paid="$(q "$pg/api/v1/query_range") --data-urlencode 'query=sum(increase(shop_orders_total{status=\"paid\"}[1h]))' -d start=$((hour - 30 * 86400)) -d end=$hour -d step=3600"
 admin="--url $pg --token $ADMIN_TOKEN"
 cat <<EOF
 
@@ -205,16 +207,19 @@ is a cache hit (x-cache: HIT), because a query without time= is evaluated at now
 rounded down to 5 s (cache.instant_step), as every viewer's stat panel is.
     curl -siG $(q "$pg/api/v1/query") --data-urlencode 'query=sum by (region) (rate(shop_orders_total{status="created"}[5m])) * 60'
 
-Orders per hour over the last 30 days: older than $recent, so VictoriaMetrics answers
-(x-promguard-backend: long_term).
+Orders per hour over the last 30 days: VictoriaMetrics answers what is older than
+$recent, Prometheus the rest (x-promguard-backend: long_term, recent).
     curl -sG $month -D - -o /dev/null
 
-An SRE switches sale mode on: the same query is then refused, with the rule and the
-reason (HTTP 422, which Grafana shows on the panel), while the curated orders
-dashboard, sent as the trusted Grafana sends it, is still answered.
+An SRE switches sale mode on. The rules judge what would reach a backend: the month
+above, in the cache now, is still answered without asking the long-term store; the
+same panel for paid orders, which the cache does not hold, is refused with the rule
+and the reason (HTTP 422, which Grafana shows on the panel), while the curated orders
+dashboard, sent as the trusted Grafana sends it, is answered.
     $(q "$bin") sale-mode on $admin --for 1h --reason "demo: the sale started early" --by "\$(whoami)"
-    curl -sG $month -w '\nHTTP %{http_code}\n'
-    curl -sG $month -H 'X-Promguard-Grafana-Secret: $GRAFANA_SECRET' -H 'X-Dashboard-Uid: orders' -H 'X-Grafana-User: alice' -o /dev/null -w 'HTTP %{http_code}\n'
+    curl -sG $month -o /dev/null -w 'HTTP %{http_code}\n'
+    curl -sG $paid -w '\nHTTP %{http_code}\n'
+    curl -sG $paid -H 'X-Promguard-Grafana-Secret: $GRAFANA_SECRET' -H 'X-Dashboard-Uid: orders' -H 'X-Grafana-User: alice' -o /dev/null -w 'HTTP %{http_code}\n'
     $(q "$bin") sale-mode status $admin
     $(q "$bin") sale-mode auto $admin --reason "demo: back to the plan" --by "\$(whoami)"
 

@@ -230,6 +230,16 @@ fn the_demo_works_as_its_banner_and_the_readme_say() {
 
     let on = run_ok(command(&commands, "sale-mode on"));
     assert!(on.contains("\"source\": \"manual\""), "{on}");
+    let cached = commands
+        .iter()
+        .find(|c| c.contains("status=\"created\"") && c.contains("-o /dev/null -w"))
+        .expect("the banner repeats the month in sale mode");
+    let cached = run_ok(cached);
+    assert_eq!(
+        cached.trim(),
+        "HTTP 200",
+        "the month in the cache is answered"
+    );
     let refused = run_ok(command(&commands, "-w '\\nHTTP %{http_code}\\n'"));
     assert!(refused.contains("HTTP 422"), "{refused}");
     assert!(
@@ -251,7 +261,7 @@ fn the_demo_works_as_its_banner_and_the_readme_say() {
     assert!(explain.contains("panels-up-to-12h"), "{explain}");
     assert_eq!(
         commands.len(),
-        8,
+        9,
         "every printed command is checked: {commands:#?}"
     );
 
@@ -259,6 +269,10 @@ fn the_demo_works_as_its_banner_and_the_readme_say() {
     let (ok, out) = sh(&readme_block(&ports));
     assert!(ok, "the README's commands failed:\n{out}");
     assert!(out.contains("refused by rule"), "{out}");
+    assert!(
+        out.contains("HTTP/1.1 200"),
+        "the month in the cache is answered in sale mode: {out}"
+    );
 
     // The generated history reaches the first live scrape: over the last 2 h (the
     // data ends minutes ago), every 30 s step has the same number of series with a
