@@ -502,10 +502,10 @@ async fn admin_warm(
         .map(|d| units::millis(d.0));
     let dashboards = request
         .dashboards
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, d)| {
-            crate::grafana::Dashboard::parse(&d.to_string())
+            crate::grafana::Dashboard::from_value(d)
                 .map_err(|e| AdminError::Body(format!("dashboards[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;

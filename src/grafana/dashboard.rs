@@ -244,10 +244,22 @@ impl Dashboard {
     ///
     /// Not JSON, or not a dashboard.
     pub fn parse(text: &str) -> Result<Dashboard, String> {
-        let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let model = match value.get("dashboard") {
-            Some(inner) if inner.is_object() => inner.clone(),
-            _ => value,
+        Dashboard::from_value(serde_json::from_str(text).map_err(|e| e.to_string())?)
+    }
+
+    /// The dashboard in `value`, as [`Dashboard::load`] reads it.
+    ///
+    /// # Errors
+    ///
+    /// Not a dashboard.
+    pub fn from_value(value: Value) -> Result<Dashboard, String> {
+        let model = match value {
+            Value::Object(mut envelope)
+                if envelope.get("dashboard").is_some_and(Value::is_object) =>
+            {
+                envelope.remove("dashboard").unwrap_or_default()
+            }
+            other => other,
         };
         serde_json::from_value(model).map_err(|e| e.to_string())
     }

@@ -63,6 +63,19 @@ async fn clear_of_a_step_boundary(step_s: i64, margin_s: i64) {
     }
 }
 
+/// `POST /admin/warm` with `body`; its status.
+async fn start_warm(pg: &Promguard, body: &Value) -> u16 {
+    client()
+        .post(format!("{}/admin/warm", pg.url))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("an answer")
+        .status()
+        .as_u16()
+}
+
 async fn warm_status(pg: &Promguard) -> Value {
     client()
         .get(format!("{}/admin/warm", pg.url))
@@ -263,16 +276,7 @@ async fn warming_keeps_to_its_share_of_a_slow_backends_cap() {
         "dashboards": [{"uid": "many", "title": "Many", "panels": panels}],
         "range": "6h"
     });
-    let start = || async {
-        client()
-            .post(format!("{}/admin/warm", pg.url))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("an answer")
-            .status()
-    };
+    let start = || start_warm(&pg, &body);
     assert_eq!(start().await, 202);
     assert_eq!(start().await, 409, "one run at a time");
     let finished = eventually(60, Duration::from_millis(250), async || {
@@ -316,16 +320,7 @@ async fn warming_stops_when_others_queue_for_the_backend_and_when_sale_mode_come
         .collect();
     let body =
         serde_json::json!({"dashboards": [{"uid": "slow", "panels": panels}], "range": "1h"});
-    let start = || async {
-        client()
-            .post(format!("{}/admin/warm", pg.url))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("an answer")
-            .status()
-    };
+    let start = || start_warm(&pg, &body);
     let ended = async || {
         eventually(80, Duration::from_millis(250), async || {
             warm_status(&pg).await["state"] != "running"
