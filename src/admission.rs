@@ -5,8 +5,10 @@
 //! bounded queue served best class first; and past `max_wait`, or when the queue is
 //! full and nobody of a lower class can be displaced, a refusal (503) instead of a
 //! wait until the client times out. A caller that goes away leaves the queue at
-//! once. No I/O.
+//! once. Each gate also remembers when a request last found no slot it could
+//! use: the pressure the busy refresh floor reads (`cache.busy_refresh`). No I/O.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -248,6 +250,10 @@ pub struct Gate {
     pub backend: &'static str,
     config: GateConfig,
     state: Mutex<State>,
+    /// When a request last had to queue or was refused for want of a slot, as
+    /// milliseconds after `born` plus one (zero: never).
+    pressed: AtomicU64,
+    born: Instant,
 }
 
 /// A slot on the backend; dropping it frees the slot for the next waiter.
@@ -315,7 +321,26 @@ impl Gate {
             backend,
             config,
             state: Mutex::new(State::default()),
+            pressed: AtomicU64::new(0),
+            born: Instant::now(),
         })
+    }
+
+    /// Whether a request found no slot it could use within the last `span`: the
+    /// backend is saturated, or was a moment ago.
+    pub fn pressed_within(&self, span: Duration) -> bool {
+        match self.pressed.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let since = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                since.saturating_sub(at - 1) < u64::try_from(span.as_millis()).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
+    fn press(&self) {
+        let at = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.pressed.store(at + 1, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -339,6 +364,7 @@ impl Gate {
     /// The refusal when the fleet's cap stayed full for a request of `class` that
     /// held a slot here.
     pub fn fleet_full(&self, class: Class) -> Shed {
+        self.press();
         self.shed(&self.lock(), class, ShedReason::FleetFull)
     }
 
@@ -371,6 +397,7 @@ impl Gate {
                 state.in_flight[first.class.index()] += 1;
                 return Ok(self.permit(first.class, started, deadline));
             }
+            self.press();
             if state.queue.len() >= self.config.max_queue {
                 // Make room by dropping the newest waiter of the lowest priority
                 // below ours.
@@ -468,6 +495,18 @@ mod tests {
                 retry_after: HumanDuration(Duration::from_secs(5)),
             },
         )
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_slot_marks_the_gate_pressed() {
+        let g = gate(2, 1, 0, 0);
+        let hour = Duration::from_secs(3600);
+        let _a = g.admit(fixed(Class::Dashboard)).await.unwrap();
+        let _c = g.admit(fixed(Class::Critical)).await.unwrap();
+        assert!(!g.pressed_within(hour), "every request found a slot");
+        assert!(g.admit(fixed(Class::Dashboard)).await.is_err());
+        assert!(g.pressed_within(hour));
+        assert!(!g.pressed_within(Duration::ZERO), "the mark has an age");
     }
 
     #[tokio::test]

@@ -214,6 +214,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .admission_queue
             .with_label_values(&[id.as_str()])
             .set(i64::try_from(queued).unwrap_or(i64::MAX));
+        let busy = state
+            .backend(id)
+            .gate
+            .pressed_within(state.cache.config().busy_refresh.0);
+        state
+            .metrics
+            .backend_busy
+            .with_label_values(&[id.as_str()])
+            .set(i64::from(busy));
     }
     let mode = state.policies.mode(chrono::Utc::now());
     state.metrics.sale_mode.reset();
@@ -285,7 +294,13 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let backends: Vec<_> = state
         .backends()
-        .map(|b| json!({"name": b.upstream.id.as_str(), "url": b.upstream.base_url()}))
+        .map(|b| {
+            json!({
+                "name": b.upstream.id.as_str(),
+                "url": b.upstream.base_url(),
+                "busy": b.gate.pressed_within(state.cache.config().busy_refresh.0),
+            })
+        })
         .collect();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -481,6 +481,11 @@ pub struct CacheConfig {
     /// one interval is one answer. A value above `fresh_ttl` counts as `fresh_ttl`,
     /// so no shared answer is older than an answer may be.
     pub instant_step: HumanDuration,
+    /// While a backend is saturated (a request found no slot there within this
+    /// long), live panels of callers that are not curated refresh from it at most
+    /// this often: a stored answer this young is a hit, and the panel's window moves
+    /// back onto this clock, with a warning saying so. Zero: never.
+    pub busy_refresh: HumanDuration,
     /// How long immutable extents and answers over old data are kept.
     pub extent_ttl: HumanDuration,
     /// How long metadata answers (labels, series, metadata, rules, build info) are kept.
@@ -504,6 +509,7 @@ impl Default for CacheConfig {
             fresh_window: HumanDuration(Duration::from_secs(300)),
             fresh_ttl: HumanDuration(Duration::from_secs(10)),
             instant_step: HumanDuration(Duration::from_secs(5)),
+            busy_refresh: HumanDuration(Duration::from_secs(120)),
             extent_ttl: HumanDuration(Duration::from_secs(6 * 3600)),
             metadata_ttl: HumanDuration(Duration::from_secs(60)),
             stale_max_age: HumanDuration(Duration::from_secs(15 * 60)),

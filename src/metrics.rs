@@ -64,6 +64,12 @@ pub struct Metrics {
     pub admission_in_flight: IntGaugeVec,
     /// Requests waiting for a backend slot, by backend; set at each scrape.
     pub admission_queue: IntGaugeVec,
+    /// 1 while a backend is busy: a request found no slot there within
+    /// `cache.busy_refresh`, so live panels that are not curated refresh at most
+    /// that often; set at each scrape.
+    pub backend_busy: IntGaugeVec,
+    /// Requests moved back onto the busy refresh floor (each carries its warning).
+    pub busy_floored: IntCounter,
     /// How long admitted calls waited for their slot, by backend; the shed ones are
     /// counted in `rejections`.
     pub admission_wait: HistogramVec,
@@ -254,6 +260,20 @@ impl Metrics {
             &["mode", "rule", "limit"],
         )
         .expect("valid metric");
+        let backend_busy = IntGaugeVec::new(
+            Opts::new(
+                "backend_busy",
+                "1 while live panels that are not curated refresh from this backend at most \
+                 every cache.busy_refresh, because a request found no slot there.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let busy_floored = IntCounter::new(
+            "busy_floored_requests_total",
+            "Live requests moved back onto the busy refresh floor.",
+        )
+        .expect("valid metric");
         let policy_reloads = IntCounterVec::new(
             Opts::new("policy_reloads_total", "Policy reloads by result."),
             &["result"],
@@ -314,6 +334,8 @@ impl Metrics {
             Box::new(admission_in_flight.clone()),
             Box::new(admission_queue.clone()),
             Box::new(admission_wait.clone()),
+            Box::new(backend_busy.clone()),
+            Box::new(busy_floored.clone()),
             Box::new(limit_settings.clone()),
             Box::new(sale_mode.clone()),
             Box::new(policy_rejections.clone()),
@@ -356,6 +378,8 @@ impl Metrics {
             admission_in_flight,
             admission_queue,
             admission_wait,
+            backend_busy,
+            busy_floored,
             limit_settings,
             sale_mode,
             policy_rejections,

@@ -181,11 +181,22 @@ pub async fn handle(
         .and_then(|c| limits.budget_key(c, curated));
 
     // refresh floor: live queries of callers who are not exempt move onto the
-    // mode's min_refresh clock, so refreshes within one interval share an answer
+    // mode's min_refresh clock, so refreshes within one interval share an answer;
+    // and while the backend is saturated, onto cache.busy_refresh unless curated
     let floor = policy
         .min_refresh(mode.mode)
         .filter(|_| !exempt)
         .unwrap_or_default();
+    let busy = if exempt || warm || class == Class::Critical {
+        Duration::ZERO
+    } else {
+        state.busy_floor(backend)
+    };
+    let (why, floor) = if busy > floor {
+        ("the metrics backends are busy:".to_string(), busy)
+    } else {
+        (format!("in {} mode", mode.mode.as_str()), floor)
+    };
     let (req, shape, floored) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
 
     // cache: a stored answer is served at once; per-user budgets are spent only by
@@ -228,10 +239,12 @@ pub async fn handle(
         unaligned_exact,
     );
     if floored {
+        if floor == busy {
+            state.metrics.busy_floored.inc();
+        }
         plan = plan.noted(&format!(
-            "promguard: in {} mode this panel refreshes at most every {}, so its newest \
-             point may be that old",
-            mode.mode.as_str(),
+            "promguard: {why} this panel refreshes at most every {}, so its newest point \
+             may be that old",
             human(floor)
         ));
     }

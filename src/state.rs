@@ -151,6 +151,19 @@ impl AppState {
             .unwrap_or(&self.backends[0])
     }
 
+    /// The busy refresh floor for a request routed to `backend`: `cache.busy_refresh`
+    /// while that backend, or the recent one that takes the live tails of split
+    /// fetches, found a request no slot within that long; zero otherwise.
+    pub fn busy_floor(&self, backend: BackendId) -> Duration {
+        let floor = self.cache.config().busy_refresh.0;
+        let pressed = |id| self.backend(id).gate.pressed_within(floor);
+        if pressed(backend) || (self.routing.split_fetches && pressed(BackendId::Recent)) {
+            floor
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Every configured backend, `recent` first.
     pub fn backends(&self) -> impl Iterator<Item = &Backend> {
         self.backends.iter()

@@ -96,6 +96,8 @@ pub struct Record {
     /// Served from promguard's cache past calls the sale rules held back: the
     /// answer's warning says what is missing.
     pub held: bool,
+    /// Moved back by the busy refresh floor: the warning says the backends are busy.
+    pub busy: bool,
 }
 
 /// One arm's run in progress.
@@ -302,17 +304,20 @@ impl Load {
             // The whole body, as Grafana reads it before drawing.
             let body = response.bytes().await?;
             // promguard puts its own warning first.
-            let held = body
-                .get(..64)
-                .is_some_and(|head| head.windows(22).any(|w| w == b"promguard: no data fro"));
-            Ok::<_, reqwest::Error>((status, cache, held))
+            let head = body.get(..64).unwrap_or(&body);
+            let says = |text: &[u8]| head.windows(text.len()).any(|w| w == text);
+            let notes = Notes {
+                held: says(b"promguard: no data fro"),
+                busy: says(b"promguard: the metrics backends are busy"),
+            };
+            Ok::<_, reqwest::Error>((status, cache, notes))
         })
         .await;
         open.fetch_sub(1, Ordering::Relaxed);
-        let (outcome, cache, held) = match answer {
-            Ok(Ok((status, cache, held))) => (Outcome::Status(status), cache, held),
-            Ok(Err(_)) => (Outcome::Failed, None, false),
-            Err(_) => (expiry, None, false),
+        let (outcome, cache, notes) = match answer {
+            Ok(Ok((status, cache, notes))) => (Outcome::Status(status), cache, notes),
+            Ok(Err(_)) => (Outcome::Failed, None, Notes::default()),
+            Err(_) => (expiry, None, Notes::default()),
         };
         let record = Record {
             at_ms: sent.duration_since(self.started).as_millis() as u64,
@@ -321,10 +326,18 @@ impl Load {
             outcome,
             cache,
             instant: matches!(target.call, Call::Instant { .. }),
-            held,
+            held: notes.held,
+            busy: notes.busy,
         };
         self.records.lock().expect("records lock").push(record);
     }
+}
+
+/// What promguard's own warning on an answer says, if it has one.
+#[derive(Default)]
+struct Notes {
+    held: bool,
+    busy: bool,
 }
 
 /// promguard's and nginx's `X-Cache` values, kept without allocating per request.

@@ -426,11 +426,11 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
     }
     row(
         "personal answers from the cache past calls the sale rules held back (with a warning)",
-        &|r| {
-            let held = r.of(Kind::Personal).filter(|x| x.held).count();
-            let all = r.of(Kind::Personal).count().max(1);
-            format!("{held} ({:.1}%)", 100.0 * held as f64 / all as f64)
-        },
+        &|r| personal_share(r, |x| x.held),
+    );
+    row(
+        "personal answers moved back by the busy refresh floor (with a warning)",
+        &|r| personal_share(r, |x| x.busy),
     );
     row(
         "curated instant queries (stat and bar-gauge panels): sent, answers by X-Cache",
@@ -955,6 +955,13 @@ fn steady(
         show(p),
         show(total - p)
     )
+}
+
+/// How many of an arm's personal requests `counts`, and their share.
+fn personal_share(r: &ArmResult, counts: impl Fn(&Record) -> bool) -> String {
+    let these = r.of(Kind::Personal).filter(|x| counts(x)).count();
+    let all = r.of(Kind::Personal).count().max(1);
+    format!("{these} ({:.1}%)", 100.0 * these as f64 / all as f64)
 }
 
 /// How `records` were answered, by the proxy's `X-Cache` header, as shares.

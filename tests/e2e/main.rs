@@ -4,6 +4,7 @@
 //! The harness is the testkit's (`testkit/`); the fault servers are this crate's.
 
 mod bad_input;
+mod busy;
 mod cache;
 mod chart;
 mod cli;
