@@ -79,6 +79,20 @@ impl Span {
     pub fn points(&self, step: i64) -> i64 {
         (self.to - self.from) / step + 1
     }
+
+    /// Whether this span holds every point of `other`.
+    pub fn covers(&self, other: &Span) -> bool {
+        self.from <= other.from && other.to <= self.to
+    }
+}
+
+/// Whether chunk `index`, held as `have`, lacks some of its points within
+/// `stable` (the immutable part of what is wanted, if any): then another replica
+/// serving the same panel may hold more of it.
+pub fn short_of(grid: &Grid, interval: i64, stable: Option<Span>, index: i64, have: &Span) -> bool {
+    stable
+        .and_then(|stable| grid.chunk(index, interval)?.intersect(&stable))
+        .is_some_and(|need| !have.covers(&need))
 }
 
 /// Chunk length for a step: about a hundred to a few hundred points per chunk, so
@@ -278,6 +292,25 @@ mod tests {
 
     fn span(from: i64, to: i64) -> Span {
         Span { from, to }
+    }
+
+    #[test]
+    fn a_chunk_short_of_the_immutable_points_wanted_is_known() {
+        let g = Grid::new(0, 60_000);
+        let stable = Some(span(0, 2 * H - 60_000));
+        // Chunk 1 (the second hour) held only to its middle: short.
+        assert!(short_of(&g, H, stable, 1, &span(H, H + H / 2)));
+        assert!(!short_of(&g, H, stable, 1, &span(H, 2 * H - 60_000)));
+        // Points past the immutable part are never held, so they are not lacking.
+        assert!(!short_of(
+            &g,
+            H,
+            Some(span(0, H + H / 2)),
+            1,
+            &span(H, H + H / 2)
+        ));
+        assert!(!short_of(&g, H, None, 1, &span(H, H)));
+        assert!(span(0, 10).covers(&span(0, 10)) && !span(1, 10).covers(&span(0, 10)));
     }
 
     #[test]

@@ -39,7 +39,9 @@ use crate::shared::l2::{FetchLock, L2, Lead, SharedAnswer};
 use crate::units::{Millis, millis};
 use crate::upstream::UpstreamResponse;
 use coalesce::{Coalescer, Outcome};
-use extent::{Grid, Span, assemble, chunk_interval, chunks_of, cut_at, missing, updated_chunks};
+use extent::{
+    Grid, Span, assemble, chunk_interval, chunks_of, cut_at, missing, short_of, updated_chunks,
+};
 use key::{CacheKey, SeriesKey, answer_key, range_typed, series_key};
 use matrix::Matrix;
 use store::{Chunk, Store};
@@ -907,15 +909,33 @@ impl Cache {
         let step = r.grid.step;
         let interval = chunk_interval(step);
         let mut cached: Vec<(i64, Arc<Chunk>)> = Vec::new();
-        let mut absent = Vec::new();
+        // Chunks to ask the fleet for: those not held here, and those held here
+        // short of the immutable points wanted (the chunk still growing), which
+        // another replica serving the same panel may have extended since.
+        let mut ask = Vec::new();
+        let stable = r.want.intersect(&Span {
+            from: r.want.from,
+            to: r.stable_to,
+        });
         for i in chunks_of(r.want, interval) {
             match self.store.chunk(&r.series, i) {
-                Some(c) => cached.push((i, c)),
-                None => absent.push(i),
+                Some(c) => {
+                    if self.fleet.is_some() && short_of(&r.grid, interval, stable, i, &c.span) {
+                        ask.push(i);
+                    }
+                    cached.push((i, c));
+                }
+                None => ask.push(i),
             }
         }
         if let Some(fleet) = &self.fleet {
-            for shared in fleet.chunks(&r.series, &absent).await {
+            for shared in fleet.chunks(&r.series, &ask).await {
+                let held = cached.iter().position(|(i, _)| *i == shared.index);
+                if let Some(at) = held
+                    && !shared.span.covers(&cached[at].1.span)
+                {
+                    continue;
+                }
                 let chunk = Chunk {
                     span: shared.span,
                     matrix: shared.matrix,
@@ -924,7 +944,10 @@ impl Cache {
                 self.store
                     .put_chunk(r.series.clone(), shared.index, chunk, shared.left);
                 if let Some(c) = self.store.chunk(&r.series, shared.index) {
-                    cached.push((shared.index, c));
+                    match held {
+                        Some(at) => cached[at] = (shared.index, c),
+                        None => cached.push((shared.index, c)),
+                    }
                 }
             }
         }

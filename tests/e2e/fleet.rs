@@ -143,6 +143,61 @@ async fn an_answer_fetched_through_one_replica_is_a_hit_on_the_others() {
 }
 
 #[tokio::test]
+async fn a_replica_takes_the_growing_chunk_another_extended_and_fetches_only_what_is_newer() {
+    let redis = RedisServer::start();
+    let b = backends(BINS);
+    // Points older than 30 s go into extents; answers with newer ones stay fresh
+    // for a second.
+    let extra = "cache: {fresh_window: 30s, fresh_ttl: 1s}\n";
+    let replicas: Vec<Promguard> = (0..2)
+        .map(|_| replica(&redis, &b.prometheus, extra))
+        .collect();
+    joined(&replicas).await;
+    let fetched = async |pg: &Promguard| {
+        scrape(&pg.url)
+            .await
+            .sum("promguard_cache_points_fetched_total")
+    };
+    // A live "last hour" panel at a 15 s step, as Grafana asks at each refresh.
+    let refresh = async |pg: &Promguard| {
+        let end = now_secs() / 15 * 15;
+        let form = [
+            (
+                "query",
+                "sum by (region) (rate(shop_orders_total[5m]))".to_string(),
+            ),
+            ("start", (end - 3600).to_string()),
+            ("end", end.to_string()),
+            ("step", "15".to_string()),
+        ];
+        let before = fetched(pg).await;
+        let response = client()
+            .post(format!("{}/api/v1/query_range", pg.url))
+            .form(&form)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), 200);
+        fetched(pg).await - before
+    };
+    // Replica 1 loads the panel; 45 s later replica 2 refreshes it from replica
+    // 1's chunks in Redis plus the tail since.
+    assert!(refresh(&replicas[0]).await > 0.0);
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let by_second = refresh(&replicas[1]).await;
+    assert!(by_second > 0.0, "the tail since the first load");
+    // Its writes to Redis run after its answer, and the answer goes stale.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Replica 1's own copy of the growing chunk is 45 s behind the fleet's: it
+    // takes the fleet's, and fetches only what is newer than replica 2's load.
+    let by_first = refresh(&replicas[0]).await;
+    assert!(
+        by_first < by_second,
+        "replica 1 fetched {by_first} points, replica 2 {by_second}"
+    );
+}
+
+#[tokio::test]
 async fn identical_concurrent_misses_across_the_fleet_cost_one_call() {
     let redis = RedisServer::start();
     let backend = FaultServer::start(Mode::Slow(Duration::from_millis(500))).await;
