@@ -338,7 +338,9 @@ impl Gate {
         }
     }
 
-    fn press(&self) {
+    /// Mark the backend saturated now: a request found no slot it may use, here or
+    /// under the fleet's cap.
+    pub fn press(&self) {
         let at = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.pressed.store(at + 1, Ordering::Relaxed);
     }
@@ -364,7 +366,6 @@ impl Gate {
     /// The refusal when the fleet's cap stayed full for a request of `class` that
     /// held a slot here.
     pub fn fleet_full(&self, class: Class) -> Shed {
-        self.press();
         self.shed(&self.lock(), class, ShedReason::FleetFull)
     }
 

@@ -519,7 +519,9 @@ fn forwarder(
                 Some(shared) => Some(
                     shared
                         .fleet
-                        .admit(backend.upstream.id, class(), slot.deadline)
+                        .admit(backend.upstream.id, class(), slot.deadline, || {
+                            backend.gate.press();
+                        })
                         .await
                         .map_err(|_| backend.gate.fleet_full(class()))
                         .inspect_err(|e| count_refusal(&state, e.why.as_str(), e.class))?,

@@ -219,7 +219,8 @@ impl Fleet {
     }
 
     /// A slot under `backend`'s fleet cap for a request of `class`, waiting until
-    /// `deadline`; the critical class may use the reserved slots.
+    /// `deadline`; the critical class may use the reserved slots. `on_wait` runs
+    /// once, when the first try finds the cap full.
     ///
     /// # Errors
     ///
@@ -229,7 +230,9 @@ impl Fleet {
         backend: BackendId,
         class: Class,
         deadline: tokio::time::Instant,
+        on_wait: impl FnOnce(),
     ) -> Result<FleetSlot, FleetFull> {
+        let mut on_wait = Some(on_wait);
         let cap = &self.caps[index(backend)];
         let set = format!("{}slots:{}", self.prefix, backend.as_str());
         let limit = |max: usize, reserved: usize| match class {
@@ -258,6 +261,9 @@ impl Fleet {
                         return Ok(FleetSlot::Local(LocalSlot(used.clone())));
                     }
                 }
+            }
+            if let Some(waits) = on_wait.take() {
+                waits();
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(FleetFull);
