@@ -45,9 +45,11 @@ FULL = {
                  "rollOnChange": True},
     "auth": {"adminToken": "given-admin-token", "grafanaSecret": "given-grafana-secret"},
     "extraEnv": [{"name": "PROMGUARD_LOG", "value": "debug"}],
+    "config": {"warm": {"dashboards": ["/etc/team/on-call.json"]}},
 }
 SINGLE = {"replicaCount": 1, "autoscaling": {"enabled": False}, "saleModeState": {"persistence": True}}
-EXISTING = {"auth": {"existingSecret": "promguard-from-vault"}, "policies": {"bundled": False}}
+EXISTING = {"auth": {"existingSecret": "promguard-from-vault"}, "policies": {"bundled": False},
+            "warm": {"curatedDashboards": False}}
 # A fleet on an external Redis whose URL carries a password, and one on the bundled Redis.
 EXTERNAL_REDIS = {"redis": {"url": "rediss://:hunter2@redis.shared.svc:6380/2", "keyPrefix": "shop:"}}
 BUNDLED_REDIS = {"redis": {"bundled": {"enabled": True}}, "replicaCount": 3, "autoscaling": {"enabled": False}}
@@ -237,6 +239,16 @@ def check_defaults(objects):
             check(text == (REPO / "dashboards" / name).read_text(), f"dashboards/{name} shipped as is")
             check(json.loads(text)["uid"] == name.removesuffix(".json"), f"{name}: uid matches the file")
 
+    warm = one(objects, "ConfigMap", f"{RELEASE}-warm-dashboards")["data"]
+    check(sorted(warm) == [f.name for f in files] and all(warm[f.name] == f.read_text() for f in files),
+          "the curated dashboards shipped as is for warming")
+    check(config["warm"]["dashboards"] == [f"/etc/promguard/dashboards/{f.name}" for f in files],
+          f"warm.dashboards lists them: {config.get('warm')}")
+    check(mounts["warm-dashboards"]["mountPath"] == "/etc/promguard/dashboards"
+          and "subPath" not in mounts["warm-dashboards"], "warming's dashboards mounted as a directory")
+    check(volumes["warm-dashboards"]["configMap"]["name"] == f"{RELEASE}-warm-dashboards",
+          "warming's dashboards from their ConfigMap")
+
     check(not by_kind(objects, "ServiceMonitor") and not by_kind(objects, "PrometheusRule"),
           "CRD objects only on request")
 
@@ -259,6 +271,9 @@ def check_full(objects):
     check(secret_value(secret, "admin-token") == "given-admin-token", "full: a given admin token is used")
     policies = one(objects, "ConfigMap", f"{RELEASE}-policies")["data"]
     check("zz-drill.yaml" in policies and "november.yaml" in policies, "full: bundled and extra policy files")
+    config = yaml.safe_load(one(objects, "ConfigMap", RELEASE)["data"]["promguard.yaml"])
+    check(config["warm"]["dashboards"][0] == "/etc/team/on-call.json" and len(config["warm"]["dashboards"]) == 4,
+          f"full: the curated dashboards are added to warm.dashboards given: {config['warm']}")
 
 
 def check_single(objects):
@@ -282,6 +297,12 @@ def check_existing_secret(objects):
           "existing secret: Grafana takes the secret from its environment")
     check(not [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"] == f"{RELEASE}-policies"],
           "no policy files: no policies ConfigMap")
+    config = yaml.safe_load(one(objects, "ConfigMap", RELEASE)["data"]["promguard.yaml"])
+    mounts = {m["name"] for m in one(objects, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]
+              ["volumeMounts"]}
+    check("warm" not in config and "warm-dashboards" not in mounts
+          and not [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-warm-dashboards")],
+          "warm.curatedDashboards false: nothing mounted or listed for warming")
 
 
 def env_of(objects):

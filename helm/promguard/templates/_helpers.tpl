@@ -89,6 +89,15 @@ environment, filled from the Secret).
 {{- $_ := set $identity "grafana" $grafana }}
 {{- $_ := set $config "identity" $identity }}
 {{- end }}
+{{- if .Values.warm.curatedDashboards }}
+{{- $warm := deepCopy (default (dict) $config.warm) }}
+{{- $dashboards := default (list) $warm.dashboards }}
+{{- range $path, $_ := .Files.Glob "dashboards/*.json" }}
+{{- $dashboards = append $dashboards (printf "/etc/promguard/dashboards/%s" (base $path)) }}
+{{- end }}
+{{- $_ := set $warm "dashboards" $dashboards }}
+{{- $_ := set $config "warm" $warm }}
+{{- end }}
 {{- if include "promguard.redis" . }}
 {{- $shared := deepCopy (default (dict) $config.shared) }}
 {{- $_ := set $shared "redis" (dict "url" (dict "env" "PROMGUARD_REDIS_URL") "key_prefix" .Values.redis.keyPrefix) }}
