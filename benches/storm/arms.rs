@@ -2,7 +2,8 @@
 //! through promguard as a first deployment has it (the README's flags-only command
 //! behind a Grafana with default settings), with only Grafana identity and the
 //! curated dashboards' priority configured, tuned for this machine (and with
-//! `routing.split_fetches` off, as before fetch-level routing), tuned in sale
+//! `routing.split_fetches` off, as before fetch-level routing, and with that and
+//! `cache.busy_refresh` off, as the release before both), tuned in sale
 //! mode, the same after a warm afternoon in normal mode, and as a fleet of three
 //! tuned replicas sharing one real redis-server (Debian package redis-server)
 //! behind a round-robin nginx. Each arm decides what
@@ -52,6 +53,10 @@ pub enum Arm {
     /// The tuned configuration with `routing.split_fetches: false`: every call of a
     /// request goes where the request was routed, as before fetch-level routing.
     Unsplit,
+    /// The tuned configuration as the release before fetch-level routing and the
+    /// busy refresh floor ran it: `routing.split_fetches: false` and
+    /// `cache.busy_refresh: 0s`.
+    Before,
     /// The tuned configuration with sale mode switched on.
     Sale,
     /// The tuned configuration after a warm-up in normal mode (the same engineers
@@ -66,13 +71,14 @@ pub enum Arm {
 
 impl Arm {
     /// Every arm, in the order a default run measures them.
-    pub const ALL: [Arm; 9] = [
+    pub const ALL: [Arm; 10] = [
         Arm::Direct,
         Arm::Nginx,
         Arm::Quickstart,
         Arm::Identity,
         Arm::Tuned,
         Arm::Unsplit,
+        Arm::Before,
         Arm::Sale,
         Arm::Warmed,
         Arm::Fleet,
@@ -86,6 +92,7 @@ impl Arm {
             Arm::Identity => "promguard identity only",
             Arm::Tuned => "promguard tuned",
             Arm::Unsplit => "promguard tuned, split_fetches off",
+            Arm::Before => "promguard tuned, split_fetches and busy_refresh off",
             Arm::Sale => "promguard tuned, sale mode",
             Arm::Warmed => "promguard tuned, sale mode after a warm afternoon",
             Arm::Fleet => "promguard tuned, fleet of 3",
@@ -101,6 +108,7 @@ impl Arm {
             Arm::Identity => "identity",
             Arm::Tuned => "tuned",
             Arm::Unsplit => "unsplit",
+            Arm::Before => "before",
             Arm::Sale => "sale",
             Arm::Warmed => "warmed",
             Arm::Fleet => "fleet",
@@ -125,6 +133,7 @@ impl Arm {
             | Arm::Identity
             | Arm::Tuned
             | Arm::Unsplit
+            | Arm::Before
             | Arm::Sale
             | Arm::Warmed
             | Arm::Fleet => Grafana::SendsUser,
@@ -144,7 +153,9 @@ impl Arm {
                     defaults.long_term.max_in_flight,
                 ])
             }
-            Arm::Tuned | Arm::Unsplit | Arm::Sale | Arm::Warmed | Arm::Fleet => Some(TUNED_CAPS),
+            Arm::Tuned | Arm::Unsplit | Arm::Before | Arm::Sale | Arm::Warmed | Arm::Fleet => {
+                Some(TUNED_CAPS)
+            }
         }
     }
 }
@@ -265,10 +276,14 @@ pub async fn start(arm: Arm, backends: &Backends, nginx_ttl: &str) -> (Proxy, En
             None,
         ),
         Arm::Identity => promguard(Promguard::start(BINS, &identity_config(backends)), None),
-        Arm::Tuned | Arm::Unsplit | Arm::Sale | Arm::Warmed => {
+        Arm::Tuned | Arm::Unsplit | Arm::Before | Arm::Sale | Arm::Warmed => {
             let state = tempfile::tempdir().expect("a state directory");
-            let mut config = config(backends, state.path());
-            if arm == Arm::Unsplit {
+            let mut config = config(
+                backends,
+                state.path(),
+                if arm == Arm::Before { "0s" } else { "2m" },
+            );
+            if matches!(arm, Arm::Unsplit | Arm::Before) {
                 config.push_str("routing: {split_fetches: false}\n");
             }
             let process = Promguard::start(BINS, &config);
@@ -318,7 +333,7 @@ shared:
     let (replicas, states): (Vec<Promguard>, Vec<tempfile::TempDir>) = (0..FLEET_REPLICAS)
         .map(|_| {
             let state = tempfile::tempdir().expect("a state directory");
-            let config = format!("{}{shared}", config(backends, state.path()));
+            let config = format!("{}{shared}", config(backends, state.path(), "2m"));
             (Promguard::start(BINS, &config), state)
         })
         .unzip();
@@ -378,7 +393,7 @@ priority:
 
 /// The tuned arms' configuration; every limit is spelled out, so the report states
 /// exactly what was measured.
-fn config(backends: &Backends, state_dir: &std::path::Path) -> String {
+fn config(backends: &Backends, state_dir: &std::path::Path, busy_refresh: &str) -> String {
     let [recent_cap, long_term_cap] = TUNED_CAPS;
     format!(
         "\
@@ -394,6 +409,7 @@ admission:
   long_term: {{max_in_flight: {long_term_cap}, reserved: 1, max_queue: 32, max_wait: 2s, retry_after: 10s}}
 cache:
   max_bytes: {cache_mib}MiB
+  busy_refresh: {busy_refresh}
 limits:
   requests: {{per_second: 20, burst: 100}}
   upstream: {{per_second: 5, burst: 50}}

@@ -1,5 +1,5 @@
 //! Issue 7: the sale-night dashboard storm, replayed against real backends through
-//! nine arms side by side.
+//! ten arms side by side.
 //!
 //! A seeded population of engineers (300 by default) opens the curated dashboards
 //! (`dashboards/orders.json`, `dashboards/sla.json`: range panels on recording rules,
@@ -22,14 +22,16 @@
 //!    in normal mode (`tuned`; `normal` is accepted too);
 //! 6. the same with `routing.split_fetches: false`, every call of a request sent
 //!    where the request was routed, as before fetch-level routing (`unsplit`);
-//! 7. the tuned arm in sale mode, switched on by the admin API (`sale`);
-//! 8. the tuned arm after a warm-up: the same engineers on the same dashboards in
+//! 7. the same with `cache.busy_refresh: 0s` as well: the tuned configuration as
+//!    the release before fetch-level routing and the busy refresh floor (`before`);
+//! 8. the tuned arm in sale mode, switched on by the admin API (`sale`);
+//! 9. the tuned arm after a warm-up: the same engineers on the same dashboards in
 //!    normal mode for STORM_WARMUP_SECS (a shortened afternoon, not measured),
 //!    then sale mode switched on for the measured run, the window opening on the
 //!    afternoon's cache (`warmed`);
-//! 9. three replicas of the tuned arm's promguard (normal mode) sharing one real
-//!    redis-server, so that the caps are the whole fleet's, behind one nginx that
-//!    balances round-robin without caching (`fleet`).
+//! 10. three replicas of the tuned arm's promguard (normal mode) sharing one real
+//!     redis-server, so that the caps are the whole fleet's, behind one nginx that
+//!     balances round-robin without caching (`fleet`).
 //!
 //! Every arm but the quick start has a Grafana that sends the user and the secret.
 //! Per arm it reports what the backends did by their own metrics (queries, samples
@@ -40,13 +42,13 @@
 //! against the tuned arm; see the "How to read it" notes in the output for
 //! definitions.
 //!
-//! Run: `cargo bench --bench storm` (about 25 minutes on 2 cores). Writes
+//! Run: `cargo bench --bench storm` (about 27 minutes on 2 cores). Writes
 //! `benches/results/storm.md` and `benches/results/storm-*.png`. Settings, by
 //! environment variable: STORM_ENGINEERS (300), STORM_SECS per arm (120),
 //! STORM_SEED (11), STORM_TIMEOUT_SECS (30), STORM_LONG_TERM (3y),
 //! STORM_INSTANCES (2), STORM_NGINX_TTL (10s, promguard's fresh_ttl),
 //! STORM_WARMUP_SECS (60), STORM_ARMS
-//! (direct,nginx,quickstart,identity,tuned,unsplit,sale,warmed,fleet), STORM_FONT (a TrueType font
+//! (direct,nginx,quickstart,identity,tuned,unsplit,before,sale,warmed,fleet), STORM_FONT (a TrueType font
 //! for the plots). Needs the Debian packages prometheus, victoria-metrics,
 //! nginx-light, redis-server (the fleet arm) and fonts-dejavu-core.
 //!

@@ -72,6 +72,7 @@ fn color(arm: Arm) -> RGBColor {
         Arm::Identity => RGBColor(23, 190, 207),
         Arm::Tuned => RGBColor(31, 119, 180),
         Arm::Unsplit => RGBColor(127, 127, 127),
+        Arm::Before => RGBColor(227, 119, 194),
         Arm::Sale => RGBColor(44, 160, 44),
         Arm::Warmed => RGBColor(188, 189, 34),
         Arm::Fleet => RGBColor(140, 86, 75),

@@ -1,7 +1,8 @@
 //! What one arm measured, the side-by-side markdown table of all arms, and the
 //! promguard arms' figures against their targets (the fleet's against the tuned
 //! single replica's, the warmed sale window's against today's sale arm and
-//! fetch-level routing's against the unsplit arm), judged from those figures.
+//! fetch-level routing's against the unsplit arm, and the tuned arm's against the
+//! release before), judged from those figures.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -580,8 +581,13 @@ pub fn markdown(results: &[ArmResult], info: &RunInfo) -> String {
          engineer is the same caller at the same address. *Identity only* configures \
          `identity.grafana` (the secret header) and `priority.dashboards: [orders, sla, \
          promguard]`, everything else at its default. *Tuned* spells out every limit for \
-         this machine (caps {tuned_caps}) and loads `policies/` in normal mode; *sale mode* \
-         is the same switched to sale mode. *Fleet of 3* is {replicas} replicas of the tuned \
+         this machine (caps {tuned_caps}) and loads `policies/` in normal mode; \
+         *split_fetches off* is the same with `routing.split_fetches: false`, and \
+         *split_fetches and busy_refresh off* with `cache.busy_refresh: 0s` too (the tuned \
+         configuration as the release before both ran it); *sale mode* is the tuned \
+         configuration switched to sale mode, *after a warm afternoon* the same after a \
+         warm-up in normal mode. Every promguard arm but the last of those has the busy \
+         refresh floor at its default (2 min). *Fleet of 3* is {replicas} replicas of the tuned \
          configuration in normal mode, each with `shared.redis` on one redis-server and \
          `expected_replicas: {replicas}`, so caps {tuned_caps}, budgets, cache and the \
          switch are the whole fleet's; one nginx balances round-robin over them without \
@@ -816,7 +822,8 @@ fn fleet_targets(results: &[ArmResult]) -> String {
 }
 
 /// The sale window that opens on a warm cache against today's sale arm, and
-/// fetch-level routing against the unsplit arm in normal mode; each part only when
+/// fetch-level routing against the unsplit arm in normal mode (and the tuned arm
+/// against the release before, when that arm ran too); each part only when
 /// both of its arms ran.
 fn sale_targets(results: &[ArmResult]) -> String {
     let find = |arm| results.iter().find(|r| r.arm == arm);
@@ -908,6 +915,47 @@ fn sale_targets(results: &[ArmResult]) -> String {
             whole(unsplit),
             whole(unsplit) / whole(tuned).max(f64::MIN_POSITIVE)
         );
+        if let Some(before) = find(Arm::Before) {
+            let _ = writeln!(
+                out,
+                "\nThe tuned arm against the same configuration as the release before \
+                 fetch-level routing and the busy refresh floor ran it (before: \
+                 `routing.split_fetches: false`, `cache.busy_refresh: 0s`):\n\n\
+                 | target | tuned | before | before / tuned | |\n|---|---|---|---|---|"
+            );
+            match (rate(tuned), rate(before)) {
+                (Some(t), Some(b)) => {
+                    let _ = writeln!(
+                        out,
+                        "| steady state: long-term store queries/s, at least {SPLIT_FEWER:.0}× \
+                         fewer | {t:.2} | {b:.2} | {:.1} | {} |",
+                        b / t.max(f64::MIN_POSITIVE),
+                        verdict(b >= SPLIT_FEWER * t)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        out,
+                        "| steady state: long-term store queries/s | did not answer /metrics | | – | not judged |"
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "| whole arm: long-term store queries/s | {:.2} | {:.2} | {:.1} | |",
+                whole(tuned),
+                whole(before),
+                whole(before) / whole(tuned).max(f64::MIN_POSITIVE)
+            );
+            let steady = |r: &ArmResult| r.steady.per_second(|rate| rate.queries);
+            if let (Some(t), Some(b)) = (steady(tuned), steady(before)) {
+                let _ = writeln!(
+                    out,
+                    "| steady state: upstream queries/s, both backends | {t:.1} | {b:.1} | {:.1} | |",
+                    b / t.max(f64::MIN_POSITIVE)
+                );
+            }
+        }
     }
     out
 }
