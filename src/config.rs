@@ -484,7 +484,8 @@ pub struct CacheConfig {
     /// While a backend is saturated (a request found no slot there within this
     /// long), live panels of callers that are not curated refresh from it at most
     /// this often: a stored answer this young is a hit, and the panel's window moves
-    /// back onto this clock, with a warning saying so. Zero: never.
+    /// back onto this clock, with a warning saying so. `0s` (or `off`): never.
+    #[serde(deserialize_with = "duration_or_off")]
     pub busy_refresh: HumanDuration,
     /// How long immutable extents and answers over old data are kept.
     pub extent_ttl: HumanDuration,
@@ -699,6 +700,18 @@ pub fn parse_human_duration(text: &str) -> Result<HumanDuration, String> {
     crate::units::parse_duration(text)
         .map(HumanDuration)
         .map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// A duration, or zero for a feature that is off: `0`, `0s` or `off`.
+fn duration_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    d.deserialize_any(ScalarVisitor {
+        expecting: "a duration such as 2m, or 0s (off)",
+        from_int: |s| Ok(HumanDuration(Duration::from_secs(s))),
+        from_str: |text| match text.trim() {
+            "0" | "0s" | "off" => Ok(HumanDuration(Duration::ZERO)),
+            text => parse_human_duration(text),
+        },
+    })
 }
 
 /// A byte count written as an integer or with a binary unit (`512MiB`, `1GiB`).
@@ -1031,6 +1044,22 @@ mod tests {
             Ok(HumanDuration(Duration::from_secs(5400)))
         );
         assert!(parse_human_duration("0").is_err());
+    }
+
+    #[test]
+    fn the_busy_floor_can_be_turned_off() {
+        let busy = |value: &str| {
+            Config::parse(&format!(
+                "backends: {{recent: {{url: 'http://p:9090'}}}}\ncache: {{busy_refresh: {value}}}\n"
+            ))
+            .map(|c| c.cache.busy_refresh.0)
+        };
+        for off in ["0s", "off", "0"] {
+            assert_eq!(busy(off), Ok(Duration::ZERO), "{off}");
+        }
+        assert_eq!(busy("2m"), Ok(Duration::from_secs(120)));
+        let err = busy("soon").unwrap_err();
+        assert!(err.contains("cache.busy_refresh"), "{err}");
     }
 
     #[test]
