@@ -192,11 +192,8 @@ pub async fn handle(
     } else {
         state.busy_floor(backend)
     };
-    let (why, floor) = if busy > floor {
-        ("the metrics backends are busy:".to_string(), busy)
-    } else {
-        (format!("in {} mode", mode.mode.as_str()), floor)
-    };
+    let busy_won = busy > floor;
+    let floor = floor.max(busy);
     let (req, shape, floored) = on_refresh_floor(state, req, shape, backend, floor, ctx.now);
 
     // cache: a stored answer is served at once; per-user budgets are spent only by
@@ -239,9 +236,12 @@ pub async fn handle(
         unaligned_exact,
     );
     if floored {
-        if floor == busy {
+        let why = if busy_won {
             state.metrics.busy_floored.inc();
-        }
+            "the metrics backends are busy:".to_string()
+        } else {
+            format!("in {} mode", mode.mode.as_str())
+        };
         plan = plan.noted(&format!(
             "promguard: {why} this panel refreshes at most every {}, so its newest point \
              may be that old",

@@ -930,8 +930,8 @@ impl Cache {
         }
         if let Some(fleet) = &self.fleet {
             for shared in fleet.chunks(&r.series, &ask).await {
-                let held = cached.iter().position(|(i, _)| *i == shared.index);
-                if let Some(at) = held
+                let local = cached.iter().position(|(i, _)| *i == shared.index);
+                if let Some(at) = local
                     && !shared.span.covers(&cached[at].1.span)
                 {
                     continue;
@@ -944,7 +944,7 @@ impl Cache {
                 self.store
                     .put_chunk(r.series.clone(), shared.index, chunk, shared.left);
                 if let Some(c) = self.store.chunk(&r.series, shared.index) {
-                    match held {
+                    match local {
                         Some(at) => cached[at] = (shared.index, c),
                         None => cached.push((shared.index, c)),
                     }
