@@ -741,11 +741,7 @@ fn fleet_targets(results: &[ArmResult]) -> String {
         crate::arms::FLEET_REPLICAS
     );
     let mut line = |target: &str, f: &str, t: &str, ratio: &str, verdict: Option<bool>| {
-        let verdict = match verdict {
-            Some(true) => "met",
-            Some(false) => "**missed**",
-            None => "not judged",
-        };
+        let verdict = verdict.map_or("not judged", self::verdict);
         let _ = writeln!(out, "| {target} | {f} | {t} | {ratio} | {verdict} |");
     };
     let figures: [(&str, Show); 4] = [
@@ -828,7 +824,6 @@ fn fleet_targets(results: &[ArmResult]) -> String {
 fn sale_targets(results: &[ArmResult]) -> String {
     let find = |arm| results.iter().find(|r| r.arm == arm);
     let mut out = String::new();
-    let verdict = |met: bool| if met { "met" } else { "**missed**" };
     if let (Some(warmed), Some(sale)) = (find(Arm::Warmed), find(Arm::Sale)) {
         let _ = writeln!(
             out,
@@ -882,80 +877,73 @@ fn sale_targets(results: &[ArmResult]) -> String {
             }
         }
     }
-    if let (Some(tuned), Some(unsplit)) = (find(Arm::Tuned), find(Arm::Unsplit)) {
-        let rate = |r: &ArmResult| r.steady.victoria.map(|v| v.queries / v.seconds);
-        let _ = writeln!(
-            out,
-            "\nFetch-level routing in normal mode (tuned, `routing.split_fetches` on) against \
-             the same with it off (unsplit):\n\n\
-             | target | tuned | unsplit | unsplit / tuned | |\n|---|---|---|---|---|"
-        );
-        match (rate(tuned), rate(unsplit)) {
-            (Some(t), Some(u)) => {
-                let _ = writeln!(
-                    out,
-                    "| steady state: long-term store queries/s, at least {SPLIT_FEWER:.0}× fewer \
-                     | {t:.2} | {u:.2} | {:.1} | {} |",
-                    u / t.max(f64::MIN_POSITIVE),
-                    verdict(u >= SPLIT_FEWER * t)
-                );
-            }
-            _ => {
-                let _ = writeln!(
-                    out,
-                    "| steady state: long-term store queries/s | did not answer /metrics | | – | not judged |"
-                );
-            }
+    let against = [
+        (
+            Arm::Unsplit,
+            "Fetch-level routing in normal mode (tuned, `routing.split_fetches` on) against \
+             the same with it off (unsplit)",
+        ),
+        (
+            Arm::Before,
+            "The tuned arm against the same configuration as the release before fetch-level \
+             routing and the busy refresh floor ran it (before: `routing.split_fetches: false`, \
+             `cache.busy_refresh: 0s`)",
+        ),
+    ];
+    for (arm, heading) in against {
+        if let (Some(tuned), Some(other)) = (find(Arm::Tuned), find(arm)) {
+            out.push_str(&fewer_long_term_queries(tuned, other, heading));
         }
-        let whole = |r: &ArmResult| r.queries()[1] / r.seconds;
-        let _ = writeln!(
-            out,
-            "| whole arm: long-term store queries/s | {:.2} | {:.2} | {:.1} | |",
-            whole(tuned),
-            whole(unsplit),
-            whole(unsplit) / whole(tuned).max(f64::MIN_POSITIVE)
-        );
-        if let Some(before) = find(Arm::Before) {
+    }
+    out
+}
+
+/// How a target fares in the tables.
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// The tuned arm's long-term store queries against `other`'s (at least
+/// [`SPLIT_FEWER`] times fewer at full load), and both backends' upstream queries,
+/// as a table under `heading`.
+fn fewer_long_term_queries(tuned: &ArmResult, other: &ArmResult, heading: &str) -> String {
+    let name = other.arm.key();
+    let mut out = format!(
+        "\n{heading}:\n\n| target | tuned | {name} | {name} / tuned | |\n|---|---|---|---|---|\n"
+    );
+    let rate = |r: &ArmResult| r.steady.victoria.map(|v| v.queries / v.seconds);
+    match (rate(tuned), rate(other)) {
+        (Some(t), Some(o)) => {
             let _ = writeln!(
                 out,
-                "\nThe tuned arm against the same configuration as the release before \
-                 fetch-level routing and the busy refresh floor ran it (before: \
-                 `routing.split_fetches: false`, `cache.busy_refresh: 0s`):\n\n\
-                 | target | tuned | before | before / tuned | |\n|---|---|---|---|---|"
+                "| steady state: long-term store queries/s, at least {SPLIT_FEWER:.0}× fewer \
+                 | {t:.2} | {o:.2} | {:.1} | {} |",
+                o / t.max(f64::MIN_POSITIVE),
+                verdict(o >= SPLIT_FEWER * t)
             );
-            match (rate(tuned), rate(before)) {
-                (Some(t), Some(b)) => {
-                    let _ = writeln!(
-                        out,
-                        "| steady state: long-term store queries/s, at least {SPLIT_FEWER:.0}× \
-                         fewer | {t:.2} | {b:.2} | {:.1} | {} |",
-                        b / t.max(f64::MIN_POSITIVE),
-                        verdict(b >= SPLIT_FEWER * t)
-                    );
-                }
-                _ => {
-                    let _ = writeln!(
-                        out,
-                        "| steady state: long-term store queries/s | did not answer /metrics | | – | not judged |"
-                    );
-                }
-            }
+        }
+        _ => {
             let _ = writeln!(
                 out,
-                "| whole arm: long-term store queries/s | {:.2} | {:.2} | {:.1} | |",
-                whole(tuned),
-                whole(before),
-                whole(before) / whole(tuned).max(f64::MIN_POSITIVE)
+                "| steady state: long-term store queries/s | did not answer /metrics | | – | not judged |"
             );
-            let steady = |r: &ArmResult| r.steady.per_second(|rate| rate.queries);
-            if let (Some(t), Some(b)) = (steady(tuned), steady(before)) {
-                let _ = writeln!(
-                    out,
-                    "| steady state: upstream queries/s, both backends | {t:.1} | {b:.1} | {:.1} | |",
-                    b / t.max(f64::MIN_POSITIVE)
-                );
-            }
         }
+    }
+    let whole = |r: &ArmResult| r.queries()[1] / r.seconds;
+    let _ = writeln!(
+        out,
+        "| whole arm: long-term store queries/s | {:.2} | {:.2} | {:.1} | |",
+        whole(tuned),
+        whole(other),
+        whole(other) / whole(tuned).max(f64::MIN_POSITIVE)
+    );
+    let steady = |r: &ArmResult| r.steady.per_second(|rate| rate.queries);
+    if let (Some(t), Some(o)) = (steady(tuned), steady(other)) {
+        let _ = writeln!(
+            out,
+            "| steady state: upstream queries/s, both backends | {t:.1} | {o:.1} | {:.1} | |",
+            o / t.max(f64::MIN_POSITIVE)
+        );
     }
     out
 }
