@@ -65,6 +65,24 @@ async fn into_parts(response: reqwest::Response) -> (u16, Option<String>, Value)
     (status, backend, json)
 }
 
+/// GET an admin endpoint (`path`, such as `/admin/warm`) with the bearer `token`;
+/// its JSON body.
+///
+/// # Panics
+///
+/// When there is no answer or its body is not JSON.
+pub async fn admin_get(base: &str, path: &str, token: &str) -> Value {
+    client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
 /// POST a range query; returns (X-Cache, X-Promguard-Backend, body).
 ///
 /// # Panics

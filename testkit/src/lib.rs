@@ -30,7 +30,7 @@ use std::time::SystemTime;
 
 pub use backends::{Backends, StartedBackends, VM_COUNTERS, backends, run_backends_script};
 pub use compare::{assert_same_answer, differs, points_where, sorted_by_metric};
-pub use http::{Scrape, client, eventually, get, header, post_form, range, scrape};
+pub use http::{Scrape, admin_get, client, eventually, get, header, post_form, range, scrape};
 pub use promguard::Promguard;
 pub use rng::Rng;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use promguard_testkit::{Promguard, client, eventually, now_secs, post_form, scrape};
+use promguard_testkit::{Promguard, eventually, get, now_secs, post_form, scrape};
 
 use crate::BINS;
 
@@ -82,14 +82,8 @@ async fn a_saturated_backend_moves_personal_panels_onto_the_busy_floor_but_not_c
     })
     .await;
     assert!(saturated, "a burst on one slot was shed");
-    let status: Value = client()
-        .get(format!("{}/-/status", pg.url))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("JSON status");
+    let (code, _, status) = get(&format!("{}/-/status", pg.url), &[]).await;
+    assert_eq!(code, 200, "{status}");
     assert_eq!(status["backends"][0]["busy"], true, "{status}");
 
     // Busy: the personal panel ends on the 10-minute clock, says so, and its

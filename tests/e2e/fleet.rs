@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Promguard, backends, client, eventually, header, now_secs, scrape};
+use promguard_testkit::{
+    Promguard, admin_get, backends, client, eventually, header, now_secs, range, scrape,
+};
 
 use crate::BINS;
 use crate::faults::{FaultServer, Mode};
@@ -66,15 +68,7 @@ async fn joined(replicas: &[Promguard]) {
 
 /// `GET /admin/sale-mode` through `pg`.
 async fn mode_status(pg: &Promguard) -> serde_json::Value {
-    client()
-        .get(format!("{}/admin/sale-mode", pg.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("an answer")
-        .json()
-        .await
-        .expect("json")
+    admin_get(&pg.url, "/admin/sale-mode", TOKEN).await
 }
 
 /// Whether a sale-mode status lists `replicas` live replicas, each with the state
@@ -161,23 +155,9 @@ async fn a_replica_takes_the_growing_chunk_another_extended_and_fetches_only_wha
     // A live "last hour" panel at a 15 s step, as Grafana asks at each refresh.
     let refresh = async |pg: &Promguard| {
         let end = now_secs() / 15 * 15;
-        let form = [
-            (
-                "query",
-                "sum by (region) (rate(shop_orders_total[5m]))".to_string(),
-            ),
-            ("start", (end - 3600).to_string()),
-            ("end", end.to_string()),
-            ("step", "15".to_string()),
-        ];
         let before = fetched(pg).await;
-        let response = client()
-            .post(format!("{}/api/v1/query_range", pg.url))
-            .form(&form)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(response.status(), 200);
+        let query = "sum by (region) (rate(shop_orders_total[5m]))";
+        range(&pg.url, query, end - 3600, end, 15, &[]).await;
         fetched(pg).await - before
     };
     // Replica 1 loads the panel; 45 s later replica 2 refreshes it from replica

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use promguard_testkit::{Promguard, client, now_secs, scrape};
+use promguard_testkit::{Promguard, client, get, now_secs, scrape};
 
 use crate::BINS;
 use crate::faults::{FaultServer, Mode};
@@ -181,14 +181,8 @@ async fn the_identity_mode_and_what_to_configure_are_said_once() {
         .await,
         "explained once"
     );
-    let status: Value = client()
-        .get(format!("{}/-/status", pg.url))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("JSON");
+    let (code, _, status) = get(&format!("{}/-/status", pg.url), &[]).await;
+    assert_eq!(code, 200, "{status}");
     assert_eq!(status["identity"]["mode"], "unverified");
     assert_eq!(status["identity"]["unverified_budgets"], "off");
     assert_eq!(

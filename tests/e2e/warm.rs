@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use promguard::grafana::{Call, Dashboard, DataSource, Screen};
 use promguard_testkit::{
-    Promguard, VM_COUNTERS, backends, client, eventually, now_ms, range, repo, scrape,
+    Promguard, VM_COUNTERS, admin_get, backends, client, eventually, now_ms, range, repo, scrape,
 };
 
 use crate::BINS;
@@ -77,15 +77,7 @@ async fn start_warm(pg: &Promguard, body: &Value) -> u16 {
 }
 
 async fn warm_status(pg: &Promguard) -> Value {
-    client()
-        .get(format!("{}/admin/warm", pg.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("an answer")
-        .json()
-        .await
-        .expect("JSON")
+    admin_get(&pg.url, "/admin/warm", TOKEN).await
 }
 
 /// A 30-day dashboard of two rate panels over the curated series.
