@@ -212,11 +212,12 @@ async fn run_arm(
         arms::open_window(&proxy).await;
         settle(backends).await;
     }
+    // Before the CPU readings, which would count the idle wait otherwise.
+    on_phase().await;
     let promguard_urls = proxy.promguard_urls();
     let proxy_cpu = proxy.cpu_seconds();
     let fleet_cpu = proxy.fleet_cpu_seconds();
     let generator_cpu = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
-    on_phase().await;
     let before = backends.counters().await;
 
     let load = Load::new(
