@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use promguard_testkit::nginx::Nginx;
 use promguard_testkit::redis::RedisServer;
-use promguard_testkit::{Promguard, client, procstat, repo};
+use promguard_testkit::{Promguard, admin_get, client, procstat, repo};
 
 use crate::BINS;
 use crate::backends::Backends;
@@ -349,9 +349,10 @@ shared:
         answer["applies_to"], "every replica",
         "the fleet's sale-mode switch did not reach Redis: {answer}"
     );
-    let wanted = sale_mode_status(&replicas[0].url).await["override"].clone();
+    let wanted =
+        admin_get(&replicas[0].url, "/admin/sale-mode", ADMIN_TOKEN).await["override"].clone();
     for replica in &replicas[1..] {
-        while sale_mode_status(&replica.url).await["override"] != wanted {
+        while admin_get(&replica.url, "/admin/sale-mode", ADMIN_TOKEN).await["override"] != wanted {
             assert!(
                 Instant::now() < deadline,
                 "fleet replica {} did not follow the sale-mode switch within {FLEET_READY:?}",
@@ -458,19 +459,6 @@ async fn set_sale_mode(url: &str, on: bool) -> serde_json::Value {
         response.text().await.unwrap_or_default()
     );
     response
-        .json()
-        .await
-        .expect("promguard's admin API answers JSON")
-}
-
-/// `GET /admin/sale-mode` of the promguard at `url`.
-async fn sale_mode_status(url: &str) -> serde_json::Value {
-    client()
-        .get(format!("{url}/admin/sale-mode"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("promguard's admin API answers")
         .json()
         .await
         .expect("promguard's admin API answers JSON")
